@@ -1,0 +1,1 @@
+"""Per-layer compression algorithms (quantizers, 2:4 masks, low-rank adapters)."""

@@ -1,0 +1,331 @@
+// AVX2 + FMA kernels for SlimMatMul (compiled with -mavx2 -mfma -mf16c, chosen at run time).
+//
+// Loop structure, per column tile of 8 (threads split tiles):
+//   for each scale group g of the tile:
+//     the group's blocks come either straight from the packed weights, decoded in registers
+//     (M <= 4: every block is used once), or from a "panel" decoded once per group into L1/L2
+//     and reused by every chunk of 4 rows (M > 4);
+//     for each chunk of up to 4 rows, per block:
+//       float sparse: y += vpermps(a[8b..8b+7], pos_s) * w_s, s = 0..3 (w_s: slot s, scale folded in)
+//       float dense:  y += broadcast(a[8b+k]) * w_k, k = 0..7
+//       int8 sparse:  acc16 += pmaddubsw(pshufb(a_u8[8b..8b+7], pos), w)
+//       int8 dense:   acc16 += pmaddubsw(bcast32(a_u8[8b..8b+3]), w_lo) + pmaddubsw(bcast32(a_u8[8b+4..]), w_hi)
+//     int8 sums are widened to int32 before int16 can overflow and turned into float once per group:
+//       y += (dot - corr_g) * a_scale[row, g] * w_scale[g].
+//
+// Decoding uses the layout's design: a 16-byte nibble record broadcast to both 128-bit lanes and
+// shifted right by (0, 0, 4, 4) bits per 64-bit word, masked to 0x0F, gives entry e in byte e; the
+// 8 position bytes broadcast to all four 64-bit words and shifted by (0, 2, 4, 6) give entry e's
+// 2-bit position in byte e. Entry e = column e/4, slot e%4, i.e. int32 lane c holds column c.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "slim_kernels.h"
+
+namespace slim {
+namespace {
+
+// Broadcasts straight from memory (one load uop each; going through a general register is slower).
+inline __m256i Broadcast8Bytes(const uint8_t* p) {
+  return _mm256_broadcastq_epi64(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+}
+inline __m256i Broadcast4Bytes(const uint8_t* p) {
+  return _mm256_castps_si256(_mm256_broadcast_ss(reinterpret_cast<const float*>(p)));
+}
+
+// Signed 4-bit values of a 16-byte nibble record, entry e in byte e.
+inline __m256i ValueBytes(const uint8_t* rec) {
+  __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(rec)));
+  v = _mm256_srlv_epi64(v, _mm256_set_epi64x(4, 4, 0, 0));
+  v = _mm256_and_si256(v, _mm256_set1_epi8(0x0F));
+  return _mm256_sub_epi8(v, _mm256_set1_epi8(8));
+}
+
+// k inside the block (0..7) of each sparse entry, entry e in byte e.
+inline __m256i PositionBytes(const uint8_t* pos) {
+  __m256i x = _mm256_srlv_epi64(Broadcast8Bytes(pos), _mm256_set_epi64x(6, 4, 2, 0));
+  x = _mm256_and_si256(x, _mm256_set1_epi8(3));
+  return _mm256_or_si256(x, _mm256_set1_epi32(0x04040000));  // slots 2, 3 sit in the block's second group of 4
+}
+
+// Byte s of each int32 lane, sign-extended, as float: slot s of the 8 columns.
+template <int S>
+inline __m256 SlotFloat(__m256i bytes) {
+  return _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(bytes, 24 - 8 * S), 24));
+}
+
+// ---- decoded blocks: what one block contributes, and how it multiplies one row ----------------------
+
+struct SparseI8Block {
+  __m256i w, pos;
+  static constexpr int kMaddsPerBlock = 1;
+  static SparseI8Block Decode(const uint8_t* blk, __m256) { return {ValueBytes(blk), PositionBytes(blk + 16)}; }
+  __m256i Dot(const uint8_t* a) const {
+    return _mm256_maddubs_epi16(_mm256_shuffle_epi8(Broadcast8Bytes(a), pos), w);
+  }
+};
+
+struct DenseI8Block {
+  __m256i lo, hi;  // k 0..3, k 4..7
+  static constexpr int kMaddsPerBlock = 2;
+  static DenseI8Block Decode(const uint8_t* blk, __m256) { return {ValueBytes(blk), ValueBytes(blk + 16)}; }
+  __m256i Dot(const uint8_t* a) const {
+    return _mm256_add_epi16(_mm256_maddubs_epi16(Broadcast4Bytes(a), lo), _mm256_maddubs_epi16(Broadcast4Bytes(a + 4), hi));
+  }
+};
+
+struct SparseF32Block {
+  __m256 w[4];
+  __m256i pos[4];
+  static SparseF32Block Decode(const uint8_t* blk, __m256 scale) {
+    const __m256i v = ValueBytes(blk), p = PositionBytes(blk + 16);
+    // vpermps reads the low 3 bits of each lane: shifting byte s down is enough.
+    return {{_mm256_mul_ps(SlotFloat<0>(v), scale), _mm256_mul_ps(SlotFloat<1>(v), scale),
+             _mm256_mul_ps(SlotFloat<2>(v), scale), _mm256_mul_ps(SlotFloat<3>(v), scale)},
+            {p, _mm256_srli_epi32(p, 8), _mm256_srli_epi32(p, 16), _mm256_srli_epi32(p, 24)}};
+  }
+  __m256 Fma(const float* a, __m256 acc) const {
+    const __m256 av = _mm256_loadu_ps(a);
+    for (int s = 0; s < 4; ++s) acc = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(av, pos[s]), w[s], acc);
+    return acc;
+  }
+};
+
+struct DenseF32Block {
+  __m256 w[8];
+  static DenseF32Block Decode(const uint8_t* blk, __m256 scale) {
+    DenseF32Block out;
+    for (int h = 0; h < 2; ++h) {
+      const __m256i v = ValueBytes(blk + 16 * h);
+      out.w[4 * h + 0] = _mm256_mul_ps(SlotFloat<0>(v), scale);
+      out.w[4 * h + 1] = _mm256_mul_ps(SlotFloat<1>(v), scale);
+      out.w[4 * h + 2] = _mm256_mul_ps(SlotFloat<2>(v), scale);
+      out.w[4 * h + 3] = _mm256_mul_ps(SlotFloat<3>(v), scale);
+    }
+    return out;
+  }
+  __m256 Fma(const float* a, __m256 acc) const {
+    for (int k = 0; k < 8; ++k) acc = _mm256_fmadd_ps(_mm256_broadcast_ss(a + k), w[k], acc);
+    return acc;
+  }
+};
+
+// Where a chunk of rows gets block b of the current group from.
+template <typename Block>
+struct DirectBlocks {
+  const uint8_t* packed;
+  int64_t bytes;
+  __m256 scale;
+  Block operator()(int64_t b) const { return Block::Decode(packed + b * bytes, scale); }
+};
+
+template <typename Block>
+struct PanelBlocks {
+  const Block* panel;
+  const Block& operator()(int64_t b) const { return panel[b]; }
+};
+
+// ---- row kernels: R rows (1..4) against nb blocks --------------------------------------------------
+
+template <typename Block, int R, typename Blocks>
+void RowsF32(const Blocks& blocks, int64_t nb, const float* a, int64_t lda, float* acc) {
+  __m256 sum[R];
+  for (int r = 0; r < R; ++r) sum[r] = _mm256_loadu_ps(acc + r * kTileN);
+  for (int64_t b = 0; b < nb; ++b) {
+    const Block& blk = blocks(b);  // a reference: copying a panel entry goes through the stack
+    for (int r = 0; r < R; ++r) sum[r] = blk.Fma(a + r * lda + b * kBlockK, sum[r]);
+  }
+  for (int r = 0; r < R; ++r) _mm256_storeu_ps(acc + r * kTileN, sum[r]);
+}
+
+// int16 partial sums hold at most 8 pmaddubsw results (|each| <= 2 * 255 * 8 = 4080) before they
+// are widened to int32.
+constexpr int kMaddsPerWiden = 8;
+
+template <typename Block, int R, typename Blocks>
+void RowsI8(const Blocks& blocks, int64_t nb, const uint8_t* a, int64_t lda, __m256i* dots) {
+  constexpr int kBlocksPerWiden = kMaddsPerWiden / Block::kMaddsPerBlock;
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i acc32[R], acc16[R];
+  for (int r = 0; r < R; ++r) acc32[r] = acc16[r] = _mm256_setzero_si256();
+  for (int64_t b = 0; b < nb; ++b) {
+    const Block& blk = blocks(b);  // a reference: copying a panel entry goes through the stack
+    for (int r = 0; r < R; ++r) acc16[r] = _mm256_add_epi16(acc16[r], blk.Dot(a + r * lda + b * kBlockK));
+    if ((b + 1) % kBlocksPerWiden == 0)
+      for (int r = 0; r < R; ++r) {
+        acc32[r] = _mm256_add_epi32(acc32[r], _mm256_madd_epi16(acc16[r], ones));
+        acc16[r] = _mm256_setzero_si256();
+      }
+  }
+  for (int r = 0; r < R; ++r) dots[r] = _mm256_add_epi32(acc32[r], _mm256_madd_epi16(acc16[r], ones));
+}
+
+// Calls fn.template operator()<R>(m0) for each chunk of up to 4 rows.
+template <typename Fn>
+void ForRowChunks(int64_t M, Fn&& fn) {
+  int64_t m0 = 0;
+  for (; m0 + 4 <= M; m0 += 4) fn.template operator()<4>(m0);
+  switch (M - m0) {
+    case 3: fn.template operator()<3>(m0); break;
+    case 2: fn.template operator()<2>(m0); break;
+    case 1: fn.template operator()<1>(m0); break;
+    default: break;
+  }
+}
+
+// Per-thread scratch: decoded panels and the [M][8] accumulators of the current tile.
+struct alignas(32) Vec256 {
+  uint8_t bytes[32];
+};
+thread_local std::vector<Vec256> tl_panel;
+thread_local std::vector<float> tl_acc;
+
+// Thread-local scratch sized for one call; fetched once per call because each thread_local access
+// from a shared library costs a __tls_get_addr call.
+template <typename Block>
+Block* PanelScratch(const Matrix4& w, int64_t M) {
+  if (M <= 4) return nullptr;
+  tl_panel.resize(w.blocks_per_group * sizeof(Block) / sizeof(Vec256));
+  return reinterpret_cast<Block*>(tl_panel.data());
+}
+
+float* AccScratch(int64_t M) {
+  tl_acc.resize(M * kTileN);
+  return tl_acc.data();
+}
+
+// Runs `rows(blocks)` for the group's blocks [b0, b0 + nb) of tile t: decoded on the fly when
+// there is no panel (M <= 4), else decoded once into the panel.
+template <typename Block, typename Rows>
+void ForGroupBlocks(const Matrix4& w, int64_t t, int64_t b0, int64_t nb, __m256 scale, Block* panel, Rows&& rows) {
+  const DirectBlocks<Block> direct{w.tile(t) + b0 * w.block_bytes(), w.block_bytes(), scale};
+  if (panel == nullptr) {
+    rows(direct);
+    return;
+  }
+  for (int64_t b = 0; b < nb; ++b) panel[b] = direct(b);
+  rows(PanelBlocks<Block>{panel});
+}
+
+template <typename Block>
+void GemmF32Impl(const Matrix4& w, const float* a, int64_t M, int64_t lda, float* y, int64_t ldy, int64_t t0,
+                 int64_t t1, bool accumulate) {
+  float* acc = AccScratch(M);
+  Block* panel = PanelScratch<Block>(w, M);
+  for (int64_t t = t0; t < t1; ++t) {
+    std::fill(acc, acc + M * kTileN, 0.f);
+    for (int64_t g = 0; g < w.groups; ++g) {
+      const int64_t b0 = g * w.blocks_per_group, nb = std::min(w.Kb - b0, w.blocks_per_group);
+      const __m256 scale = _mm256_loadu_ps(w.scales + (t * w.groups + g) * kTileN);
+      ForGroupBlocks<Block>(w, t, b0, nb, scale, panel, [&](const auto& blocks) {
+        ForRowChunks(M, [&]<int R>(int64_t m0) {
+          RowsF32<Block, R>(blocks, nb, a + m0 * lda + b0 * kBlockK, lda, acc + m0 * kTileN);
+        });
+      });
+    }
+    StoreTile(acc, M, t, w.N, y, ldy, accumulate);
+  }
+}
+
+template <typename Block>
+void GemmI8Impl(const Matrix4& w, const uint8_t* aq, const float* ascale, int64_t M, int64_t lda, float* y,
+                int64_t ldy, int64_t t0, int64_t t1, bool accumulate) {
+  float* acc = AccScratch(M);
+  Block* panel = PanelScratch<Block>(w, M);
+  for (int64_t t = t0; t < t1; ++t) {
+    std::fill(acc, acc + M * kTileN, 0.f);
+    for (int64_t g = 0; g < w.groups; ++g) {
+      const int64_t b0 = g * w.blocks_per_group, nb = std::min(w.Kb - b0, w.blocks_per_group);
+      const __m256 wscale = _mm256_loadu_ps(w.scales + (t * w.groups + g) * kTileN);
+      const __m256i corr = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.corr + (t * w.groups + g) * kTileN));
+      ForGroupBlocks<Block>(w, t, b0, nb, wscale, panel, [&](const auto& blocks) {
+        ForRowChunks(M, [&]<int R>(int64_t m0) {
+          __m256i dots[R];
+          RowsI8<Block, R>(blocks, nb, aq + m0 * lda + b0 * kBlockK, lda, dots);
+          for (int r = 0; r < R; ++r) {
+            float* row = acc + (m0 + r) * kTileN;
+            const __m256 s = _mm256_mul_ps(wscale, _mm256_set1_ps(ascale[(m0 + r) * w.groups + g]));
+            const __m256 d = _mm256_cvtepi32_ps(_mm256_sub_epi32(dots[r], corr));
+            _mm256_storeu_ps(row, _mm256_fmadd_ps(d, s, _mm256_loadu_ps(row)));
+          }
+        });
+      });
+    }
+    StoreTile(acc, M, t, w.N, y, ldy, accumulate);
+  }
+}
+
+void GemmF32(const Matrix4& w, const float* a, int64_t M, int64_t lda, float* y, int64_t ldy, int64_t t0, int64_t t1,
+             bool accumulate) {
+  (w.sparse ? GemmF32Impl<SparseF32Block> : GemmF32Impl<DenseF32Block>)(w, a, M, lda, y, ldy, t0, t1, accumulate);
+}
+
+void GemmI8(const Matrix4& w, const uint8_t* aq, const float* ascale, int64_t M, int64_t lda, float* y, int64_t ldy,
+            int64_t t0, int64_t t1, bool accumulate) {
+  (w.sparse ? GemmI8Impl<SparseI8Block> : GemmI8Impl<DenseI8Block>)(w, aq, ascale, M, lda, y, ldy, t0, t1, accumulate);
+}
+
+// ---- activation quantization (accuracy_level 4) --------------------------------------------------
+
+void QuantizeRows(const float* a, int64_t M, int64_t lda, int64_t K, int64_t group_size, int64_t groups, uint8_t* aq,
+                  float* scale) {
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t k0 = g * group_size, n = std::min(K, k0 + group_size) - k0;
+      const float* row = a + m * lda + k0;
+      uint8_t* out = aq + m * lda + k0;
+      __m256 vmax = _mm256_setzero_ps();
+      int64_t k = 0;
+      for (; k + 8 <= n; k += 8) vmax = _mm256_max_ps(vmax, _mm256_and_ps(_mm256_loadu_ps(row + k), abs_mask));
+      alignas(32) float lanes[8];
+      _mm256_store_ps(lanes, vmax);
+      float amax = 0.f;
+      for (float v : lanes) amax = std::max(amax, v);
+      for (int64_t j = k; j < n; ++j) amax = std::max(amax, std::fabs(row[j]));
+      scale[m * groups + g] = amax / 127.f;
+      const float inv = amax == 0.f ? 0.f : 127.f / amax;
+      const __m256 vinv = _mm256_set1_ps(inv);
+      const __m256i offset = _mm256_set1_epi32(128);
+      for (k = 0; k + 8 <= n; k += 8) {
+        // cvtps rounds to nearest even, as rint does; packing keeps 4 bytes per 128-bit lane.
+        const __m256i q = _mm256_add_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(row + k), vinv)), offset);
+        const __m256i packed = _mm256_packus_epi16(_mm256_packus_epi32(q, q), _mm256_setzero_si256());
+        const int32_t lo = _mm256_extract_epi32(packed, 0), hi = _mm256_extract_epi32(packed, 4);
+        std::memcpy(out + k, &lo, 4);
+        std::memcpy(out + k + 4, &hi, 4);
+      }
+      QuantizeGroupScalar(row + k, n - k, inv, out + k);
+    }
+}
+
+// ---- row-major float B (float16 adapters after prepack) -----------------------------------------
+
+void GemmRowMajorF32(const float* a, int64_t M, int64_t lda, const float* b, int64_t K, int64_t N, float* y,
+                     int64_t ldy, int64_t n0, int64_t n1, bool accumulate) {
+  for (int64_t m = 0; m < M; ++m) {
+    float* out = y + m * ldy;
+    if (!accumulate) std::fill(out + n0, out + n1, 0.f);
+    for (int64_t k = 0; k < K; ++k) {
+      const __m256 av = _mm256_set1_ps(a[m * lda + k]);
+      const float* br = b + k * N;
+      int64_t n = n0;
+      for (; n + 8 <= n1; n += 8)
+        _mm256_storeu_ps(out + n, _mm256_fmadd_ps(av, _mm256_loadu_ps(br + n), _mm256_loadu_ps(out + n)));
+      for (; n < n1; ++n) out[n] += a[m * lda + k] * br[n];
+    }
+  }
+}
+
+}  // namespace
+
+const KernelTable* Avx2Kernels() {
+  static const KernelTable table{"avx2", GemmF32, GemmI8, QuantizeRows, GemmRowMajorF32};
+  return &table;
+}
+
+}  // namespace slim

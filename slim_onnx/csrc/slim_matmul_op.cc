@@ -1,0 +1,577 @@
+// The SlimMatMul custom op for onnxruntime's CPU execution provider: attribute and input
+// validation, weight prepacking, and the per-call orchestration of the kernels in kernels_*.cc.
+//
+// Y = A @ W + (A @ L) @ R + bias (docs/op-spec.md). Per call:
+//   1. A (float32 or float16, [..., K]) is copied into a float32 [M, Kb*8] buffer padded with zeros,
+//      and for accuracy_level 4 quantized to uint8 (q + 128) with a scale per row and weight group.
+//   2. The main product is written straight into Y (float32 A) or a float32 buffer.
+//   3. The adapter product T = A @ L ([M, r]) goes to a buffer, then Y += T @ R.
+//   4. bias is added; a float16 A gets its Y converted back.
+// Weights that are constant initializers are validated and prepacked once, at kernel creation;
+// otherwise every call prepacks its own copy, so Compute never mutates shared state (reentrant).
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "ort_api.h"
+#include "slim_kernels.h"
+
+namespace slim {
+namespace {
+
+const OrtApi* g_api = nullptr;
+
+struct OpError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+void ThrowOnError(OrtStatus* status) {
+  if (status == nullptr) return;
+  std::string msg = g_api->GetErrorMessage(status);
+  g_api->ReleaseStatus(status);
+  throw OpError(msg);
+}
+
+// ---- float16 <-> float32 (IEEE binary16, round to nearest even) -----------------------------------
+
+float HalfToFloat(uint16_t h) {
+  const uint32_t sign = uint32_t(h & 0x8000) << 16;
+  uint32_t exp = (h >> 10) & 0x1F, mant = h & 0x3FF, bits;
+  if (exp == 0x1F) {
+    bits = sign | 0x7F800000 | (mant << 13);
+  } else if (exp == 0) {
+    if (mant == 0) {
+      bits = sign;
+    } else {  // subnormal: normalise
+      exp = 113;
+      while ((mant & 0x400) == 0) mant <<= 1, --exp;
+      bits = sign | (exp << 23) | ((mant & 0x3FF) << 13);
+    }
+  } else {
+    bits = sign | ((exp + 112) << 23) | (mant << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+uint16_t FloatToHalf(float f) {
+  uint32_t x;
+  std::memcpy(&x, &f, 4);
+  const uint16_t sign = (x >> 16) & 0x8000;
+  const uint32_t abs = x & 0x7FFFFFFF;
+  if (abs >= 0x7F800000) return sign | 0x7C00 | (abs > 0x7F800000 ? 0x200 : 0);  // inf, nan
+  if (abs >= 0x477FF000) return sign | 0x7C00;                                    // overflow to inf
+  if (abs < 0x38800000) {                                                         // subnormal or zero
+    if (abs < 0x33000000) return sign;
+    const uint32_t e = abs >> 23, m = (abs & 0x7FFFFF) | 0x800000;
+    const uint32_t shift = 126 - e;  // 14..24
+    uint32_t r = m >> shift;
+    const uint32_t rem = m & ((1u << shift) - 1), half = 1u << (shift - 1);
+    if (rem > half || (rem == half && (r & 1))) ++r;
+    return sign | r;
+  }
+  uint32_t r = abs + 0xC8000FFF + ((abs >> 13) & 1);  // rebias exponent, round to nearest even
+  return sign | uint16_t(r >> 13);
+}
+
+// ---- attributes --------------------------------------------------------------------------------
+
+enum class AdapterFormat { kNone, kFloat16, kInt4 };
+
+struct Attributes {
+  int64_t K = 0, N = 0, bits = 4, group_size = 0, sparse = 1, rank = 0, adapter_group_size = 128, accuracy_level = 0;
+  AdapterFormat adapter = AdapterFormat::kNone;
+};
+
+int64_t AttrInt(const OrtKernelInfo* info, const char* name, int64_t fallback, bool required) {
+  int64_t v = 0;
+  OrtStatus* st = g_api->KernelInfoGetAttribute_int64(info, name, &v);
+  if (st == nullptr) return v;
+  g_api->ReleaseStatus(st);
+  if (required) throw OpError(std::string("missing required attribute '") + name + "'");
+  return fallback;
+}
+
+std::string AttrString(const OrtKernelInfo* info, const char* name, const char* fallback) {
+  size_t size = 0;
+  OrtStatus* st = g_api->KernelInfoGetAttribute_string(info, name, nullptr, &size);
+  if (st != nullptr) {
+    g_api->ReleaseStatus(st);
+    return fallback;
+  }
+  std::string s(size, '\0');
+  ThrowOnError(g_api->KernelInfoGetAttribute_string(info, name, &s[0], &size));
+  s.resize(size > 0 ? size - 1 : 0);
+  return s;
+}
+
+void CheckGroupSize(int64_t g, int64_t k, const char* what) {
+  if (g < 1 || (g % kBlockK != 0 && g < k))
+    throw OpError(std::string(what) + "=" + std::to_string(g) + " must be a multiple of 8, or >= " +
+                  std::to_string(k) + " (one group)");
+}
+
+Attributes ReadAttributes(const OrtKernelInfo* info) {
+  Attributes a;
+  a.K = AttrInt(info, "K", 0, true);
+  a.N = AttrInt(info, "N", 0, true);
+  a.bits = AttrInt(info, "bits", 4, false);
+  a.group_size = AttrInt(info, "group_size", 0, true);
+  a.sparse = AttrInt(info, "sparse", 1, false);
+  a.rank = AttrInt(info, "rank", 0, false);
+  a.adapter_group_size = AttrInt(info, "adapter_group_size", 128, false);
+  a.accuracy_level = AttrInt(info, "accuracy_level", 0, false);
+  const std::string fmt = AttrString(info, "adapter_format", a.rank > 0 ? "" : "none");
+  if (fmt == "none") a.adapter = AdapterFormat::kNone;
+  else if (fmt == "float16") a.adapter = AdapterFormat::kFloat16;
+  else if (fmt == "int4") a.adapter = AdapterFormat::kInt4;
+  else throw OpError("adapter_format must be 'none', 'float16' or 'int4', got '" + fmt + "'");
+  if (a.K < 1 || a.N < 1) throw OpError("K and N must be positive, got K=" + std::to_string(a.K) + " N=" + std::to_string(a.N));
+  if (a.bits != 4) throw OpError("bits=" + std::to_string(a.bits) + " is not supported; the kernels implement bits=4");
+  if (a.sparse != 0 && a.sparse != 1) throw OpError("sparse must be 0 or 1");
+  CheckGroupSize(a.group_size, a.K, "group_size");
+  if (a.rank < 0) throw OpError("rank must be >= 0");
+  if ((a.adapter == AdapterFormat::kNone) != (a.rank == 0))
+    throw OpError("rank=" + std::to_string(a.rank) + " disagrees with adapter_format (rank must be 0 exactly when it is 'none')");
+  if (a.adapter == AdapterFormat::kInt4) {
+    CheckGroupSize(a.adapter_group_size, a.K, "adapter_group_size");
+    CheckGroupSize(a.adapter_group_size, a.rank, "adapter_group_size");
+  }
+  return a;
+}
+
+// ---- input views and prepacking --------------------------------------------------------------------
+
+enum Input { kA = 0, kW, kWScales, kBias, kL, kLScales, kR, kRScales, kNumInputs };
+const char* const kInputNames[kNumInputs] = {"A", "W", "W_scales", "bias", "L", "L_scales", "R", "R_scales"};
+
+struct TensorView {
+  bool present = false;
+  ONNXTensorElementDataType type = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+  std::vector<int64_t> shape;
+  const void* data = nullptr;
+  int64_t numel() const {
+    int64_t n = 1;
+    for (int64_t d : shape) n *= d;
+    return n;
+  }
+};
+
+TensorView View(const OrtValue* value) {
+  TensorView v;
+  if (value == nullptr) return v;
+  v.present = true;
+  OrtTensorTypeAndShapeInfo* info = nullptr;
+  ThrowOnError(g_api->GetTensorTypeAndShape(value, &info));
+  size_t rank = 0;
+  OrtStatus* st = g_api->GetTensorElementType(info, &v.type);
+  if (st == nullptr) st = g_api->GetDimensionsCount(info, &rank);
+  if (st == nullptr) {
+    v.shape.resize(rank);
+    st = g_api->GetDimensions(info, v.shape.data(), rank);
+  }
+  g_api->ReleaseTensorTypeAndShapeInfo(info);
+  ThrowOnError(st);
+  void* data = nullptr;
+  ThrowOnError(g_api->GetTensorMutableData(const_cast<OrtValue*>(value), &data));
+  v.data = data;
+  return v;
+}
+
+std::string ShapeString(const std::vector<int64_t>& s) {
+  std::string out = "[";
+  for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
+  return out + "]";
+}
+
+const char* TypeName(ONNXTensorElementDataType t) {
+  switch (t) {
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT: return "float32";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16: return "float16";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8: return "uint8";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED: return "absent";
+    default: return "another type";
+  }
+}
+
+void Expect(const TensorView& v, Input which, ONNXTensorElementDataType type, const std::vector<int64_t>& shape) {
+  if (!v.present)
+    throw OpError(std::string("input '") + kInputNames[which] + "' is required by the attributes but absent");
+  if (v.type != type || v.shape != shape)
+    throw OpError(std::string("input '") + kInputNames[which] + "' must be " + TypeName(type) + " " + ShapeString(shape) +
+                  ", got " + TypeName(v.type) + " " + ShapeString(v.shape));
+}
+
+void ExpectAbsent(const TensorView& v, Input which, const char* why) {
+  if (v.present) throw OpError(std::string("input '") + kInputNames[which] + "' is given but " + why);
+}
+
+// A 4-bit matrix plus its converted scales and int8-path corrections.
+struct PreparedMatrix {
+  Matrix4 m;
+  std::vector<float> scales;
+  std::vector<int32_t> corr;
+};
+
+void PrepareMatrix(PreparedMatrix& out, const TensorView& packed, Input packed_id, const TensorView& scales,
+                   Input scales_id, int64_t K, int64_t N, int64_t group_size, bool sparse) {
+  Matrix4& m = out.m;
+  m.K = K, m.N = N, m.sparse = sparse;
+  m.Kb = CeilDiv(K, kBlockK), m.Nt = CeilDiv(N, kTileN);
+  m.groups = CeilDiv(K, group_size);
+  m.blocks_per_group = m.groups == 1 ? m.Kb : group_size / kBlockK;
+  Expect(packed, packed_id, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, {m.Nt, m.Kb, m.block_bytes()});
+  Expect(scales, scales_id, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16, {m.groups, N});
+  m.packed = static_cast<const uint8_t*>(packed.data);
+  const uint16_t* s16 = static_cast<const uint16_t*>(scales.data);
+  out.scales.assign(m.Nt * m.groups * kTileN, 0.f);
+  out.corr.assign(m.Nt * m.groups * kTileN, 0);
+  int8_t q[8][8];
+  for (int64_t t = 0; t < m.Nt; ++t) {
+    for (int64_t c = 0; c < kTileN && t * kTileN + c < N; ++c)
+      for (int64_t g = 0; g < m.groups; ++g) {
+        const float s = HalfToFloat(s16[g * N + t * kTileN + c]);
+        if (!std::isfinite(s))
+          throw OpError(std::string("input '") + kInputNames[scales_id] + "' holds a non-finite scale at group " +
+                        std::to_string(g) + ", column " + std::to_string(t * kTileN + c));
+        out.scales[(t * m.groups + g) * kTileN + c] = s;
+      }
+    for (int64_t b = 0; b < m.Kb; ++b) {
+      DecodeBlock(m.tile(t) + b * m.block_bytes(), sparse, q);
+      int32_t* corr = &out.corr[(t * m.groups + b / m.blocks_per_group) * kTileN];
+      for (int c = 0; c < 8; ++c)
+        for (int k = 0; k < 8; ++k) corr[c] += 128 * q[c][k];
+    }
+  }
+  m.scales = out.scales.data();
+  m.corr = out.corr.data();
+}
+
+struct Prepared {
+  PreparedMatrix w, l, r;  // l, r: int4 adapters
+  std::vector<float> l_f32, r_f32;  // float16 adapters, row-major
+  std::vector<float> bias;
+};
+
+std::vector<float> HalfMatrix(const TensorView& v) {
+  std::vector<float> out(v.numel());
+  const uint16_t* src = static_cast<const uint16_t*>(v.data);
+  for (size_t i = 0; i < out.size(); ++i) out[i] = HalfToFloat(src[i]);
+  return out;
+}
+
+std::unique_ptr<Prepared> Prepare(const Attributes& a, const TensorView* in) {
+  auto p = std::make_unique<Prepared>();
+  PrepareMatrix(p->w, in[kW], kW, in[kWScales], kWScales, a.K, a.N, a.group_size, a.sparse != 0);
+  if (in[kBias].present) {
+    Expect(in[kBias], kBias, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, {a.N});
+    const float* b = static_cast<const float*>(in[kBias].data);
+    p->bias.assign(b, b + a.N);
+  }
+  switch (a.adapter) {
+    case AdapterFormat::kNone:
+      for (Input i : {kL, kLScales, kR, kRScales}) ExpectAbsent(in[i], i, "adapter_format is 'none'");
+      break;
+    case AdapterFormat::kFloat16:
+      Expect(in[kL], kL, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16, {a.K, a.rank});
+      Expect(in[kR], kR, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16, {a.rank, a.N});
+      for (Input i : {kLScales, kRScales}) ExpectAbsent(in[i], i, "float16 adapters take no scales");
+      p->l_f32 = HalfMatrix(in[kL]);
+      p->r_f32 = HalfMatrix(in[kR]);
+      break;
+    case AdapterFormat::kInt4:
+      PrepareMatrix(p->l, in[kL], kL, in[kLScales], kLScales, a.K, a.rank, a.adapter_group_size, false);
+      PrepareMatrix(p->r, in[kR], kR, in[kRScales], kRScales, a.rank, a.N, a.adapter_group_size, false);
+      break;
+  }
+  return p;
+}
+
+// ---- per-call helpers ----------------------------------------------------------------------------
+
+// Splits `tiles` column tiles over onnxruntime's intra-op threads.
+template <typename Fn>
+void ParallelTiles(OrtKernelContext* ctx, int64_t tiles, int64_t work_per_tile, Fn fn) {
+  const int64_t kMinWorkPerTask = 1 << 15;
+  int64_t tasks = std::min<int64_t>(tiles, std::max<int64_t>(1, tiles * work_per_tile / kMinWorkPerTask));
+  tasks = std::min<int64_t>(tasks, 64);
+  if (tasks <= 1) {
+    fn(0, tiles);
+    return;
+  }
+  struct Job {
+    Fn* fn;
+    int64_t tiles, tasks;
+  } job{&fn, tiles, tasks};
+  auto run = [](void* data, size_t i) {
+    Job* j = static_cast<Job*>(data);
+    const int64_t t0 = j->tiles * int64_t(i) / j->tasks, t1 = j->tiles * int64_t(i + 1) / j->tasks;
+    (*j->fn)(t0, t1);
+  };
+  ThrowOnError(g_api->KernelContext_ParallelFor(ctx, run, size_t(tasks), 0, &job));
+}
+
+// y (+)= a @ w for a prepared 4-bit matrix, on the float or int8 path.
+void MatMul4(OrtKernelContext* ctx, const KernelTable& kt, const Matrix4& w, bool int8, const float* a, int64_t M,
+             int64_t lda, float* y, int64_t ldy, bool accumulate) {
+  const int64_t work = M * w.Kb * kBlockK * kTileN;
+  if (int8) {
+    std::vector<uint8_t> aq(M * lda, 128);
+    std::vector<float> ascale(M * w.groups);
+    const int64_t gsize = w.groups == 1 ? w.K : w.blocks_per_group * kBlockK;
+    kt.quantize_rows(a, M, lda, w.K, gsize, w.groups, aq.data(), ascale.data());
+    ParallelTiles(ctx, w.Nt, work, [&](int64_t t0, int64_t t1) {
+      kt.gemm_i8(w, aq.data(), ascale.data(), M, lda, y, ldy, t0, t1, accumulate);
+    });
+  } else {
+    ParallelTiles(ctx, w.Nt, work, [&](int64_t t0, int64_t t1) { kt.gemm_f32(w, a, M, lda, y, ldy, t0, t1, accumulate); });
+  }
+}
+
+// ---- the kernel ----------------------------------------------------------------------------------
+
+struct SlimMatMulKernel {
+  std::string node;
+  Attributes attr;
+  const KernelTable* kernels = nullptr;
+  std::unique_ptr<Prepared> constant;  // set when every weight input is a constant initializer
+
+  void Compute(OrtKernelContext* ctx) const {
+    size_t count = 0;
+    ThrowOnError(g_api->KernelContext_GetInputCount(ctx, &count));
+    TensorView in[kNumInputs];
+    for (size_t i = 0; i < std::min<size_t>(count, kNumInputs); ++i) {
+      const OrtValue* v = nullptr;
+      ThrowOnError(g_api->KernelContext_GetInput(ctx, i, &v));
+      in[i] = View(v);
+    }
+    const TensorView& A = in[kA];
+    if (!A.present) throw OpError("input 'A' is missing");
+    const bool half = A.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
+    if (!half && A.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT)
+      throw OpError(std::string("input 'A' must be float32 or float16, got ") + TypeName(A.type));
+    if (A.shape.empty() || A.shape.back() != attr.K)
+      throw OpError("input 'A' must have last dimension K=" + std::to_string(attr.K) + ", got shape " + ShapeString(A.shape));
+
+    std::unique_ptr<Prepared> local;
+    const Prepared* p = constant.get();
+    if (p == nullptr) {
+      local = Prepare(attr, in);
+      p = local.get();
+    }
+
+    std::vector<int64_t> out_shape = A.shape;
+    out_shape.back() = attr.N;
+    OrtValue* out_value = nullptr;
+    ThrowOnError(g_api->KernelContext_GetOutput(ctx, 0, out_shape.data(), out_shape.size(), &out_value));
+    void* out_data = nullptr;
+    ThrowOnError(g_api->GetTensorMutableData(out_value, &out_data));
+    const int64_t M = A.numel() / attr.K, K = attr.K, N = attr.N;
+    if (M == 0) return;
+
+    // 1. float32 activations, rows padded to whole blocks.
+    const int64_t lda = p->w.m.Kb * kBlockK;
+    std::vector<float> a32(M * lda, 0.f);
+    for (int64_t m = 0; m < M; ++m) {
+      float* row = a32.data() + m * lda;
+      if (half) {
+        const uint16_t* src = static_cast<const uint16_t*>(A.data) + m * K;
+        for (int64_t k = 0; k < K; ++k) row[k] = HalfToFloat(src[k]);
+      } else {
+        std::memcpy(row, static_cast<const float*>(A.data) + m * K, K * sizeof(float));
+      }
+    }
+    std::vector<float> y_buf;
+    float* y = static_cast<float*>(out_data);
+    if (half) {
+      y_buf.resize(M * N);
+      y = y_buf.data();
+    }
+    const bool int8 = attr.accuracy_level == 4;
+
+    // 2. main product.
+    MatMul4(ctx, *kernels, p->w.m, int8, a32.data(), M, lda, y, N, false);
+
+    // 3. adapters.
+    if (attr.adapter == AdapterFormat::kInt4) {
+      const int64_t ldt = p->r.m.Kb * kBlockK;
+      std::vector<float> t(M * ldt, 0.f);
+      MatMul4(ctx, *kernels, p->l.m, int8, a32.data(), M, lda, t.data(), ldt, false);
+      MatMul4(ctx, *kernels, p->r.m, int8, t.data(), M, ldt, y, N, true);
+    } else if (attr.adapter == AdapterFormat::kFloat16) {
+      const int64_t r = attr.rank;
+      std::vector<float> t(M * r, 0.f);
+      const auto& kt = *kernels;
+      ParallelTiles(ctx, CeilDiv(r, kTileN), M * K * kTileN, [&](int64_t t0, int64_t t1) {
+        kt.gemm_rowmajor_f32(a32.data(), M, lda, p->l_f32.data(), K, r, t.data(), r, t0 * kTileN,
+                             std::min(r, t1 * kTileN), false);
+      });
+      ParallelTiles(ctx, CeilDiv(N, kTileN), M * r * kTileN, [&](int64_t t0, int64_t t1) {
+        kt.gemm_rowmajor_f32(t.data(), M, r, p->r_f32.data(), r, N, y, N, t0 * kTileN, std::min(N, t1 * kTileN), true);
+      });
+    }
+
+    // 4. bias and output type.
+    if (!p->bias.empty())
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t n = 0; n < N; ++n) y[m * N + n] += p->bias[n];
+    if (half) {
+      uint16_t* dst = static_cast<uint16_t*>(out_data);
+      for (int64_t i = 0; i < M * N; ++i) dst[i] = FloatToHalf(y[i]);
+    }
+  }
+};
+
+std::string NodeName(const OrtKernelInfo* info) {
+  size_t size = 0;
+  OrtStatus* st = g_api->KernelInfo_GetNodeName(info, nullptr, &size);
+  if (st != nullptr) {
+    g_api->ReleaseStatus(st);
+    return "?";
+  }
+  std::string name(size, '\0');
+  st = g_api->KernelInfo_GetNodeName(info, &name[0], &size);
+  if (st != nullptr) {
+    g_api->ReleaseStatus(st);
+    return "?";
+  }
+  name.resize(size > 0 ? size - 1 : 0);
+  return name;
+}
+
+// Reads the weight inputs when all are constant initializers, for one-time prepacking.
+bool ConstantWeights(const OrtKernelInfo* info, TensorView* in) {
+  size_t count = 0;
+  ThrowOnError(g_api->KernelInfo_GetInputCount(info, &count));
+  for (size_t i = kW; i < std::min<size_t>(count, kNumInputs); ++i) {
+    int is_constant = 0;
+    const OrtValue* v = nullptr;
+    OrtStatus* st = g_api->KernelInfoGetConstantInput_tensor(info, i, &is_constant, &v);
+    if (st != nullptr) {
+      g_api->ReleaseStatus(st);
+      return false;
+    }
+    if (is_constant) {
+      in[i] = View(v);
+      continue;
+    }
+    // Not constant: either an absent optional input (empty name) or a runtime tensor.
+    size_t name_size = 0;
+    st = g_api->KernelInfo_GetInputName(info, i, nullptr, &name_size);
+    if (st != nullptr) {
+      g_api->ReleaseStatus(st);
+      return false;
+    }
+    const bool absent = name_size <= 1;  // the size counts the terminating NUL
+    if (!absent) return false;
+  }
+  return true;
+}
+
+OrtStatus* ToStatus(const std::string& node, const std::exception& e) {
+  return g_api->CreateStatus(ORT_INVALID_ARGUMENT, ("SlimMatMul node '" + node + "': " + e.what()).c_str());
+}
+
+// ---- the OrtCustomOp ---------------------------------------------------------------------------------
+
+// The oldest onnxruntime this library loads in is 1.20 (C API version 20): the op is stamped with it
+// and only API functions of that version or older are used.
+constexpr uint32_t kOrtApiVersion = 20;
+
+// Registered twice under one name, once per adapter element type (uint8 for int4-packed adapters,
+// float16 for float16 ones): onnxruntime merges the two into one schema whose L and R accept either
+// type, and picks the kernel whose types match the node. Both run the same SlimMatMulKernel.
+struct SlimMatMulOp : OrtCustomOp {
+  ONNXTensorElementDataType adapter_type;
+
+  explicit SlimMatMulOp(ONNXTensorElementDataType adapter_elem_type) {
+    std::memset(static_cast<OrtCustomOp*>(this), 0, sizeof(OrtCustomOp));
+    adapter_type = adapter_elem_type;
+    version = kOrtApiVersion;
+    GetName = [](const OrtCustomOp*) { return "SlimMatMul"; };
+    GetExecutionProviderType = [](const OrtCustomOp*) { return "CPUExecutionProvider"; };
+    GetInputTypeCount = [](const OrtCustomOp*) -> size_t { return kNumInputs; };
+    GetInputType = [](const OrtCustomOp* self, size_t i) {
+      switch (i) {
+        case kA: return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;  // float32 or float16; Y follows it
+        case kW: return ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
+        case kBias: return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+        case kL:
+        case kR: return static_cast<const SlimMatMulOp*>(self)->adapter_type;
+        default: return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;  // scales
+      }
+    };
+    GetInputCharacteristic = [](const OrtCustomOp*, size_t i) {
+      return i <= kWScales ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
+    };
+    GetOutputTypeCount = [](const OrtCustomOp*) -> size_t { return 1; };
+    GetOutputType = [](const OrtCustomOp*, size_t) { return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED; };
+    GetOutputCharacteristic = [](const OrtCustomOp*, size_t) { return INPUT_OUTPUT_REQUIRED; };
+    GetInputMemoryType = [](const OrtCustomOp*, size_t) { return OrtMemTypeDefault; };
+    CreateKernel = [](const OrtCustomOp*, const OrtApi*, const OrtKernelInfo*) -> void* { return nullptr; };
+    KernelCompute = [](void*, OrtKernelContext*) {};
+    CreateKernelV2 = [](const OrtCustomOp*, const OrtApi*, const OrtKernelInfo* info, void** out) -> OrtStatus* {
+      std::string node = "?";
+      try {
+        node = NodeName(info);
+        auto kernel = std::make_unique<SlimMatMulKernel>();
+        kernel->node = node;
+        kernel->attr = ReadAttributes(info);
+        kernel->kernels = &SelectKernels();
+        TensorView in[kNumInputs];
+        if (ConstantWeights(info, in)) kernel->constant = Prepare(kernel->attr, in);
+        *out = kernel.release();
+        return nullptr;
+      } catch (const std::exception& e) {
+        return ToStatus(node, e);
+      }
+    };
+    KernelComputeV2 = [](void* k, OrtKernelContext* ctx) -> OrtStatus* {
+      auto* kernel = static_cast<SlimMatMulKernel*>(k);
+      try {
+        kernel->Compute(ctx);
+        return nullptr;
+      } catch (const std::exception& e) {
+        return ToStatus(kernel->node, e);
+      }
+    };
+    KernelDestroy = [](void* k) { delete static_cast<SlimMatMulKernel*>(k); };
+  }
+};
+
+}  // namespace
+}  // namespace slim
+
+extern "C" SLIM_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* base) {
+  using namespace slim;
+  const OrtApi* api = base->GetApi(kOrtApiVersion);
+  if (api == nullptr) {
+    // Older than 1.20: report through the oldest API table, which every runtime has.
+    const OrtApi* v1 = base->GetApi(1);
+    return v1->CreateStatus(ORT_FAIL, (std::string("slim_onnx needs onnxruntime >= 1.20, this is ") +
+                                       base->GetVersionString()).c_str());
+  }
+  g_api = api;
+  static SlimMatMulOp op_int4_adapters(ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8);
+  static SlimMatMulOp op_f16_adapters(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16);
+  static OrtCustomOpDomain* domain = nullptr;  // lives as long as the process: sessions keep pointers to it
+  static std::mutex mutex;
+  std::lock_guard<std::mutex> lock(mutex);
+  if (domain == nullptr) {
+    OrtCustomOpDomain* d = nullptr;
+    if (OrtStatus* st = api->CreateCustomOpDomain("slim_onnx", &d)) return st;
+    for (SlimMatMulOp* op : {&op_int4_adapters, &op_f16_adapters})
+      if (OrtStatus* st = api->CustomOpDomain_Add(d, op)) return st;
+    domain = d;
+  }
+  return api->AddCustomOpDomain(options, domain);
+}
+
+// For tests and diagnostics: which kernel table the CPU op runs ("avx2" or "scalar").
+extern "C" SLIM_EXPORT const char* SlimOnnxKernelName() { return slim::SelectKernels().name; }

@@ -1,0 +1,161 @@
+"""Model-local ONNX functions that compute SlimMatMul with standard ops (opset 18).
+
+Stock onnxruntime has no kernel for ``slim_onnx::SlimMatMul``, so it inlines the function whose
+domain, name and overload match the node. Everything that unpacks the weights depends only on
+initializers and attributes, so onnxruntime constant-folds it at session start: the model then runs
+as a plain float MatMul (dense, slower, same result). With the slim_onnx library registered, its
+kernel runs instead and the function is ignored.
+
+One overload per variant (``SlimWeights.variant``): sparse or dense W, adapters none / float16 / int4,
+with or without bias. Sizes come from the node's attributes through attribute references.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from slim_onnx.format import BLOCK_K, TILE_N
+
+DOMAIN = "slim_onnx"
+OP_TYPE = "SlimMatMul"
+OPSET = 18
+FUNCTION_ATTRIBUTES = ("K", "N", "group_size", "rank", "adapter_group_size")
+VARIANTS = tuple(
+    f"{w}_{a}_{b}"
+    for w, a, b in itertools.product(("sparse", "dense"), ("noadapter", "f16adapter", "int4adapter"), ("bias", "nobias"))
+)
+
+
+class _Body:
+    """Collects the nodes of a function body with unique value names."""
+
+    def __init__(self) -> None:
+        self.nodes: list[onnx.NodeProto] = []
+        self._count = 0
+
+    def op(self, op_type: str, *inputs: str, **attrs) -> str:
+        self._count += 1
+        out = f"{op_type.lower()}_{self._count}"
+        self.nodes.append(helper.make_node(op_type, list(inputs), [out], **attrs))
+        return out
+
+    def const(self, array: np.ndarray) -> str:
+        return self.op("Constant", value=numpy_helper.from_array(np.asarray(array)))
+
+    def attr_scalar(self, attribute: str) -> str:
+        """An int64 scalar taken from the calling node's attribute."""
+        self._count += 1
+        out = f"{attribute}_{self._count}"
+        ref = onnx.AttributeProto(name="value_int", ref_attr_name=attribute, type=onnx.AttributeProto.INT)
+        node = helper.make_node("Constant", [], [out])
+        node.attribute.append(ref)
+        self.nodes.append(node)
+        return out
+
+    def attr_vector(self, attribute: str) -> str:
+        return self.op("Unsqueeze", self.attr_scalar(attribute), self.const(np.array([0], dtype=np.int64)))
+
+
+def _padded_columns(body: _Body, packed: str) -> str:
+    """[Np] = 8 * (number of column tiles), as a 1-D int64 tensor."""
+    tiles = body.op("Shape", packed, start=0, end=1)
+    return body.op("Mul", tiles, body.const(np.array([TILE_N], dtype=np.int64)))
+
+
+def _nibble_values(body: _Body, record: str) -> str:
+    """uint8 [..., 16] nibble records -> float [..., 32] values (entry e<16 low nibble, else high)."""
+    lo = body.op("BitwiseAnd", record, body.const(np.array(0x0F, dtype=np.uint8)))
+    hi = body.op("BitShift", record, body.const(np.array(4, dtype=np.uint8)), direction="RIGHT")
+    entries = body.op("Concat", lo, hi, axis=-1)
+    return body.op("Sub", body.op("Cast", entries, to=TensorProto.FLOAT), body.const(np.array(8.0, dtype=np.float32)))
+
+
+def _tiles_to_matrix(body: _Body, blocks: str, packed: str, perm: list[int]) -> str:
+    """Transpose a tile-block tensor to [Kb, 8k, Nt, 8c] order and flatten to [Kp, Np]."""
+    ordered = body.op("Transpose", blocks, perm=perm)
+    shape = body.op("Concat", body.const(np.array([-1], dtype=np.int64)), _padded_columns(body, packed), axis=0)
+    return body.op("Reshape", ordered, shape)
+
+
+def _unpack_sparse(body: _Body, packed: str) -> str:
+    """uint8 [Nt, Kb, 24] -> float q [Kp, Np]."""
+    axis2 = body.const(np.array([2], dtype=np.int64))
+    record = body.op("Slice", packed, body.const(np.array([0], dtype=np.int64)), body.const(np.array([16], dtype=np.int64)), axis2)
+    pos_bytes = body.op("Slice", packed, body.const(np.array([16], dtype=np.int64)), body.const(np.array([24], dtype=np.int64)), axis2)
+    values = _nibble_values(body, record)  # [Nt, Kb, 32]
+    # entry e: bits 2*(e//8) of position byte e%8
+    spread = body.op("Unsqueeze", pos_bytes, axis2)  # [Nt, Kb, 1, 8]
+    shifted = body.op("BitShift", spread, body.const(np.array([[0], [2], [4], [6]], dtype=np.uint8)), direction="RIGHT")
+    pos = body.op("BitwiseAnd", shifted, body.const(np.array(3, dtype=np.uint8)))
+    pos = body.op("Reshape", pos, body.const(np.array([0, 0, 32], dtype=np.int64)))
+    slot_base = (4 * ((np.arange(32) % 4) >= 2)).astype(np.int64)
+    k_in_block = body.op("Add", body.op("Cast", pos, to=TensorProto.INT64), body.const(slot_base))
+    last = body.const(np.array([-1], dtype=np.int64))
+    onehot = body.op("Equal", body.op("Unsqueeze", k_in_block, last), body.const(np.arange(BLOCK_K, dtype=np.int64)))
+    placed = body.op("Mul", body.op("Cast", onehot, to=TensorProto.FLOAT), body.op("Unsqueeze", values, last))
+    placed = body.op("Reshape", placed, body.const(np.array([0, 0, TILE_N, 4, BLOCK_K], dtype=np.int64)))
+    blocks = body.op("ReduceSum", placed, body.const(np.array([3], dtype=np.int64)), keepdims=0)  # [Nt, Kb, 8c, 8k]
+    return _tiles_to_matrix(body, blocks, packed, perm=[1, 3, 0, 2])
+
+
+def _unpack_dense(body: _Body, packed: str) -> str:
+    """uint8 [Nt, Kb, 32] -> float q [Kp, Np]."""
+    record = body.op("Reshape", packed, body.const(np.array([0, 0, 2, 16], dtype=np.int64)))
+    values = _nibble_values(body, record)  # [Nt, Kb, h, 32]
+    values = body.op("Reshape", values, body.const(np.array([0, 0, 2, TILE_N, 4], dtype=np.int64)))  # [Nt, Kb, h, c, j]
+    return _tiles_to_matrix(body, values, packed, perm=[1, 2, 4, 0, 3])
+
+
+def _dequantized(body: _Body, packed: str, scales: str, rows: str, cols: str, group: str, sparse: bool) -> str:
+    """Float [rows, cols] = q * scales[k // group] for a packed 4-bit matrix."""
+    q = _unpack_sparse(body, packed) if sparse else _unpack_dense(body, packed)
+    zero = body.const(np.array([0, 0], dtype=np.int64))
+    ends = body.op("Concat", body.op("Unsqueeze", rows, body.const(np.array([0], dtype=np.int64))), cols, axis=0)
+    q = body.op("Slice", q, zero, ends)
+    k = body.op("Range", body.const(np.array(0, dtype=np.int64)), rows, body.const(np.array(1, dtype=np.int64)))
+    per_row = body.op("Gather", body.op("Cast", scales, to=TensorProto.FLOAT), body.op("Div", k, group), axis=0)
+    return body.op("Mul", q, per_row)
+
+
+def fallback_function(variant: str) -> onnx.FunctionProto:
+    """The FunctionProto (overload = variant) that computes one SlimMatMul variant with standard ops."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown SlimMatMul variant {variant!r}; expected one of {VARIANTS}")
+    w_kind, adapter, bias = variant.split("_")
+    body = _Body()
+    k = body.attr_scalar("K")
+    n_vec = body.attr_vector("N")
+    w = _dequantized(body, "W", "W_scales", k, n_vec, body.attr_scalar("group_size"), w_kind == "sparse")
+    a = body.op("Cast", "A", to=TensorProto.FLOAT)
+    y = body.op("MatMul", a, w)
+    inputs = ["A", "W", "W_scales", "bias" if bias == "bias" else "", "L", "L_scales", "R", "R_scales"]
+    if adapter == "f16adapter":
+        l = body.op("Cast", "L", to=TensorProto.FLOAT)
+        r = body.op("Cast", "R", to=TensorProto.FLOAT)
+        inputs[5] = inputs[7] = ""
+    elif adapter == "int4adapter":
+        rank = body.attr_scalar("rank")
+        group = body.attr_scalar("adapter_group_size")
+        r_vec = body.op("Unsqueeze", rank, body.const(np.array([0], dtype=np.int64)))
+        l = _dequantized(body, "L", "L_scales", k, r_vec, group, sparse=False)
+        r = _dequantized(body, "R", "R_scales", rank, n_vec, group, sparse=False)
+    else:
+        inputs[4:] = ["", "", "", ""]
+    if adapter != "noadapter":
+        y = body.op("Add", y, body.op("MatMul", body.op("MatMul", a, l), r))
+    if bias == "bias":
+        y = body.op("Add", y, "bias")
+    body.nodes.append(helper.make_node("CastLike", [y, "A"], ["Y"]))
+    # Function inputs are positional: absent optional inputs keep their slot under a placeholder name.
+    formal = [name if name else f"unused_{i}" for i, name in enumerate(inputs)]
+    while formal and formal[-1].startswith("unused_"):
+        formal.pop()
+    fn = helper.make_function(
+        DOMAIN, OP_TYPE, formal, ["Y"], body.nodes, [helper.make_opsetid("", OPSET)], attributes=list(FUNCTION_ATTRIBUTES)
+    )
+    fn.overload = variant
+    return fn

@@ -1,0 +1,103 @@
+"""Writing SlimMatMul nodes: the node, its packed initializers, and its fallback function."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from slim_onnx.fallback import DOMAIN, OP_TYPE, OPSET, fallback_function
+from slim_onnx.format import SlimWeights
+
+# Function overloads (NodeProto.overload) need IR version 10; onnxruntime 1.20 reads IR 10.
+IR_VERSION = 10
+
+
+def make_slim_matmul_node(
+    weights: SlimWeights, a_name: str, y_name: str, node_name: str, accuracy_level: int = 4
+) -> tuple[onnx.NodeProto, list[onnx.TensorProto]]:
+    """One SlimMatMul node computing y = a @ W (+ adapters, + bias), and the initializers it reads.
+
+    Initializer names are node_name + "/W", "/W_scales", ... so that several nodes never collide.
+    """
+    tensors = {
+        "W": weights.w,
+        "W_scales": weights.w_scales,
+        "bias": weights.bias,
+        "L": weights.adapter_l,
+        "L_scales": weights.adapter_l_scales,
+        "R": weights.adapter_r,
+        "R_scales": weights.adapter_r_scales,
+    }
+    inputs = [a_name]
+    initializers = []
+    for key, array in tensors.items():
+        if array is None:
+            inputs.append("")
+            continue
+        name = f"{node_name}/{key}"
+        inputs.append(name)
+        initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+    while inputs[-1] == "":
+        inputs.pop()
+    node = helper.make_node(
+        OP_TYPE,
+        inputs,
+        [y_name],
+        name=node_name,
+        domain=DOMAIN,
+        K=weights.k,
+        N=weights.n,
+        bits=4,
+        group_size=weights.group_size,
+        sparse=int(weights.sparse),
+        rank=weights.rank,
+        adapter_format=weights.adapter_format,
+        adapter_group_size=weights.adapter_group_size,
+        accuracy_level=accuracy_level,
+    )
+    node.overload = weights.variant
+    return node, initializers
+
+
+def add_fallback_functions(model: onnx.ModelProto) -> None:
+    """Give `model` the fallback function of every SlimMatMul variant its graph uses (idempotent)."""
+    used = set()
+
+    def visit(graph: onnx.GraphProto) -> None:
+        for node in graph.node:
+            if node.domain == DOMAIN and node.op_type == OP_TYPE:
+                used.add(node.overload)
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    visit(attr.g)
+                for g in attr.graphs:
+                    visit(g)
+
+    visit(model.graph)
+    have = {(f.domain, f.name, f.overload) for f in model.functions}
+    for variant in sorted(used):
+        if (DOMAIN, OP_TYPE, variant) not in have:
+            model.functions.append(fallback_function(variant))
+    if not any(o.domain == DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
+    model.ir_version = max(model.ir_version, IR_VERSION)
+
+
+def make_slim_matmul_model(
+    weights: SlimWeights, dtype: type = np.float32, accuracy_level: int = 4, batch_dims: int = 1
+) -> onnx.ModelProto:
+    """A one-node model Y = SlimMatMul(A) with `batch_dims` symbolic leading dimensions."""
+    elem = TensorProto.FLOAT16 if np.dtype(dtype) == np.float16 else TensorProto.FLOAT
+    lead = [f"d{i}" for i in range(batch_dims)]
+    node, initializers = make_slim_matmul_node(weights, "A", "Y", "slim_matmul", accuracy_level)
+    graph = helper.make_graph(
+        [node],
+        "slim_matmul",
+        [helper.make_tensor_value_info("A", elem, [*lead, weights.k])],
+        [helper.make_tensor_value_info("Y", elem, [*lead, weights.n])],
+        initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION)
+    add_fallback_functions(model)
+    return model

@@ -1,0 +1,139 @@
+"""Op-level benchmark: SlimMatMul against onnxruntime's MatMul (fp32) and MatMulNBits (4-bit), side by side.
+
+All ops compute Y = A @ W for the same random W [K, N] (SlimMatMul: 2:4 + 4-bit, group 128; with and
+without rank-r 4-bit adapters), in one process, on the same onnxruntime thread settings. Prints a
+table of median times and ratios (peer time / SlimMatMul time: > 1 means SlimMatMul is faster).
+
+    python tools/bench_op.py                      # K = N = 4096, M in 1, 16, 128
+    python tools/bench_op.py --m 1 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import numpy as np
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+import slim_onnx
+from slim_onnx.algorithms.absmax import quantize_absmax_int4
+from slim_onnx.op import IR_VERSION
+
+
+def _single_op_model(node, initializers, k: int, n: int, opsets):
+    graph = helper.make_graph(
+        [node],
+        "bench",
+        [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["M", k])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["M", n])],
+        initializers,
+    )
+    return helper.make_model(graph, opset_imports=opsets, ir_version=IR_VERSION)
+
+
+def matmul_model(w: np.ndarray):
+    node = helper.make_node("MatMul", ["A", "W"], ["Y"])
+    return _single_op_model(node, [numpy_helper.from_array(w, "W")], *w.shape, [helper.make_opsetid("", 18)])
+
+
+def matmul_nbits_model(w: np.ndarray, accuracy_level: int, block: int = 128):
+    """com.microsoft::MatMulNBits with symmetric 4-bit blocks along K (default zero point 8)."""
+    k, n = w.shape
+    q, scales = quantize_absmax_int4(w, block)
+    k_blocks = -(-k // block)
+    u = np.full((k_blocks * block, n), 8, dtype=np.uint8)
+    u[:k] = (q.astype(np.int16) + 8).astype(np.uint8)
+    u = u.T.reshape(n, k_blocks, block // 2, 2)
+    packed = (u[..., 0] | (u[..., 1] << 4)).astype(np.uint8)
+    node = helper.make_node(
+        "MatMulNBits",
+        ["A", "B", "scales"],
+        ["Y"],
+        domain="com.microsoft",
+        K=k,
+        N=n,
+        bits=4,
+        block_size=block,
+        accuracy_level=accuracy_level,
+    )
+    inits = [numpy_helper.from_array(packed, "B"), numpy_helper.from_array(scales.astype(np.float32).T.copy(), "scales")]
+    return _single_op_model(node, inits, k, n, [helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+
+
+def time_session(session: ort.InferenceSession, a: np.ndarray, min_seconds: float, min_runs: int = 10) -> float:
+    """Median wall time of session.run in milliseconds."""
+    for _ in range(3):
+        session.run(None, {"A": a})
+    times = []
+    start = time.perf_counter()
+    while len(times) < min_runs or time.perf_counter() - start < min_seconds:
+        t0 = time.perf_counter()
+        session.run(None, {"A": a})
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--k", type=int, default=4096)
+    parser.add_argument("--n", type=int, default=4096)
+    parser.add_argument("--m", type=int, nargs="+", default=[1, 16, 128])
+    parser.add_argument("--rank", type=int, default=410, help="adapter rank (default 0.1 * 4096, rounded)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seconds", type=float, default=1.0, help="minimum timing time per case")
+    parser.add_argument("--json", help="also write the results to this JSON file")
+    args = parser.parse_args()
+
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((args.k, args.n)) / np.sqrt(args.k)).astype(np.float32)
+    adapters = (
+        rng.standard_normal((args.k, args.rank)).astype(np.float32) * 0.01,
+        rng.standard_normal((args.rank, args.n)).astype(np.float32) * 0.01,
+    )
+    slim_plain = slim_onnx.pack_weight(w, group_size=128, sparse=True)
+    slim_adapt = slim_onnx.pack_weight(w, group_size=128, sparse=True, adapters=adapters, adapter_format="int4")
+
+    def session(model, custom: bool):
+        so = slim_onnx.session_options() if custom else ort.SessionOptions()
+        so.intra_op_num_threads = args.threads
+        so.inter_op_num_threads = 1
+        return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+    cases = {
+        "MatMul fp32": session(matmul_model(w), False),
+        "MatMulNBits acc0": session(matmul_nbits_model(w, 0), False),
+        "MatMulNBits acc4": session(matmul_nbits_model(w, 4), False),
+        "Slim acc0": session(slim_onnx.make_slim_matmul_model(slim_plain, accuracy_level=0), True),
+        "Slim acc4": session(slim_onnx.make_slim_matmul_model(slim_plain, accuracy_level=4), True),
+        f"Slim+r{args.rank} acc0": session(slim_onnx.make_slim_matmul_model(slim_adapt, accuracy_level=0), True),
+        f"Slim+r{args.rank} acc4": session(slim_onnx.make_slim_matmul_model(slim_adapt, accuracy_level=4), True),
+    }
+    results = {"k": args.k, "n": args.n, "rank": args.rank, "threads": args.threads, "kernel": slim_onnx.kernel_name(), "ms": {}}
+    for m in args.m:
+        a = rng.standard_normal((m, args.k)).astype(np.float32)
+        results["ms"][m] = {name: time_session(s, a, args.seconds) for name, s in cases.items()}
+
+    names = list(cases)
+    print(f"K={args.k} N={args.n} threads={args.threads} kernels={results['kernel']}  (median ms; ratio = peer / Slim)")
+    print(f"{'op':<22}" + "".join(f"{'M=' + str(m):>12}" for m in args.m))
+    for name in names:
+        print(f"{name:<22}" + "".join(f"{results['ms'][m][name]:>12.3f}" for m in args.m))
+    print("ratios:")
+    ratios = {}
+    for slim_name in [n for n in names if n.startswith("Slim")]:
+        for peer in [n for n in names if not n.startswith("Slim")]:
+            row = {m: results["ms"][m][peer] / results["ms"][m][slim_name] for m in args.m}
+            ratios[f"{peer} / {slim_name}"] = row
+            print(f"  {peer + ' / ' + slim_name:<38}" + "".join(f"{row[m]:>9.2f}x" for m in args.m))
+    results["ratios"] = ratios
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
