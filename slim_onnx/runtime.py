@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import importlib.metadata
 import os
 from pathlib import Path
 
@@ -27,6 +28,13 @@ def library_path() -> str:
         candidate = here / name
         if candidate.is_file():
             return str(candidate)
+    # Imported from a source checkout: use the library of the installed distribution, if any.
+    try:
+        for file in importlib.metadata.files("slim-onnx") or ():
+            if file.name in _LIBRARY_NAMES:
+                return str(file.locate())
+    except importlib.metadata.PackageNotFoundError:
+        pass
     raise LibraryNotFoundError(
         f"the slim_onnx kernel library is not built next to {here}. Install the package "
         "(`pip install .` in the repository builds it), or set SLIM_ONNX_LIBRARY to its path."

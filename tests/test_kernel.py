@@ -1,0 +1,159 @@
+"""The CPU kernel against the numpy reference (slim_onnx.format) and the fallback function."""
+
+import json
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from conftest import random_weights
+
+import slim_onnx
+from slim_onnx import make_slim_matmul_model, reference_slim_matmul
+
+
+def run(model, a, with_library=True, threads=2):
+    so = slim_onnx.session_options() if with_library else ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    session = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return session.run(None, {"A": a})[0]
+
+
+def assert_close(y, ref, dtype):
+    """Relative to the output's scale: float32 sums differ from the float64 reference only by rounding."""
+    y = y.astype(np.float64)
+    scale = np.abs(ref).max() + 1e-6
+    tol = 2e-3 if dtype == np.float16 else 2e-5
+    assert np.abs(y - ref).max() / scale < tol, np.abs(y - ref).max() / scale
+
+
+SHAPES = [  # (lead dims, K, N)
+    ((1,), 8, 8),
+    ((3,), 12, 13),
+    ((2, 5), 20, 7),
+    ((4,), 100, 33),
+    ((1, 1, 7), 64, 130),
+    ((16,), 576, 40),
+    ((33,), 36, 1),
+    ((257,), 96, 24),
+]
+
+
+@pytest.mark.parametrize("lead,k,n", SHAPES)
+@pytest.mark.parametrize("sparse", [True, False])
+@pytest.mark.parametrize("accuracy_level", [0, 4])
+def test_kernel_matches_reference(rng, lead, k, n, sparse, accuracy_level):
+    group = 32 if k > 32 else 1000  # also covers one group per column
+    w = random_weights(rng, k, n, sparse=sparse, group_size=group, bias=k % 3 == 0)
+    a = rng.standard_normal((*lead, k)).astype(np.float32)
+    y = run(make_slim_matmul_model(w, accuracy_level=accuracy_level, batch_dims=len(lead)), a)
+    assert y.shape == (*lead, n) and y.dtype == np.float32
+    assert_close(y, reference_slim_matmul(a, w, accuracy_level).astype(np.float64), np.float32)
+
+
+@pytest.mark.parametrize("adapter_format,rank", [("float16", 5), ("int4", 9), ("int4", 40)])
+@pytest.mark.parametrize("accuracy_level", [0, 4])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_adapters_bias_and_float16(rng, adapter_format, rank, accuracy_level, dtype):
+    k, n = 72, 50
+    w = random_weights(rng, k, n, group_size=32, adapter_format=adapter_format, rank=rank, bias=True)
+    a = rng.standard_normal((3, 5, k)).astype(dtype)
+    model = make_slim_matmul_model(w, dtype=dtype, accuracy_level=accuracy_level, batch_dims=2)
+    y = run(model, a)
+    assert y.dtype == dtype and y.shape == (3, 5, n)
+    ref = reference_slim_matmul(a.astype(np.float32), w, accuracy_level).astype(np.float64)
+    assert_close(y, ref, dtype)
+
+
+@pytest.mark.parametrize("adapter_format", ["none", "float16", "int4"])
+@pytest.mark.parametrize("sparse", [True, False])
+def test_kernel_and_fallback_agree(rng, adapter_format, sparse):
+    k, n = 44, 21
+    w = random_weights(rng, k, n, sparse=sparse, group_size=16, adapter_format=adapter_format, rank=6, bias=sparse)
+    a = rng.standard_normal((4, k)).astype(np.float32)
+    model = make_slim_matmul_model(w, accuracy_level=0)
+    kernel, fallback = run(model, a, True), run(model, a, False)
+    np.testing.assert_allclose(kernel, fallback, rtol=1e-4, atol=1e-4 * np.abs(fallback).max())
+    assert_close(fallback, reference_slim_matmul(a, w, 0).astype(np.float64), np.float32)
+
+
+def profiled_ops(model, a, with_library):
+    so = slim_onnx.session_options() if with_library else ort.SessionOptions()
+    so.enable_profiling = True
+    session = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    session.run(None, {"A": a})
+    with open(session.end_profiling()) as f:
+        events = json.load(f)
+    return {e["args"]["op_name"] for e in events if e.get("cat") == "Node" and "op_name" in e.get("args", {})}
+
+
+def test_profile_shows_which_path_ran(rng):
+    w = random_weights(rng, 64, 16)
+    model = make_slim_matmul_model(w)
+    a = rng.standard_normal((2, 64)).astype(np.float32)
+    assert profiled_ops(model, a, True) == {"SlimMatMul"}
+    without = profiled_ops(model, a, False)
+    assert "SlimMatMul" not in without and "MatMul" in without
+
+
+def test_concurrent_runs_share_one_session(rng):
+    w = random_weights(rng, 128, 64, adapter_format="int4", rank=16)
+    so = slim_onnx.session_options()
+    session = ort.InferenceSession(make_slim_matmul_model(w).SerializeToString(), so)
+    inputs = [rng.standard_normal((1 + i % 5, 128)).astype(np.float32) for i in range(8)]
+    expected = [session.run(None, {"A": a})[0] for a in inputs]
+    results = {}
+
+    def worker(i):
+        for _ in range(20):
+            y = session.run(None, {"A": inputs[i]})[0]
+            if not np.array_equal(y, expected[i]):
+                results[i] = "mismatch"
+                return
+        results[i] = "ok"
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert set(results.values()) == {"ok"}
+
+
+SCALAR_CHECK = """
+import numpy as np, onnxruntime as ort, sys
+sys.path.insert(0, {tests!r})
+from conftest import random_weights
+import slim_onnx
+assert slim_onnx.kernel_name() == "scalar", slim_onnx.kernel_name()
+rng = np.random.default_rng(7)
+worst = 0.0
+for k, n, m, sparse, fmt, lvl in [(20, 13, 3, True, "none", 0), (64, 40, 6, True, "int4", 4), (100, 17, 2, False, "float16", 0),
+                                  (96, 24, 9, False, "int4", 4), (36, 8, 1, True, "none", 4)]:
+    w = random_weights(rng, k, n, sparse=sparse, group_size=32, adapter_format=fmt, rank=7, bias=True)
+    a = rng.standard_normal((m, k)).astype(np.float32)
+    s = ort.InferenceSession(slim_onnx.make_slim_matmul_model(w, accuracy_level=lvl).SerializeToString(), slim_onnx.session_options())
+    y = s.run(None, {{"A": a}})[0].astype(np.float64)
+    ref = slim_onnx.reference_slim_matmul(a, w, lvl).astype(np.float64)
+    worst = max(worst, np.abs(y - ref).max() / np.abs(ref).max())
+print(worst)
+"""
+
+
+def test_portable_scalar_kernels_match_reference(tmp_path):
+    import os
+    from pathlib import Path
+
+    env = dict(os.environ, SLIM_ONNX_KERNEL="scalar")
+    code = SCALAR_CHECK.format(tests=str(Path(__file__).parent))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert float(out.stdout.strip()) < 2e-5
+
+
+def test_avx2_kernels_are_chosen_on_this_machine():
+    flags = open("/proc/cpuinfo").read()
+    expected = "avx2" if all(f" {x}" in flags for x in ("avx2", "fma", "f16c")) else "scalar"
+    assert slim_onnx.kernel_name() == expected

@@ -1,0 +1,73 @@
+"""The one kernel library loads and computes in the oldest and the newest supported onnxruntime."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import onnxruntime
+import pytest
+
+OLDEST, NEWEST = "1.20.1", "1.31.1"
+
+CHECK = """
+import sys
+import numpy as np, onnxruntime as ort
+sys.path.insert(0, {tests!r})
+from conftest import random_weights
+import slim_onnx
+assert ort.__version__ == {version!r}, ort.__version__
+rng = np.random.default_rng(3)
+for fmt, dtype, level in [("none", np.float32, 4), ("float16", np.float16, 0), ("int4", np.float32, 0)]:
+    w = random_weights(rng, 96, 24, group_size=32, adapter_format=fmt, rank=8, bias=True)
+    model = slim_onnx.make_slim_matmul_model(w, dtype=dtype, accuracy_level=level).SerializeToString()
+    a = rng.standard_normal((5, 96)).astype(dtype)
+    ref = slim_onnx.reference_slim_matmul(a.astype(np.float32), w, level).astype(np.float64)
+    so = slim_onnx.session_options()
+    so.enable_profiling = True
+    kernel = ort.InferenceSession(model, so)
+    y = kernel.run(None, {{"A": a}})[0].astype(np.float64)
+    assert '"op_name" : "SlimMatMul"' in open(kernel.end_profiling()).read().replace('":"', '" : "')
+    fallback = ort.InferenceSession(model).run(None, {{"A": a}})[0].astype(np.float64)
+    tol = 3e-3 if dtype == np.float16 else 1e-5
+    assert np.abs(y - ref).max() / np.abs(ref).max() < tol, (fmt, "kernel")
+    ref0 = slim_onnx.reference_slim_matmul(a.astype(np.float32), w, 0).astype(np.float64)
+    assert np.abs(fallback - ref0).max() / np.abs(ref0).max() < tol, (fmt, "fallback")
+print("ok", ort.__version__)
+"""
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("SLIM_ONNX_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "slim-onnx"
+    )
+    return Path(base)
+
+
+def onnxruntime_site(version: str) -> Path | None:
+    """A folder holding onnxruntime==version (None: the current environment already has it)."""
+    if onnxruntime.__version__ == version:
+        return None
+    site = cache_dir() / f"onnxruntime-{version}-py{sys.version_info.major}{sys.version_info.minor}"
+    if not (site / "onnxruntime" / "__init__.py").is_file():
+        tmp = site.with_name(site.name + ".tmp")
+        subprocess.run(
+            [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--only-binary=:all:", "--target", str(tmp),
+             f"onnxruntime=={version}"],
+            check=True,
+        )
+        tmp.rename(site)
+    return site
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("version", [OLDEST, NEWEST])
+def test_library_runs_in_onnxruntime(version, tmp_path):
+    site = onnxruntime_site(version)
+    env = dict(os.environ)
+    if site is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(site), env.get("PYTHONPATH", "")])
+    code = CHECK.format(tests=str(Path(__file__).parent), version=version)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.strip() == f"ok {version}"
