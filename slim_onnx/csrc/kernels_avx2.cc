@@ -88,10 +88,13 @@ struct SparseF32Block {
              _mm256_mul_ps(SlotFloat<2>(v), scale), _mm256_mul_ps(SlotFloat<3>(v), scale)},
             {p, _mm256_srli_epi32(p, 8), _mm256_srli_epi32(p, 16), _mm256_srli_epi32(p, 24)}};
   }
-  __m256 Fma(const float* a, __m256 acc) const {
+  // Two accumulators per row: one FMA chain would wait on the FMA latency.
+  void Fma(const float* a, __m256& even, __m256& odd) const {
     const __m256 av = _mm256_loadu_ps(a);
-    for (int s = 0; s < 4; ++s) acc = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(av, pos[s]), w[s], acc);
-    return acc;
+    for (int s = 0; s < 4; s += 2) {
+      even = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(av, pos[s]), w[s], even);
+      odd = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(av, pos[s + 1]), w[s + 1], odd);
+    }
   }
 };
 
@@ -108,9 +111,37 @@ struct DenseF32Block {
     }
     return out;
   }
-  __m256 Fma(const float* a, __m256 acc) const {
-    for (int k = 0; k < 8; ++k) acc = _mm256_fmadd_ps(_mm256_broadcast_ss(a + k), w[k], acc);
-    return acc;
+  void Fma(const float* a, __m256& even, __m256& odd) const {
+    for (int k = 0; k < 8; k += 2) {
+      even = _mm256_fmadd_ps(_mm256_broadcast_ss(a + k), w[k], even);
+      odd = _mm256_fmadd_ps(_mm256_broadcast_ss(a + k + 1), w[k + 1], odd);
+    }
+  }
+};
+
+// What a panel stores for a decoded block. A sparse float block is expanded to 8 dense k-vectors
+// (zeros included): per row that costs 8 broadcast-FMAs instead of 4 vpermps + 4 FMAs, and vpermps
+// is the bottleneck once the decode is shared by many rows.
+template <typename Block>
+struct PanelEntry {
+  using type = Block;
+  static const Block& From(const Block& b) { return b; }
+};
+
+template <>
+struct PanelEntry<SparseF32Block> {
+  using type = DenseF32Block;
+  static DenseF32Block From(const SparseF32Block& b) {
+    DenseF32Block out;
+    const __m256i low3 = _mm256_set1_epi32(7);
+    for (int k = 0; k < 8; ++k) {
+      const __m256i kv = _mm256_set1_epi32(k);
+      const int s0 = k < 4 ? 0 : 2;  // slots 0, 1 hold k 0..3; slots 2, 3 hold k 4..7
+      const __m256 m0 = _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(b.pos[s0], low3), kv));
+      const __m256 m1 = _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(b.pos[s0 + 1], low3), kv));
+      out.w[k] = _mm256_add_ps(_mm256_and_ps(m0, b.w[s0]), _mm256_and_ps(m1, b.w[s0 + 1]));
+    }
+    return out;
   }
 };
 
@@ -131,15 +162,15 @@ struct PanelBlocks {
 
 // ---- row kernels: R rows (1..4) against nb blocks --------------------------------------------------
 
-template <typename Block, int R, typename Blocks>
+template <int R, typename Blocks>
 void RowsF32(const Blocks& blocks, int64_t nb, const float* a, int64_t lda, float* acc) {
-  __m256 sum[R];
-  for (int r = 0; r < R; ++r) sum[r] = _mm256_loadu_ps(acc + r * kTileN);
+  __m256 even[R], odd[R];
+  for (int r = 0; r < R; ++r) even[r] = _mm256_loadu_ps(acc + r * kTileN), odd[r] = _mm256_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
-    const Block& blk = blocks(b);  // a reference: copying a panel entry goes through the stack
-    for (int r = 0; r < R; ++r) sum[r] = blk.Fma(a + r * lda + b * kBlockK, sum[r]);
+    const auto& blk = blocks(b);  // a reference: copying a panel entry goes through the stack
+    for (int r = 0; r < R; ++r) blk.Fma(a + r * lda + b * kBlockK, even[r], odd[r]);
   }
-  for (int r = 0; r < R; ++r) _mm256_storeu_ps(acc + r * kTileN, sum[r]);
+  for (int r = 0; r < R; ++r) _mm256_storeu_ps(acc + r * kTileN, _mm256_add_ps(even[r], odd[r]));
 }
 
 // int16 partial sums hold at most 8 pmaddubsw results (|each| <= 2 * 255 * 8 = 4080) before they
@@ -153,7 +184,7 @@ void RowsI8(const Blocks& blocks, int64_t nb, const uint8_t* a, int64_t lda, __m
   __m256i acc32[R], acc16[R];
   for (int r = 0; r < R; ++r) acc32[r] = acc16[r] = _mm256_setzero_si256();
   for (int64_t b = 0; b < nb; ++b) {
-    const Block& blk = blocks(b);  // a reference: copying a panel entry goes through the stack
+    const auto& blk = blocks(b);  // a reference: copying a panel entry goes through the stack
     for (int r = 0; r < R; ++r) acc16[r] = _mm256_add_epi16(acc16[r], blk.Dot(a + r * lda + b * kBlockK));
     if ((b + 1) % kBlocksPerWiden == 0)
       for (int r = 0; r < R; ++r) {
@@ -187,10 +218,11 @@ thread_local std::vector<float> tl_acc;
 // Thread-local scratch sized for one call; fetched once per call because each thread_local access
 // from a shared library costs a __tls_get_addr call.
 template <typename Block>
-Block* PanelScratch(const Matrix4& w, int64_t M) {
+typename PanelEntry<Block>::type* PanelScratch(const Matrix4& w, int64_t M) {
+  using Entry = typename PanelEntry<Block>::type;
   if (M <= 4) return nullptr;
-  tl_panel.resize(w.blocks_per_group * sizeof(Block) / sizeof(Vec256));
-  return reinterpret_cast<Block*>(tl_panel.data());
+  tl_panel.resize(w.blocks_per_group * sizeof(Entry) / sizeof(Vec256));
+  return reinterpret_cast<Entry*>(tl_panel.data());
 }
 
 float* AccScratch(int64_t M) {
@@ -201,21 +233,22 @@ float* AccScratch(int64_t M) {
 // Runs `rows(blocks)` for the group's blocks [b0, b0 + nb) of tile t: decoded on the fly when
 // there is no panel (M <= 4), else decoded once into the panel.
 template <typename Block, typename Rows>
-void ForGroupBlocks(const Matrix4& w, int64_t t, int64_t b0, int64_t nb, __m256 scale, Block* panel, Rows&& rows) {
+void ForGroupBlocks(const Matrix4& w, int64_t t, int64_t b0, int64_t nb, __m256 scale,
+                    typename PanelEntry<Block>::type* panel, Rows&& rows) {
   const DirectBlocks<Block> direct{w.tile(t) + b0 * w.block_bytes(), w.block_bytes(), scale};
   if (panel == nullptr) {
     rows(direct);
     return;
   }
-  for (int64_t b = 0; b < nb; ++b) panel[b] = direct(b);
-  rows(PanelBlocks<Block>{panel});
+  for (int64_t b = 0; b < nb; ++b) panel[b] = PanelEntry<Block>::From(direct(b));
+  rows(PanelBlocks<typename PanelEntry<Block>::type>{panel});
 }
 
 template <typename Block>
 void GemmF32Impl(const Matrix4& w, const float* a, int64_t M, int64_t lda, float* y, int64_t ldy, int64_t t0,
                  int64_t t1, bool accumulate) {
   float* acc = AccScratch(M);
-  Block* panel = PanelScratch<Block>(w, M);
+  auto* panel = PanelScratch<Block>(w, M);
   for (int64_t t = t0; t < t1; ++t) {
     std::fill(acc, acc + M * kTileN, 0.f);
     for (int64_t g = 0; g < w.groups; ++g) {
@@ -223,7 +256,7 @@ void GemmF32Impl(const Matrix4& w, const float* a, int64_t M, int64_t lda, float
       const __m256 scale = _mm256_loadu_ps(w.scales + (t * w.groups + g) * kTileN);
       ForGroupBlocks<Block>(w, t, b0, nb, scale, panel, [&](const auto& blocks) {
         ForRowChunks(M, [&]<int R>(int64_t m0) {
-          RowsF32<Block, R>(blocks, nb, a + m0 * lda + b0 * kBlockK, lda, acc + m0 * kTileN);
+          RowsF32<R>(blocks, nb, a + m0 * lda + b0 * kBlockK, lda, acc + m0 * kTileN);
         });
       });
     }
@@ -235,7 +268,7 @@ template <typename Block>
 void GemmI8Impl(const Matrix4& w, const uint8_t* aq, const float* ascale, int64_t M, int64_t lda, float* y,
                 int64_t ldy, int64_t t0, int64_t t1, bool accumulate) {
   float* acc = AccScratch(M);
-  Block* panel = PanelScratch<Block>(w, M);
+  auto* panel = PanelScratch<Block>(w, M);
   for (int64_t t = t0; t < t1; ++t) {
     std::fill(acc, acc + M * kTileN, 0.f);
     for (int64_t g = 0; g < w.groups; ++g) {
