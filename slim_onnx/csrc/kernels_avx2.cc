@@ -168,6 +168,7 @@ void RowsF32(const Blocks& blocks, int64_t nb, const float* a, int64_t lda, floa
   for (int r = 0; r < R; ++r) even[r] = _mm256_loadu_ps(acc + r * kTileN), odd[r] = _mm256_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
     const auto& blk = blocks(b);  // a reference: copying a panel entry goes through the stack
+#pragma GCC unroll 4
     for (int r = 0; r < R; ++r) blk.Fma(a + r * lda + b * kBlockK, even[r], odd[r]);
   }
   for (int r = 0; r < R; ++r) _mm256_storeu_ps(acc + r * kTileN, _mm256_add_ps(even[r], odd[r]));
@@ -185,6 +186,7 @@ void RowsI8(const Blocks& blocks, int64_t nb, const uint8_t* a, int64_t lda, __m
   for (int r = 0; r < R; ++r) acc32[r] = acc16[r] = _mm256_setzero_si256();
   for (int64_t b = 0; b < nb; ++b) {
     const auto& blk = blocks(b);  // a reference: copying a panel entry goes through the stack
+#pragma GCC unroll 4
     for (int r = 0; r < R; ++r) acc16[r] = _mm256_add_epi16(acc16[r], blk.Dot(a + r * lda + b * kBlockK));
     if ((b + 1) % kBlocksPerWiden == 0)
       for (int r = 0; r < R; ++r) {
@@ -244,23 +246,66 @@ void ForGroupBlocks(const Matrix4& w, int64_t t, int64_t b0, int64_t nb, __m256 
   rows(PanelBlocks<typename PanelEntry<Block>::type>{panel});
 }
 
+// M > 4 rows on the float path: two column tiles at a time share every broadcast activation, which
+// gives 8 independent FMA chains per k for 4 rows and makes the loop FMA-bound, not load-bound.
+template <int R>
+void RowsF32TilePair(const DenseF32Block* pairs, int64_t nb, const float* a, int64_t lda, float* acc0, float* acc1) {
+  __m256 s0[R], s1[R];
+  for (int r = 0; r < R; ++r) s0[r] = _mm256_loadu_ps(acc0 + r * kTileN), s1[r] = _mm256_loadu_ps(acc1 + r * kTileN);
+  for (int64_t b = 0; b < nb; ++b) {
+    const DenseF32Block& p0 = pairs[2 * b];
+    const DenseF32Block& p1 = pairs[2 * b + 1];
+#pragma GCC unroll 8
+    for (int k = 0; k < 8; ++k)
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) {
+        const __m256 av = _mm256_broadcast_ss(a + r * lda + b * kBlockK + k);
+        s0[r] = _mm256_fmadd_ps(av, p0.w[k], s0[r]);
+        s1[r] = _mm256_fmadd_ps(av, p1.w[k], s1[r]);
+      }
+  }
+  for (int r = 0; r < R; ++r) _mm256_storeu_ps(acc0 + r * kTileN, s0[r]), _mm256_storeu_ps(acc1 + r * kTileN, s1[r]);
+}
+
 template <typename Block>
 void GemmF32Impl(const Matrix4& w, const float* a, int64_t M, int64_t lda, float* y, int64_t ldy, int64_t t0,
                  int64_t t1, bool accumulate) {
-  float* acc = AccScratch(M);
-  auto* panel = PanelScratch<Block>(w, M);
-  for (int64_t t = t0; t < t1; ++t) {
-    std::fill(acc, acc + M * kTileN, 0.f);
-    for (int64_t g = 0; g < w.groups; ++g) {
-      const int64_t b0 = g * w.blocks_per_group, nb = std::min(w.Kb - b0, w.blocks_per_group);
-      const __m256 scale = _mm256_loadu_ps(w.scales + (t * w.groups + g) * kTileN);
-      ForGroupBlocks<Block>(w, t, b0, nb, scale, panel, [&](const auto& blocks) {
+  float* acc = AccScratch(2 * M);
+  float* acc1 = acc + M * kTileN;
+  if (M <= 4) {
+    for (int64_t t = t0; t < t1; ++t) {
+      std::fill(acc, acc + M * kTileN, 0.f);
+      for (int64_t g = 0; g < w.groups; ++g) {
+        const int64_t b0 = g * w.blocks_per_group, nb = std::min(w.Kb - b0, w.blocks_per_group);
+        const __m256 scale = _mm256_loadu_ps(w.scales + (t * w.groups + g) * kTileN);
+        const DirectBlocks<Block> blocks{w.tile(t) + b0 * w.block_bytes(), w.block_bytes(), scale};
         ForRowChunks(M, [&]<int R>(int64_t m0) {
           RowsF32<R>(blocks, nb, a + m0 * lda + b0 * kBlockK, lda, acc + m0 * kTileN);
         });
+      }
+      StoreTile(acc, M, t, w.N, y, ldy, accumulate);
+    }
+    return;
+  }
+  tl_panel.resize(2 * w.blocks_per_group * sizeof(DenseF32Block) / sizeof(Vec256));
+  DenseF32Block* pairs = reinterpret_cast<DenseF32Block*>(tl_panel.data());
+  for (int64_t t = t0; t < t1; t += 2) {
+    const int64_t u = std::min(t + 1, t1 - 1);  // an odd last tile is paired with itself
+    std::fill(acc, acc + 2 * M * kTileN, 0.f);
+    for (int64_t g = 0; g < w.groups; ++g) {
+      const int64_t b0 = g * w.blocks_per_group, nb = std::min(w.Kb - b0, w.blocks_per_group);
+      for (int64_t i = 0; i < 2; ++i) {
+        const int64_t tile = i == 0 ? t : u;
+        const __m256 scale = _mm256_loadu_ps(w.scales + (tile * w.groups + g) * kTileN);
+        const DirectBlocks<Block> blocks{w.tile(tile) + b0 * w.block_bytes(), w.block_bytes(), scale};
+        for (int64_t b = 0; b < nb; ++b) pairs[2 * b + i] = PanelEntry<Block>::From(blocks(b));
+      }
+      ForRowChunks(M, [&]<int R>(int64_t m0) {
+        RowsF32TilePair<R>(pairs, nb, a + m0 * lda + b0 * kBlockK, lda, acc + m0 * kTileN, acc1 + m0 * kTileN);
       });
     }
     StoreTile(acc, M, t, w.N, y, ldy, accumulate);
+    if (u != t) StoreTile(acc1, M, u, w.N, y, ldy, accumulate);
   }
 }
 
