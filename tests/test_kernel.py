@@ -79,9 +79,10 @@ def test_kernel_and_fallback_agree(rng, adapter_format, sparse):
     assert_close(fallback, reference_slim_matmul(a, w, 0).astype(np.float64), np.float32)
 
 
-def profiled_ops(model, a, with_library):
+def profiled_ops(model, a, with_library, tmp_path):
     so = slim_onnx.session_options() if with_library else ort.SessionOptions()
     so.enable_profiling = True
+    so.profile_file_prefix = str(tmp_path / "profile")
     session = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
     session.run(None, {"A": a})
     with open(session.end_profiling()) as f:
@@ -89,12 +90,12 @@ def profiled_ops(model, a, with_library):
     return {e["args"]["op_name"] for e in events if e.get("cat") == "Node" and "op_name" in e.get("args", {})}
 
 
-def test_profile_shows_which_path_ran(rng):
+def test_profile_shows_which_path_ran(rng, tmp_path):
     w = random_weights(rng, 64, 16)
     model = make_slim_matmul_model(w)
     a = rng.standard_normal((2, 64)).astype(np.float32)
-    assert profiled_ops(model, a, True) == {"SlimMatMul"}
-    without = profiled_ops(model, a, False)
+    assert profiled_ops(model, a, True, tmp_path) == {"SlimMatMul"}
+    without = profiled_ops(model, a, False, tmp_path)
     assert "SlimMatMul" not in without and "MatMul" in without
 
 
@@ -157,3 +158,24 @@ def test_avx2_kernels_are_chosen_on_this_machine():
     flags = open("/proc/cpuinfo").read()
     expected = "avx2" if all(f" {x}" in flags for x in ("avx2", "fma", "f16c")) else "scalar"
     assert slim_onnx.kernel_name() == expected
+
+
+def test_output_type_and_shape_are_inferred(rng, tmp_path):
+    """onnxruntime learns Y's type and shape from the op (A's type, A's shape with K replaced by N)."""
+    from onnx import helper
+
+    w = random_weights(rng, 64, 24)
+    model = make_slim_matmul_model(w, dtype=np.float16, batch_dims=2)
+    graph = model.graph
+    graph.node[0].output[0] = "hidden"
+    graph.node.append(helper.make_node("Relu", ["hidden"], ["Y"]))
+    graph.output[0].type.tensor_type.ClearField("shape")
+    so = slim_onnx.session_options()
+    so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    ort.InferenceSession(model.SerializeToString(), so)
+    import onnx
+
+    out = onnx.load(str(tmp_path / "optimized.onnx")).graph.output[0].type.tensor_type  # Relu passes it on
+    assert out.elem_type == onnx.TensorProto.FLOAT16
+    assert [d.dim_param or d.dim_value for d in out.shape.dim] == ["d0", "d1", 24]

@@ -18,13 +18,14 @@ from conftest import random_weights
 import slim_onnx
 assert ort.__version__ == {version!r}, ort.__version__
 rng = np.random.default_rng(3)
-for fmt, dtype, level in [("none", np.float32, 4), ("float16", np.float16, 0), ("int4", np.float32, 0)]:
-    w = random_weights(rng, 96, 24, group_size=32, adapter_format=fmt, rank=8, bias=True)
+for fmt, dtype, level, bias in [("none", np.float32, 4, True), ("float16", np.float16, 0, True), ("int4", np.float32, 0, False)]:
+    w = random_weights(rng, 96, 24, group_size=32, adapter_format=fmt, rank=8, bias=bias)
     model = slim_onnx.make_slim_matmul_model(w, dtype=dtype, accuracy_level=level).SerializeToString()
     a = rng.standard_normal((5, 96)).astype(dtype)
     ref = slim_onnx.reference_slim_matmul(a.astype(np.float32), w, level).astype(np.float64)
     so = slim_onnx.session_options()
     so.enable_profiling = True
+    so.profile_file_prefix = "profile"  # the subprocess runs in a temporary folder
     kernel = ort.InferenceSession(model, so)
     y = kernel.run(None, {{"A": a}})[0].astype(np.float64)
     assert '"op_name" : "SlimMatMul"' in open(kernel.end_profiling()).read().replace('":"', '" : "')

@@ -11,6 +11,7 @@
 // otherwise every call prepacks its own copy, so Compute never mutates shared state (reentrant).
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <memory>
 #include <mutex>
@@ -478,6 +479,42 @@ OrtStatus* ToStatus(const std::string& node, const std::exception& e) {
   return g_api->CreateStatus(ORT_INVALID_ARGUMENT, ("SlimMatMul node '" + node + "': " + e.what()).c_str());
 }
 
+// Output type and shape for onnxruntime's graph resolution: Y = A's type, A's shape with the last
+// dimension replaced by N (symbolic dimensions kept).
+OrtStatus* InferOutputShape(OrtShapeInferContext* ctx) {
+  OrtTensorTypeAndShapeInfo* in = nullptr;  // owned by the context
+  OrtTensorTypeAndShapeInfo* out = nullptr;
+  OrtStatus* st = g_api->ShapeInferContext_GetInputTypeShape(ctx, 0, &in);
+  auto finish = [&](OrtStatus* status) {
+    if (out) g_api->ReleaseTensorTypeAndShapeInfo(out);
+    return status;
+  };
+  if (st) return finish(st);
+  ONNXTensorElementDataType type;
+  size_t rank = 0;
+  if ((st = g_api->GetTensorElementType(in, &type)) || (st = g_api->GetDimensionsCount(in, &rank))) return finish(st);
+  std::vector<int64_t> dims(rank);
+  std::vector<const char*> symbols(rank, "");
+  if ((st = g_api->GetDimensions(in, dims.data(), rank)) ||
+      (st = g_api->GetSymbolicDimensions(in, symbols.data(), rank)))
+    return finish(st);
+  const OrtOpAttr* attr = nullptr;
+  int64_t n = 0;
+  size_t size = 0;
+  if ((st = g_api->ShapeInferContext_GetAttribute(ctx, "N", &attr)) ||
+      (st = g_api->ReadOpAttr(attr, ORT_OP_ATTR_INT, &n, sizeof(n), &size)))
+    return finish(st);
+  if (rank > 0) {
+    dims.back() = n;
+    symbols.back() = "";
+  }
+  if ((st = g_api->CreateTensorTypeAndShapeInfo(&out)) || (st = g_api->SetTensorElementType(out, type)) ||
+      (st = g_api->SetDimensions(out, dims.data(), rank)) ||
+      (st = g_api->SetSymbolicDimensions(out, symbols.data(), rank)))
+    return finish(st);
+  return finish(g_api->ShapeInferContext_SetOutputTypeShape(ctx, 0, out));
+}
+
 // ---- the OrtCustomOp ---------------------------------------------------------------------------------
 
 // The oldest onnxruntime this library loads in is 1.20 (C API version 20): the op is stamped with it
@@ -558,12 +595,20 @@ extern "C" SLIM_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptio
                                        base->GetVersionString()).c_str());
   }
   g_api = api;
+  // onnxruntime before 1.24 dereferences absent optional inputs (an empty name between present ones)
+  // when it builds the shape-inference context of a custom op, and crashes: infer shapes only on 1.24+.
+  int major = 0, minor = 0;
+  const bool shape_inference = std::sscanf(base->GetVersionString(), "%d.%d", &major, &minor) == 2 &&
+                               (major > 1 || (major == 1 && minor >= 24));
   static SlimMatMulOp op_int4_adapters(ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8);
   static SlimMatMulOp op_f16_adapters(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16);
   static OrtCustomOpDomain* domain = nullptr;  // lives as long as the process: sessions keep pointers to it
   static std::mutex mutex;
   std::lock_guard<std::mutex> lock(mutex);
   if (domain == nullptr) {
+    for (SlimMatMulOp* op : {&op_int4_adapters, &op_f16_adapters})
+      op->InferOutputShapeFn = shape_inference ? +[](const OrtCustomOp*, OrtShapeInferContext* ctx) { return InferOutputShape(ctx); }
+                                               : nullptr;
     OrtCustomOpDomain* d = nullptr;
     if (OrtStatus* st = api->CreateCustomOpDomain("slim_onnx", &d)) return st;
     for (SlimMatMulOp* op : {&op_int4_adapters, &op_f16_adapters})
