@@ -64,17 +64,25 @@ def matmul_nbits_model(w: np.ndarray, accuracy_level: int, block: int = 128):
     return _single_op_model(node, inits, k, n, [helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
 
 
-def time_session(session: ort.InferenceSession, a: np.ndarray, min_seconds: float, min_runs: int = 10) -> float:
-    """Median wall time of session.run in milliseconds."""
-    for _ in range(3):
-        session.run(None, {"A": a})
-    times = []
+def time_sessions(sessions: dict, a: np.ndarray, seconds: float) -> dict:
+    """Median wall time (ms) of session.run for each session, measured round-robin.
+
+    The cases take turns (0.1 s each per round, after two warm-up runs that bring its weights back
+    into cache) so that load changes on a shared machine hit all of them alike.
+    """
+    feeds = {"A": a}
+    times = {name: [] for name in sessions}
     start = time.perf_counter()
-    while len(times) < min_runs or time.perf_counter() - start < min_seconds:
-        t0 = time.perf_counter()
-        session.run(None, {"A": a})
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+    while time.perf_counter() - start < seconds * len(sessions) or min(len(t) for t in times.values()) < 10:
+        for name, s in sessions.items():
+            s.run(None, feeds)
+            s.run(None, feeds)
+            turn = time.perf_counter()
+            while time.perf_counter() - turn < 0.1 or len(times[name]) < 3:
+                t0 = time.perf_counter()
+                s.run(None, feeds)
+                times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
 
 
 def main() -> None:
@@ -88,6 +96,8 @@ def main() -> None:
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args()
 
+    # Before any session exists: every session runs on one global pool of `threads` threads.
+    ort.capi._pybind_state.set_global_thread_pool_sizes(args.threads, 1)
     rng = np.random.default_rng(0)
     w = (rng.standard_normal((args.k, args.n)) / np.sqrt(args.k)).astype(np.float32)
     adapters = (
@@ -99,8 +109,7 @@ def main() -> None:
 
     def session(model, custom: bool):
         so = slim_onnx.session_options() if custom else ort.SessionOptions()
-        so.intra_op_num_threads = args.threads
-        so.inter_op_num_threads = 1
+        so.use_per_session_threads = False  # one shared pool: idle sessions' threads never spin beside the timed one
         return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
     cases = {
@@ -115,7 +124,7 @@ def main() -> None:
     results = {"k": args.k, "n": args.n, "rank": args.rank, "threads": args.threads, "kernel": slim_onnx.kernel_name(), "ms": {}}
     for m in args.m:
         a = rng.standard_normal((m, args.k)).astype(np.float32)
-        results["ms"][m] = {name: time_session(s, a, args.seconds) for name, s in cases.items()}
+        results["ms"][m] = time_sessions(cases, a, args.seconds)
 
     names = list(cases)
     print(f"K={args.k} N={args.n} threads={args.threads} kernels={results['kernel']}  (median ms; ratio = peer / Slim)")

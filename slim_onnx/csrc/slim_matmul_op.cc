@@ -318,22 +318,31 @@ void ParallelTiles(OrtKernelContext* ctx, int64_t tiles, int64_t work_per_tile, 
   ThrowOnError(g_api->KernelContext_ParallelFor(ctx, run, size_t(tasks), 0, &job));
 }
 
-// y (+)= a @ w for a prepared 4-bit matrix, on the float or int8 path.
-void MatMul4(OrtKernelContext* ctx, const KernelTable& kt, const Matrix4& w, bool int8, const float* a, int64_t M,
-             int64_t lda, float* y, int64_t ldy, bool accumulate) {
-  const int64_t work = M * w.Kb * kBlockK * kTileN;
-  if (int8) {
-    std::vector<uint8_t> aq(M * lda, 128);
-    std::vector<float> ascale(M * w.groups);
+// The activations of one product, as the chosen path reads them: float32 rows, and for the int8
+// path (accuracy_level 4) their quantization for the weight's K-groups.
+struct Operand {
+  const float* a;
+  int64_t M, lda;
+  bool int8;
+  std::vector<uint8_t> q;
+  std::vector<float> scale;
+
+  Operand(const KernelTable& kt, const Matrix4& w, bool use_int8, const float* rows, int64_t m, int64_t stride)
+      : a(rows), M(m), lda(stride), int8(use_int8) {
+    if (!int8) return;
+    q.assign(M * lda, 128);
+    scale.resize(M * w.groups);
     const int64_t gsize = w.groups == 1 ? w.K : w.blocks_per_group * kBlockK;
-    kt.quantize_rows(a, M, lda, w.K, gsize, w.groups, aq.data(), ascale.data());
-    ParallelTiles(ctx, w.Nt, work, [&](int64_t t0, int64_t t1) {
-      kt.gemm_i8(w, aq.data(), ascale.data(), M, lda, y, ldy, t0, t1, accumulate);
-    });
-  } else {
-    ParallelTiles(ctx, w.Nt, work, [&](int64_t t0, int64_t t1) { kt.gemm_f32(w, a, M, lda, y, ldy, t0, t1, accumulate); });
+    kt.quantize_rows(a, M, lda, w.K, gsize, w.groups, q.data(), scale.data());
   }
-}
+
+  // y (+)= rows @ w for the column tiles [t0, t1).
+  void MultiplyTiles(const KernelTable& kt, const Matrix4& w, float* y, int64_t ldy, int64_t t0, int64_t t1,
+                     bool accumulate) const {
+    if (int8) kt.gemm_i8(w, q.data(), scale.data(), M, lda, y, ldy, t0, t1, accumulate);
+    else kt.gemm_f32(w, a, M, lda, y, ldy, t0, t1, accumulate);
+  }
+};
 
 // ---- the kernel ----------------------------------------------------------------------------------
 
@@ -396,26 +405,36 @@ struct SlimMatMulKernel {
     }
     const bool int8 = attr.accuracy_level == 4;
 
-    // 2. main product.
-    MatMul4(ctx, *kernels, p->w.m, int8, a32.data(), M, lda, y, N, false);
-
-    // 3. adapters.
+    // 2. adapter input T = A @ L ([M, r]), then 3. per column tile: Y = A @ W + T @ R, so each tile of
+    // Y is written once and one thread dispatch covers both products.
+    const Operand a_w(*kernels, p->w.m, int8, a32.data(), M, lda);
+    const auto& kt = *kernels;
+    const int64_t work = M * lda * kTileN;
     if (attr.adapter == AdapterFormat::kInt4) {
       const int64_t ldt = p->r.m.Kb * kBlockK;
       std::vector<float> t(M * ldt, 0.f);
-      MatMul4(ctx, *kernels, p->l.m, int8, a32.data(), M, lda, t.data(), ldt, false);
-      MatMul4(ctx, *kernels, p->r.m, int8, t.data(), M, ldt, y, N, true);
+      const Operand a_l(kt, p->l.m, int8, a32.data(), M, lda);
+      ParallelTiles(ctx, p->l.m.Nt, work, [&](int64_t t0, int64_t t1) {
+        a_l.MultiplyTiles(kt, p->l.m, t.data(), ldt, t0, t1, false);
+      });
+      const Operand t_r(kt, p->r.m, int8, t.data(), M, ldt);
+      ParallelTiles(ctx, p->w.m.Nt, work + M * ldt * kTileN, [&](int64_t t0, int64_t t1) {
+        a_w.MultiplyTiles(kt, p->w.m, y, N, t0, t1, false);
+        t_r.MultiplyTiles(kt, p->r.m, y, N, t0, t1, true);
+      });
     } else if (attr.adapter == AdapterFormat::kFloat16) {
       const int64_t r = attr.rank;
       std::vector<float> t(M * r, 0.f);
-      const auto& kt = *kernels;
-      ParallelTiles(ctx, CeilDiv(r, kTileN), M * K * kTileN, [&](int64_t t0, int64_t t1) {
+      ParallelTiles(ctx, CeilDiv(r, kTileN), work, [&](int64_t t0, int64_t t1) {
         kt.gemm_rowmajor_f32(a32.data(), M, lda, p->l_f32.data(), K, r, t.data(), r, t0 * kTileN,
                              std::min(r, t1 * kTileN), false);
       });
-      ParallelTiles(ctx, CeilDiv(N, kTileN), M * r * kTileN, [&](int64_t t0, int64_t t1) {
+      ParallelTiles(ctx, p->w.m.Nt, work + M * r * kTileN, [&](int64_t t0, int64_t t1) {
+        a_w.MultiplyTiles(kt, p->w.m, y, N, t0, t1, false);
         kt.gemm_rowmajor_f32(t.data(), M, r, p->r_f32.data(), r, N, y, N, t0 * kTileN, std::min(N, t1 * kTileN), true);
       });
+    } else {
+      ParallelTiles(ctx, p->w.m.Nt, work, [&](int64_t t0, int64_t t1) { a_w.MultiplyTiles(kt, p->w.m, y, N, t0, t1, false); });
     }
 
     // 4. bias and output type.
