@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 
-from slim_onnx.algorithms.absmax import quantize_absmax_int4
 from slim_onnx.algorithms.masks import magnitude_2of4_mask
+from slim_onnx.algorithms.quantizers import quantize_absmax
 from slim_onnx.format import SlimWeights, pack_2of4_int4, pack_dense_int4
+
+
+def absmax_int4(w: np.ndarray, group_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """numpy front of quantizers.quantize_absmax at 4 bits: (q int8 [K, N], scales float16 [G, N])."""
+    q, scales = quantize_absmax(torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32)), group_size, 4)
+    return q.numpy(), scales.numpy()
 
 
 def pack_quantized(
@@ -31,8 +38,8 @@ def pack_quantized(
         if adapter_format == "float16":
             fields.update(adapter_l=l.astype(np.float16), adapter_r=r.astype(np.float16))
         elif adapter_format == "int4":
-            lq, ls = quantize_absmax_int4(l, adapter_group_size)
-            rq, rs = quantize_absmax_int4(r, adapter_group_size)
+            lq, ls = absmax_int4(l, adapter_group_size)
+            rq, rs = absmax_int4(r, adapter_group_size)
             fields.update(adapter_l=pack_dense_int4(lq), adapter_l_scales=ls, adapter_r=pack_dense_int4(rq), adapter_r_scales=rs)
         else:
             raise ValueError(f"adapter_format must be 'float16' or 'int4' when adapters are given, got {adapter_format!r}")
@@ -50,6 +57,6 @@ def pack_weight(
     """Round-to-nearest AbsMax 4-bit (after a magnitude 2:4 mask if `sparse`) of a float [K, N] weight."""
     w = np.asarray(w, dtype=np.float32)
     if sparse:
-        w = w * magnitude_2of4_mask(w)
-    q, scales = quantize_absmax_int4(w, group_size)
+        w = w * magnitude_2of4_mask(torch.from_numpy(w)).numpy()
+    q, scales = absmax_int4(w, group_size)
     return pack_quantized(q, scales, group_size, sparse, adapters, adapter_format, bias=bias)

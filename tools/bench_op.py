@@ -20,7 +20,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 import slim_onnx
-from slim_onnx.algorithms.absmax import quantize_absmax_int4
+from slim_onnx.packing import absmax_int4
 from slim_onnx.op import IR_VERSION
 
 
@@ -43,7 +43,7 @@ def matmul_model(w: np.ndarray):
 def matmul_nbits_model(w: np.ndarray, accuracy_level: int, block: int = 128):
     """com.microsoft::MatMulNBits with symmetric 4-bit blocks along K (default zero point 8)."""
     k, n = w.shape
-    q, scales = quantize_absmax_int4(w, block)
+    q, scales = absmax_int4(w, block)
     k_blocks = -(-k // block)
     u = np.full((k_blocks * block, n), 8, dtype=np.uint8)
     u[:k] = (q.astype(np.int16) + 8).astype(np.uint8)

@@ -1,0 +1,89 @@
+"""GPTQ (OPTQ) with K-group scales, optionally with SparseGPT's 2:4 pruning in the same pass.
+
+Both minimise the layer-output error ||X W - X W'||^2 = tr(E^T H E) (H = X^T X / n, E = W - W')
+one input channel k at a time (W is [K, N], rows = input channels), in the order k = 0..K-1:
+
+  Hinv = upper Cholesky factor U of (H + damp I)^-1       (so the remaining rows' inverse Hessian
+                                                           is read off U without re-inverting)
+  for each row k:
+      at the first row of a scale group: s[g, n] = max|W[g rows, n]| / qmax, from the updated W
+      2:4 (SparseGPT): at k % 4 == 0, in every column prune the 2 of rows k..k+3 with the smallest
+                       OBS saliency W[k', n]^2 / U[k', k']^2
+      W'[k] = Q(W[k]) (0 where pruned);  err = (W[k] - W'[k]) / U[k, k]
+      W[k+1:] -= U[k, k+1:]^T err     (the OBS update: later rows absorb row k's error)
+Updates inside a block of `block` rows are applied row by row, and to the rest of W once per block.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from slim_onnx.algorithms.quantizers import qrange, scales_from_clip
+from slim_onnx.format import check_group_size, num_groups
+
+
+def _inverse_hessian_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1."""
+    h = h.clone()
+    h += damp * torch.mean(torch.diag(h)) * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    inv = torch.cholesky_inverse(torch.linalg.cholesky(h))
+    return torch.linalg.cholesky(inv, upper=True)
+
+
+def gptq_quantize(
+    w: torch.Tensor,
+    hessian: torch.Tensor,
+    group_size: int,
+    bits: int = 4,
+    sparse_2of4: bool = False,
+    damp: float = 0.01,
+    block: int = 128,
+    mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(q int8 [K, N], scales float16 [G, N], kept-mask bool [K, N]).
+
+    mask: a fixed kept-mask (e.g. Wanda's) instead of choosing one; pruned weights are zeroed and
+    their error is fed forward like any quantization error.
+    """
+    if mask is not None and sparse_2of4:
+        raise ValueError("give either a fixed mask or sparse_2of4=True, not both")
+    k, n = w.shape
+    check_group_size(k, group_size)
+    if sparse_2of4 and k % 4:
+        raise ValueError(f"2:4 sparsity needs K divisible by 4, got K={k}")
+    lo, hi = qrange(bits)
+    w = w.detach().to(torch.float32).clone()
+    h = hessian.to(device=w.device, dtype=torch.float32).clone()
+    dead = torch.diag(h) == 0  # channels that never fire: their weights cannot matter
+    h[dead, dead] = 1
+    w[dead, :] = 0
+    u = _inverse_hessian_factor(h, damp)
+
+    q = torch.zeros(k, n, dtype=torch.int8, device=w.device)
+    scales = torch.zeros(num_groups(k, group_size), n, dtype=torch.float16, device=w.device)
+    keep = torch.ones(k, n, dtype=torch.bool, device=w.device) if mask is None else mask.to(w.device).clone()
+    block = max(4, block - block % 4)
+    step = None
+    for b0 in range(0, k, block):
+        b1 = min(b0 + block, k)
+        w_blk = w[b0:b1].clone()
+        u_blk = u[b0:b1, b0:b1]
+        err_blk = torch.zeros_like(w_blk)
+        for i in range(b1 - b0):
+            row = b0 + i
+            if row % group_size == 0:
+                group_rows = torch.cat([w_blk[i:], w[b1:]])[:group_size]
+                scales[row // group_size] = scales_from_clip(group_rows.abs().amax(dim=0), bits)
+                step = scales[row // group_size].float()
+            if sparse_2of4 and row % 4 == 0:
+                saliency = w_blk[i : i + 4] ** 2 / torch.diag(u_blk)[i : i + 4, None] ** 2
+                drop = torch.argsort(saliency, dim=0, stable=True)[:2]
+                keep[row : row + 4].scatter_(0, drop, False)
+            safe = torch.where(step > 0, step, torch.ones_like(step))
+            q_row = torch.clamp(torch.round(w_blk[i] / safe), lo, hi) * (step > 0) * keep[row]
+            q[row] = q_row.to(torch.int8)
+            err = (w_blk[i] - q_row * step) / u_blk[i, i]
+            w_blk[i:] -= u_blk[i, i:, None] * err[None, :]
+            err_blk[i] = err
+        w[b1:] -= u[b0:b1, b1:].T @ err_blk
+    return q, scales, keep

@@ -1,0 +1,162 @@
+"""One weight matrix through the whole SLiM method: mask, quantize, fit adapters, pack.
+
+  1. 2:4 mask M along K (magnitude / Wanda on the original W; SparseGPT chooses it inside GPTQ)
+  2. W_c = M * Q(W): SLiM-Quant, AbsMax, or GPTQ (error feedback through the Hessian)
+  3. adapters L, R: rank-r SVD of the (saliency-weighted) error W - W_c, then quantized
+  4. optionally W_c = M * Q(W - L R) again (the reference code's second pass)
+  5. pack into the SlimMatMul format, and measure the errors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import numpy as np
+import torch
+
+from slim_onnx.algorithms.gptq import gptq_quantize
+from slim_onnx.algorithms.lowrank import low_rank_factors, saliency
+from slim_onnx.algorithms.masks import magnitude_2of4_mask, wanda_2of4_mask
+from slim_onnx.algorithms.quantizers import dequantize, quantize_absmax, quantize_slim
+from slim_onnx.algorithms.stats import LayerStatistics
+from slim_onnx.config import SlimConfig
+from slim_onnx.format import SlimWeights, pack_2of4_int4, pack_dense_int4
+
+
+class CompressionError(ValueError):
+    """A weight or its statistics cannot be compressed as configured; the message names the layer."""
+
+
+@dataclasses.dataclass
+class CompressedLayer:
+    weights: SlimWeights
+    report: dict
+
+
+def _check_inputs(name: str, w: torch.Tensor, stats: LayerStatistics | None, config: SlimConfig, rank: int) -> None:
+    if w.ndim != 2:
+        raise CompressionError(f"layer {name}: expected a 2-D [K, N] weight, got shape {tuple(w.shape)}")
+    k, n = w.shape
+    if not torch.isfinite(w).all():
+        raise CompressionError(f"layer {name}: the weight holds NaN or Inf")
+    if config.sparsity == "2:4" and k % 4:
+        raise CompressionError(f"layer {name}: 2:4 sparsity needs K divisible by 4, got K={k}; keep this layer dense")
+    if config.rank >= 1 and rank > min(k, n):
+        raise CompressionError(f"layer {name}: rank {rank} exceeds min(K, N) = {min(k, n)}")
+    if stats is not None:
+        if stats.k != k:
+            raise CompressionError(f"layer {name}: statistics are for K={stats.k}, the weight has K={k}")
+        if not torch.isfinite(stats.sq_sum).all() or (stats.xtx is not None and not torch.isfinite(stats.xtx).all()):
+            raise CompressionError(f"layer {name}: calibration statistics hold NaN or Inf")
+    needs_stats = config.pruning in ("wanda", "sparsegpt") and config.sparsity == "2:4"
+    needs_stats |= config.quantizer == "gptq" or (rank > 0 and config.lowrank == "saliency")
+    if needs_stats and (stats is None or stats.count == 0):
+        raise CompressionError(f"layer {name}: this configuration needs calibration statistics")
+    if config.quantizer == "gptq" and stats.xtx is None:
+        raise CompressionError(f"layer {name}: GPTQ/SparseGPT need the Hessian (LayerStatistics(hessian=True))")
+
+
+def _quantize(w, mask, hessian, config: SlimConfig):
+    """(q, scales, mask) for the masked weight with the configured quantizer."""
+    sparse = config.sparsity == "2:4"
+    if config.quantizer == "gptq":
+        chosen_by_gptq = sparse and config.pruning == "sparsegpt"
+        return gptq_quantize(
+            w, hessian, config.group_size, config.bits, sparse_2of4=chosen_by_gptq, damp=config.damp,
+            mask=None if chosen_by_gptq or not sparse else mask,
+        )
+    masked = w * mask if mask is not None else w
+    if config.quantizer == "absmax":
+        q, scales = quantize_absmax(masked, config.group_size, config.bits)
+    else:
+        q, scales = quantize_slim(masked, config.group_size, config.bits, per_group=config.quantizer == "slim-group", mask=mask)
+    return q, scales, mask
+
+
+def compress_layer(
+    w, stats: LayerStatistics | None, config: SlimConfig = SlimConfig(), name: str = "layer", bias=None
+) -> CompressedLayer:
+    """Compress W [K, N] (numpy or torch) into SlimWeights, with a report of sizes and errors."""
+    start = time.perf_counter()
+    device = torch.device(config.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CompressionError(f"layer {name}: device='cuda' was asked for, but torch sees no CUDA device")
+    w = torch.as_tensor(np.asarray(w) if not isinstance(w, torch.Tensor) else w).to(device=device, dtype=torch.float32)
+    k, n = w.shape if w.ndim == 2 else (0, 0)
+    rank = config.resolve_rank(k, n) if w.ndim == 2 else 0
+    _check_inputs(name, w, stats, config, rank)
+    if config.bits != 4:
+        raise CompressionError(f"layer {name}: the SlimMatMul format packs bits=4, got bits={config.bits}")
+    sparse = config.sparsity == "2:4"
+    s = stats.channel_sq_mean.to(device) if stats is not None and stats.count else None
+    hessian = stats.hessian.to(device) if config.quantizer == "gptq" else None
+
+    mask = None
+    if sparse and config.pruning == "magnitude":
+        mask = magnitude_2of4_mask(w)
+    elif sparse and config.pruning == "wanda":
+        mask = wanda_2of4_mask(w, s)
+    q, scales, mask = _quantize(w, mask, hessian, config)
+    w_c = dequantize(q, scales, config.group_size)
+
+    adapters = quantized_adapters = None
+    if rank > 0:
+        x = saliency(s) if config.lowrank == "saliency" else None
+        l, r = low_rank_factors(w - w_c, rank, x, config.svd, config.seed)
+        if config.adapter_format == "int4":  # continue with the adapters the kernel will really use
+            quantized_adapters = quantize_absmax(l, config.adapter_group_size), quantize_absmax(r, config.adapter_group_size)
+            l, r = (dequantize(qa, sa, config.adapter_group_size) for qa, sa in quantized_adapters)
+        if config.requantize:
+            q, scales, mask = _quantize(w - l @ r, mask, hessian, config)
+        adapters = (l, r)
+
+    q_np = q.cpu().numpy()
+    packed = dict(
+        k=k, n=n, w=pack_2of4_int4(q_np) if sparse else pack_dense_int4(q_np), w_scales=scales.cpu().numpy(),
+        group_size=config.group_size, sparse=sparse,
+        bias=None if bias is None else np.asarray(bias, dtype=np.float32),
+    )
+    if adapters is not None:
+        l, r = adapters
+        packed.update(rank=rank, adapter_format=config.adapter_format, adapter_group_size=config.adapter_group_size)
+        if config.adapter_format == "float16":
+            packed.update(adapter_l=l.cpu().numpy().astype(np.float16), adapter_r=r.cpu().numpy().astype(np.float16))
+        else:
+            (lq, ls), (rq, rs) = quantized_adapters
+            packed.update(adapter_l=pack_dense_int4(lq.cpu().numpy()), adapter_l_scales=ls.cpu().numpy(),
+                          adapter_r=pack_dense_int4(rq.cpu().numpy()), adapter_r_scales=rs.cpu().numpy())
+    weights = SlimWeights(**packed)
+    return CompressedLayer(weights, layer_report(name, w, weights, stats, config, time.perf_counter() - start))
+
+
+def effective_weight(weights: SlimWeights) -> np.ndarray:
+    """The float32 [K, N] matrix the packed layer multiplies by: W_c + L R."""
+    w = weights.dense_weight()
+    adapters = weights.adapter_matrices()
+    return w if adapters is None else w + adapters[0] @ adapters[1]
+
+
+def layer_report(name, w: torch.Tensor, weights: SlimWeights, stats, config: SlimConfig, seconds: float) -> dict:
+    w_eff = torch.from_numpy(effective_weight(weights)).to(w)
+    report = {
+        "layer": name,
+        "shape": [weights.k, weights.n],
+        "method": {
+            "sparsity": config.sparsity, "pruning": config.pruning if config.sparsity == "2:4" else None,
+            "quantizer": config.quantizer, "group_size": config.group_size, "rank": weights.rank,
+            "lowrank": config.lowrank if weights.rank else None, "adapter_format": weights.adapter_format,
+        },
+        "bytes_float16": weights.k * weights.n * 2,
+        "bytes_packed": weights.nbytes(),
+        "weight_error": float(torch.linalg.norm(w - w_eff) / torch.linalg.norm(w)),
+        "seconds": round(seconds, 3),
+    }
+    if stats is not None and stats.count:
+        if stats.xtx is not None:
+            report["output_error"] = stats.output_error(w, w_eff)
+        s = stats.channel_sq_mean.to(w)
+        report["activation_weighted_error"] = float(
+            torch.sqrt((s[:, None] * (w - w_eff) ** 2).sum() / (s[:, None] * w**2).sum())
+        )
+    return report

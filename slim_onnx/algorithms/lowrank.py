@@ -1,0 +1,61 @@
+"""Low-rank compensation of the compression error (SLiM-LoRA, paper section 3.2).
+
+With E = W - W_c ([K, N]) and a positive saliency x_k per input channel, the adapters solve
+
+    min_{L, R} || diag(x) (E - L R) ||_F^2,   rank(L R) <= r
+
+whose solution (Eckart-Young, because diag(x) is invertible) is the rank-r SVD of diag(x) E:
+
+    diag(x) E ~ U_r S_r V_r^T   =>   L = diag(1/x) U_r S_r^(1/2),   R = S_r^(1/2) V_r^T
+
+S is split evenly between L and R so that both have the same dynamic range when quantized.
+SLiM's saliency is x_k = sqrt(s_k), s_k the mean squared input of channel k, shifted by the smallest
+positive s so that silent channels keep x > 0; naive LoRA is x = 1. When r is far below min(K, N),
+a randomized SVD (Halko et al.: a few power iterations on an (r + p)-dimensional sketch) replaces
+the full one; tests compare both.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def saliency(channel_sq_mean: torch.Tensor) -> torch.Tensor:
+    """x_k = sqrt(s_k + min positive s): positive for every channel (ones if all s are 0)."""
+    s = channel_sq_mean.to(torch.float64)
+    positive = s[s > 0]
+    if positive.numel() == 0:
+        return torch.ones_like(s)
+    return (s + positive.min()).sqrt()
+
+
+def truncated_svd(m: torch.Tensor, rank: int, method: str = "auto", seed: int = 0):
+    """(U [K, r], S [r], V [N, r]) of the best rank-r approximation of m."""
+    if method == "auto":
+        method = "randomized" if rank * 4 <= min(m.shape) else "full"
+    if method == "full":
+        u, s, vh = torch.linalg.svd(m, full_matrices=False)
+        return u[:, :rank], s[:rank], vh[:rank].T
+    if method != "randomized":
+        raise ValueError(f"unknown SVD method {method!r}: use 'auto', 'full' or 'randomized'")
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        u, s, v = torch.svd_lowrank(m, q=min(rank + max(10, rank // 10), min(m.shape)), niter=4)
+    finally:
+        torch.random.set_rng_state(generator_state)
+    return u[:, :rank], s[:rank], v[:, :rank]
+
+
+def low_rank_factors(
+    error: torch.Tensor, rank: int, channel_saliency: torch.Tensor | None = None, method: str = "auto", seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L [K, r], R [r, N]) minimising ||diag(x)(error - L R)||_F (x = 1 when channel_saliency is None)."""
+    k, n = error.shape
+    if not 0 < rank <= min(k, n):
+        raise ValueError(f"rank must be in 1..min(K, N)={min(k, n)}, got {rank}")
+    e = error.to(torch.float32)
+    x = torch.ones(k, dtype=torch.float32, device=e.device) if channel_saliency is None else channel_saliency.to(e)
+    u, s, v = truncated_svd(x[:, None] * e, rank, method, seed)
+    root = s.clamp_min(0).sqrt()
+    return (u * root) / x[:, None], root[:, None] * v.T

@@ -1,0 +1,92 @@
+"""SlimConfig: every choice of the per-layer compression method, in one object."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+SPARSITIES = ("2:4", "none")
+PRUNINGS = ("magnitude", "wanda", "sparsegpt")
+QUANTIZERS = ("slim", "slim-group", "absmax", "gptq")
+LOWRANKS = ("saliency", "naive")
+ADAPTER_FORMATS = ("int4", "float16", "none")
+SVDS = ("auto", "full", "randomized")
+
+
+class ConfigError(ValueError):
+    """A SlimConfig field out of its range, or a combination that does not work."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SlimConfig:
+    """How to compress each weight matrix W [K, N] (K inputs, N outputs).
+
+    bits, group_size: the symmetric weight quantizer (scales per group of consecutive k).
+    sparsity: "2:4" along K, or "none" (dense 4-bit).
+    pruning: how the 2:4 mask is chosen: "magnitude" (|W|), "wanda" (|W| * input RMS), or
+        "sparsegpt" (OBS, jointly with GPTQ quantization).
+    quantizer: "slim" (SLiM-Quant, one MSE-optimal clip per tensor), "slim-group" (the MSE-optimal
+        clip per group), "absmax" (round to nearest), "gptq" (OPTQ error feedback with group scales).
+    rank: adapter rank, a ratio of min(K, N) if < 1 (rounded up to rank_multiple), else absolute;
+        0 for none.
+    lowrank: "saliency" (SLiM: SVD of the input-RMS-weighted error) or "naive" (plain SVD).
+    adapter_format: "int4" (AbsMax, adapter_group_size along the reduction dim), "float16", "none".
+    requantize: re-quantize the masked W - L R after fitting the adapters (the reference code's
+        second pass; not in the paper).
+    svd: "full", "randomized", or "auto" (randomized when rank <= min(K, N) / 4).
+    damp: GPTQ/SparseGPT Hessian dampening, as a fraction of its mean diagonal.
+    device: "cpu" or "cuda" for the algorithms' torch work.
+    """
+
+    bits: int = 4
+    group_size: int = 128
+    sparsity: str = "2:4"
+    pruning: str = "wanda"
+    quantizer: str = "slim"
+    rank: float = 0.1
+    rank_multiple: int = 8
+    lowrank: str = "saliency"
+    adapter_format: str = "int4"
+    adapter_group_size: int = 128
+    requantize: bool = False
+    svd: str = "auto"
+    damp: float = 0.01
+    device: str = "cpu"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        def one_of(field: str, allowed) -> None:
+            if getattr(self, field) not in allowed:
+                raise ConfigError(f"{field}={getattr(self, field)!r}: expected one of {', '.join(map(str, allowed))}")
+
+        one_of("sparsity", SPARSITIES)
+        one_of("pruning", PRUNINGS)
+        one_of("quantizer", QUANTIZERS)
+        one_of("lowrank", LOWRANKS)
+        one_of("adapter_format", ADAPTER_FORMATS)
+        one_of("svd", SVDS)
+        if self.bits not in (2, 3, 4, 5, 6, 7, 8):
+            raise ConfigError(f"bits={self.bits}: expected 2..8 (the SlimMatMul kernels run 4)")
+        if self.group_size < 1 or self.adapter_group_size < 1 or self.rank_multiple < 1:
+            raise ConfigError("group_size, adapter_group_size and rank_multiple must be positive")
+        if self.rank < 0:
+            raise ConfigError(f"rank={self.rank} must be >= 0")
+        if self.rank > 0 and self.adapter_format == "none":
+            raise ConfigError("rank > 0 needs adapter_format 'int4' or 'float16'")
+        if self.pruning == "sparsegpt" and self.quantizer != "gptq":
+            raise ConfigError("pruning='sparsegpt' prunes inside the GPTQ pass: use quantizer='gptq'")
+        if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ConfigError(f"device={self.device!r}: expected 'cpu' or 'cuda'")
+
+    def resolve_rank(self, k: int, n: int) -> int:
+        """The adapter rank for a [K, N] weight (0 for none)."""
+        if self.rank == 0 or self.adapter_format == "none":
+            return 0
+        limit = min(k, n)
+        if self.rank < 1:
+            r = math.ceil(self.rank * limit - 1e-9)
+            r = math.ceil(r / self.rank_multiple) * self.rank_multiple
+            return max(1, min(r, limit))
+        if int(self.rank) != self.rank:
+            raise ConfigError(f"rank={self.rank}: a ratio must be < 1, an absolute rank an integer")
+        return int(self.rank)
