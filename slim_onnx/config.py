@@ -8,7 +8,7 @@ import math
 SPARSITIES = ("2:4", "none")
 PRUNINGS = ("magnitude", "wanda", "sparsegpt")
 QUANTIZERS = ("slim", "slim-group", "absmax", "gptq")
-LOWRANKS = ("saliency", "naive")
+LOWRANKS = ("saliency", "naive", "hessian")
 ADAPTER_FORMATS = ("int4", "float16", "none")
 SVDS = ("auto", "full", "randomized")
 
@@ -21,6 +21,9 @@ class ConfigError(ValueError):
 class SlimConfig:
     """How to compress each weight matrix W [K, N] (K inputs, N outputs).
 
+    The defaults are the best combination measured on SmolLM2 layers (docs/algorithms.md);
+    SlimConfig.paper() is the paper's recipe.
+
     bits, group_size: the symmetric weight quantizer (scales per group of consecutive k).
     sparsity: "2:4" along K, or "none" (dense 4-bit).
     pruning: how the 2:4 mask is chosen: "magnitude" (|W|), "wanda" (|W| * input RMS), or
@@ -29,7 +32,8 @@ class SlimConfig:
         clip per group), "absmax" (round to nearest), "gptq" (OPTQ error feedback with group scales).
     rank: adapter rank, a ratio of min(K, N) if < 1 (rounded up to rank_multiple), else absolute;
         0 for none.
-    lowrank: "saliency" (SLiM: SVD of the input-RMS-weighted error) or "naive" (plain SVD).
+    lowrank: "saliency" (SLiM: SVD of the input-RMS-weighted error), "naive" (plain SVD), or
+        "hessian" (SVD of the error whitened by the full input covariance: output-error optimal).
     adapter_format: "int4" (AbsMax, adapter_group_size along the reduction dim), "float16", "none".
     requantize: re-quantize the masked W - L R after fitting the adapters (the reference code's
         second pass; not in the paper).
@@ -41,11 +45,11 @@ class SlimConfig:
     bits: int = 4
     group_size: int = 128
     sparsity: str = "2:4"
-    pruning: str = "wanda"
-    quantizer: str = "slim"
+    pruning: str = "sparsegpt"
+    quantizer: str = "gptq"
     rank: float = 0.1
     rank_multiple: int = 8
-    lowrank: str = "saliency"
+    lowrank: str = "hessian"
     adapter_format: str = "int4"
     adapter_group_size: int = 128
     requantize: bool = False
@@ -77,6 +81,18 @@ class SlimConfig:
             raise ConfigError("pruning='sparsegpt' prunes inside the GPTQ pass: use quantizer='gptq'")
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"device={self.device!r}: expected 'cpu' or 'cuda'")
+
+    @classmethod
+    def paper(cls, **overrides) -> "SlimConfig":
+        """The SLiM paper's recipe: Wanda mask, per-tensor SLiM-Quant, input-RMS saliency adapters.
+
+        The defaults differ because they measured better on real layers (tools/eval_layers.py,
+        docs/algorithms.md): SparseGPT + GPTQ for the 2:4 4-bit weights, and adapters fitted to the
+        full input covariance.
+        """
+        fields = dict(pruning="wanda", quantizer="slim", lowrank="saliency")
+        fields.update(overrides)
+        return cls(**fields)
 
     def resolve_rank(self, k: int, n: int) -> int:
         """The adapter rank for a [K, N] weight (0 for none)."""

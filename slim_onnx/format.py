@@ -78,6 +78,19 @@ def _check_packed(packed: np.ndarray, k: int, n: int, block_bytes: int, what: st
         raise FormatError(f"{what}: expected uint8 {want} for K={k}, N={n}, got {packed.dtype} {packed.shape}")
 
 
+def _kept_positions() -> np.ndarray:
+    """For each 4-bit nonzero pattern with <= 2 bits set: the two positions a sparse block stores."""
+    table = np.zeros((16, 2), dtype=np.uint8)
+    for pattern in range(16):
+        bits = [p for p in range(4) if pattern >> p & 1]
+        if len(bits) <= 2:
+            table[pattern] = (bits + [p for p in range(4) if p not in bits])[:2]
+    return table
+
+
+_KEPT_POSITIONS = _kept_positions()
+
+
 def pack_2of4_int4(q: np.ndarray) -> np.ndarray:
     """Pack a [K, N] int matrix in [-8, 7] with at most 2 nonzeros per 4 consecutive k (per column)."""
     blocks = _tiles(q)  # [Nt, Kb, 8c, 8k]
@@ -89,11 +102,13 @@ def pack_2of4_int4(q: np.ndarray) -> np.ndarray:
             f"not 2:4 sparse: column {t * TILE_N + c}, k {b * BLOCK_K + 4 * g}..{b * BLOCK_K + 4 * g + 3} "
             "holds more than 2 nonzeros"
         )
-    # Two kept positions per group: the nonzeros first (stable), then zeros to fill.
-    order = np.argsort(~nonzero, axis=-1, kind="stable")[..., :2]  # [Nt, Kb, 8c, 2g, 2 slots]
-    values = np.take_along_axis(groups, order, axis=-1)
+    # Two kept positions per group: the nonzeros in k order, then zeros to fill, looked up by the
+    # group's 4-bit nonzero pattern.
+    pattern = (nonzero * np.array([1, 2, 4, 8], dtype=np.uint8)).sum(-1)  # [Nt, Kb, 8c, 2g]
+    order = _KEPT_POSITIONS[pattern]  # [Nt, Kb, 8c, 2g, 2 slots]
+    values = np.take_along_axis(groups, order.astype(np.intp), axis=-1)
     slots_val = values.reshape(*blocks.shape[:3], 4)  # slot s = 2g + j
-    slots_pos = order.reshape(*blocks.shape[:3], 4).astype(np.uint8)
+    slots_pos = order.reshape(*blocks.shape[:3], 4)
     entries_val = slots_val.reshape(*blocks.shape[:2], 32)  # e = c*4 + s
     entries_pos = slots_pos.reshape(*blocks.shape[:2], 32)
     # entry e in byte e % 8 at bits 2 * (e // 8)

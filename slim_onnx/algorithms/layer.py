@@ -16,10 +16,10 @@ import numpy as np
 import torch
 
 from slim_onnx.algorithms.gptq import gptq_quantize
-from slim_onnx.algorithms.lowrank import low_rank_factors, saliency
+from slim_onnx.algorithms.lowrank import hessian_low_rank_factors, low_rank_factors, saliency
 from slim_onnx.algorithms.masks import magnitude_2of4_mask, wanda_2of4_mask
 from slim_onnx.algorithms.quantizers import dequantize, quantize_absmax, quantize_slim
-from slim_onnx.algorithms.stats import LayerStatistics
+from slim_onnx.algorithms.stats import DampedHessian, LayerStatistics
 from slim_onnx.config import SlimConfig
 from slim_onnx.format import SlimWeights, pack_2of4_int4, pack_dense_int4
 
@@ -50,11 +50,11 @@ def _check_inputs(name: str, w: torch.Tensor, stats: LayerStatistics | None, con
         if not torch.isfinite(stats.sq_sum).all() or (stats.xtx is not None and not torch.isfinite(stats.xtx).all()):
             raise CompressionError(f"layer {name}: calibration statistics hold NaN or Inf")
     needs_stats = config.pruning in ("wanda", "sparsegpt") and config.sparsity == "2:4"
-    needs_stats |= config.quantizer == "gptq" or (rank > 0 and config.lowrank == "saliency")
+    needs_stats |= config.quantizer == "gptq" or (rank > 0 and config.lowrank in ("saliency", "hessian"))
     if needs_stats and (stats is None or stats.count == 0):
         raise CompressionError(f"layer {name}: this configuration needs calibration statistics")
-    if config.quantizer == "gptq" and stats.xtx is None:
-        raise CompressionError(f"layer {name}: GPTQ/SparseGPT need the Hessian (LayerStatistics(hessian=True))")
+    if (config.quantizer == "gptq" or (rank > 0 and config.lowrank == "hessian")) and stats.xtx is None:
+        raise CompressionError(f"layer {name}: GPTQ/SparseGPT and Hessian adapters need LayerStatistics(hessian=True)")
 
 
 def _quantize(w, mask, hessian, config: SlimConfig):
@@ -90,7 +90,8 @@ def compress_layer(
         raise CompressionError(f"layer {name}: the SlimMatMul format packs bits=4, got bits={config.bits}")
     sparse = config.sparsity == "2:4"
     s = stats.channel_sq_mean.to(device) if stats is not None and stats.count else None
-    hessian = stats.hessian.to(device) if config.quantizer == "gptq" else None
+    uses_hessian = config.quantizer == "gptq" or (rank > 0 and config.lowrank == "hessian")
+    hessian = DampedHessian(stats.hessian, config.damp, device) if uses_hessian else None
 
     mask = None
     if sparse and config.pruning == "magnitude":
@@ -102,8 +103,13 @@ def compress_layer(
 
     adapters = quantized_adapters = None
     if rank > 0:
-        x = saliency(s) if config.lowrank == "saliency" else None
-        l, r = low_rank_factors(w - w_c, rank, x, config.svd, config.seed)
+        if config.lowrank == "hessian":
+            l, r = hessian_low_rank_factors(w - w_c, rank, hessian, config.damp, config.svd, config.seed)
+        else:
+            x = saliency(s) if config.lowrank == "saliency" else None
+            l, r = low_rank_factors(w - w_c, rank, x, config.svd, config.seed)
+        if config.adapter_format == "float16":
+            l, r = l.half().float(), r.half().float()
         if config.adapter_format == "int4":  # continue with the adapters the kernel will really use
             quantized_adapters = quantize_absmax(l, config.adapter_group_size), quantize_absmax(r, config.adapter_group_size)
             l, r = (dequantize(qa, sa, config.adapter_group_size) for qa, sa in quantized_adapters)
@@ -127,7 +133,10 @@ def compress_layer(
             packed.update(adapter_l=pack_dense_int4(lq.cpu().numpy()), adapter_l_scales=ls.cpu().numpy(),
                           adapter_r=pack_dense_int4(rq.cpu().numpy()), adapter_r_scales=rs.cpu().numpy())
     weights = SlimWeights(**packed)
-    return CompressedLayer(weights, layer_report(name, w, weights, stats, config, time.perf_counter() - start))
+    w_eff = dequantize(q, scales, config.group_size)
+    if adapters is not None:
+        w_eff += adapters[0].float() @ adapters[1].float()
+    return CompressedLayer(weights, layer_report(name, w, w_eff, weights, stats, config, time.perf_counter() - start))
 
 
 def effective_weight(weights: SlimWeights) -> np.ndarray:
@@ -137,8 +146,9 @@ def effective_weight(weights: SlimWeights) -> np.ndarray:
     return w if adapters is None else w + adapters[0] @ adapters[1]
 
 
-def layer_report(name, w: torch.Tensor, weights: SlimWeights, stats, config: SlimConfig, seconds: float) -> dict:
-    w_eff = torch.from_numpy(effective_weight(weights)).to(w)
+def layer_report(name, w: torch.Tensor, w_eff: torch.Tensor, weights: SlimWeights, stats, config: SlimConfig,
+                 seconds: float) -> dict:
+    """Sizes and errors of one compressed layer; w_eff is the matrix the packed weights encode."""
     report = {
         "layer": name,
         "shape": [weights.k, weights.n],
@@ -153,8 +163,8 @@ def layer_report(name, w: torch.Tensor, weights: SlimWeights, stats, config: Sli
         "seconds": round(seconds, 3),
     }
     if stats is not None and stats.count:
-        if stats.xtx is not None:
-            report["output_error"] = stats.output_error(w, w_eff)
+        if stats.xtx is not None:  # on at most 1024 output columns: exact for most layers, cheap for all
+            report["output_error"] = stats.output_error(w, w_eff, max_columns=1024)
         s = stats.channel_sq_mean.to(w)
         report["activation_weighted_error"] = float(
             torch.sqrt((s[:, None] * (w - w_eff) ** 2).sum() / (s[:, None] * w**2).sum())

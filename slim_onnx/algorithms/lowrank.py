@@ -9,15 +9,22 @@ whose solution (Eckart-Young, because diag(x) is invertible) is the rank-r SVD o
     diag(x) E ~ U_r S_r V_r^T   =>   L = diag(1/x) U_r S_r^(1/2),   R = S_r^(1/2) V_r^T
 
 S is split evenly between L and R so that both have the same dynamic range when quantized.
+
+"hessian" (an extension, measured in tools/eval_layers.py) uses the whole input covariance instead
+of its diagonal: with H = X^T X / n = C C^T (Cholesky, dampened), ||X (E - L R)||_F^2 = n ||C^T (E - L R)||_F^2,
+so the output-error-optimal adapters are L = C^-T U_r S_r^(1/2), R = S_r^(1/2) V_r^T from the SVD
+of C^T E: exactly the layer-output error that GPTQ and the reports measure.
 SLiM's saliency is x_k = sqrt(s_k), s_k the mean squared input of channel k, shifted by the smallest
 positive s so that silent channels keep x > 0; naive LoRA is x = 1. When r is far below min(K, N),
-a randomized SVD (Halko et al.: a few power iterations on an (r + p)-dimensional sketch) replaces
+a randomized SVD (Halko et al.: two power iterations on an (r + p)-dimensional sketch) replaces
 the full one; tests compare both.
 """
 
 from __future__ import annotations
 
 import torch
+
+from slim_onnx.algorithms.stats import DampedHessian
 
 
 def saliency(channel_sq_mean: torch.Tensor) -> torch.Tensor:
@@ -41,10 +48,26 @@ def truncated_svd(m: torch.Tensor, rank: int, method: str = "auto", seed: int = 
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
-        u, s, v = torch.svd_lowrank(m, q=min(rank + max(10, rank // 10), min(m.shape)), niter=4)
+        u, s, v = torch.svd_lowrank(m, q=min(rank + max(10, rank // 10), min(m.shape)), niter=2)
     finally:
         torch.random.set_rng_state(generator_state)
     return u[:, :rank], s[:rank], v[:, :rank]
+
+
+def hessian_low_rank_factors(
+    error: torch.Tensor, rank: int, hessian: torch.Tensor | DampedHessian, damp: float = 0.01, method: str = "auto",
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L [K, r], R [r, N]) minimising tr((E - L R)^T H (E - L R)), H dampened (stats.DampedHessian)."""
+    k, n = error.shape
+    if not 0 < rank <= min(k, n):
+        raise ValueError(f"rank must be in 1..min(K, N)={min(k, n)}, got {rank}")
+    damped = hessian if isinstance(hessian, DampedHessian) else DampedHessian(hessian, damp, error.device)
+    c = damped.cholesky  # H = C C^T
+    u, s, v = truncated_svd(c.T @ error.to(torch.float32), rank, method, seed)
+    root = s.clamp_min(0).sqrt()
+    l = torch.linalg.solve_triangular(c.T, u * root, upper=True)  # C^-T U S^(1/2)
+    return l, root[:, None] * v.T
 
 
 def low_rank_factors(

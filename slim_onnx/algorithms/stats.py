@@ -9,6 +9,8 @@ Sums are kept in float64 so that long calibration runs do not lose small contrib
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -55,11 +57,34 @@ class LayerStatistics:
             raise StatisticsError(f"layer {self.name}: the Hessian was not accumulated (hessian=False)")
         return self.xtx / self.count
 
-    def output_error(self, w: torch.Tensor, w_approx: torch.Tensor) -> float:
-        """||X W - X W'|| / ||X W|| over the calibration inputs, exactly, from H."""
-        h = self.hessian
-        e = (w - w_approx).to(h)
-        w = w.to(h)
-        num = torch.einsum("kn,kj,jn->", e, h, e).clamp_min(0)
-        den = torch.einsum("kn,kj,jn->", w, h, w)
-        return float((num / den).sqrt()) if den > 0 else float("nan")
+    def output_error(self, w: torch.Tensor, w_approx: torch.Tensor, max_columns: int | None = None) -> float:
+        """||X W - X W'|| / ||X W|| over the calibration inputs, from H.
+
+        Exact, or with max_columns, over an evenly spaced subset of at most that many output columns
+        (the cost is one K x K x columns product).
+        """
+        # tr(E^T H E) = sum((H E) * E): one float32 product of H with [E, W]
+        h = self.hessian.to(device=w.device, dtype=torch.float32)
+        e, w = (w - w_approx).float(), w.float()
+        if max_columns is not None and w.shape[1] > max_columns:
+            cols = torch.linspace(0, w.shape[1] - 1, max_columns, device=w.device).round().long()
+            e, w = e[:, cols], w[:, cols]
+        he, hw = (h @ torch.cat([e, w], dim=1)).split(e.shape[1], dim=1)
+        num, den = float((he * e).sum().clamp_min(0)), float((hw * w).sum())
+        return math.sqrt(num / den) if den > 0 else float("nan")
+
+
+class DampedHessian:
+    """H + damp * mean(diag H) * I, with never-active channels (diag 0) set to 1, and its Cholesky
+    factor H = C C^T (float32). GPTQ and the Hessian adapters share one factorisation."""
+
+    def __init__(self, hessian: torch.Tensor, damp: float, device: str | torch.device = "cpu"):
+        h = hessian.to(device=device, dtype=torch.float32).clone()
+        self.dead = torch.diag(h) == 0  # channels that never fire: their weights cannot matter
+        h[self.dead, self.dead] = 1
+        h += max(damp, 1e-6) * torch.mean(torch.diag(h)) * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+        self.cholesky = torch.linalg.cholesky(h)
+
+    def inverse_upper_factor(self) -> torch.Tensor:
+        """Upper Cholesky factor U of H^-1 (H^-1 = U^T U): GPTQ's view of the remaining rows."""
+        return torch.linalg.cholesky(torch.cholesky_inverse(self.cholesky), upper=True)
