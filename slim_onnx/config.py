@@ -11,6 +11,8 @@ QUANTIZERS = ("slim", "slim-group", "absmax", "gptq")
 LOWRANKS = ("saliency", "naive", "hessian")
 ADAPTER_FORMATS = ("int4", "float16", "none")
 SVDS = ("auto", "full", "randomized")
+SALIENCIES = ("rms", "mean_abs")
+MASK_SOURCES = ("weight", "quantized")
 
 
 class ConfigError(ValueError):
@@ -37,6 +39,10 @@ class SlimConfig:
     adapter_format: "int4" (AbsMax, adapter_group_size along the reduction dim), "float16", "none".
     requantize: re-quantize the masked W - L R after fitting the adapters (the reference code's
         second pass; not in the paper).
+    saliency: the per-channel statistic of lowrank="saliency": "rms" (sqrt of mean x^2, the
+        reference code) or "mean_abs" (mean |x|, the paper's text).
+    mask_on: magnitude/Wanda scores from the original W ("weight", the reference code; the quantizer
+        then fits the kept weights) or from the quantized W ("quantized", the paper's order).
     svd: "full", "randomized", or "auto" (randomized when rank <= min(K, N) / 4).
     damp: GPTQ/SparseGPT Hessian dampening, as a fraction of its mean diagonal.
     device: "cpu" or "cuda" for the algorithms' torch work.
@@ -53,6 +59,8 @@ class SlimConfig:
     adapter_format: str = "int4"
     adapter_group_size: int = 128
     requantize: bool = False
+    saliency: str = "rms"
+    mask_on: str = "weight"
     svd: str = "auto"
     damp: float = 0.01
     device: str = "cpu"
@@ -69,6 +77,8 @@ class SlimConfig:
         one_of("lowrank", LOWRANKS)
         one_of("adapter_format", ADAPTER_FORMATS)
         one_of("svd", SVDS)
+        one_of("saliency", SALIENCIES)
+        one_of("mask_on", MASK_SOURCES)
         if self.bits not in (2, 3, 4, 5, 6, 7, 8):
             raise ConfigError(f"bits={self.bits}: expected 2..8 (the SlimMatMul kernels run 4)")
         if self.group_size < 1 or self.adapter_group_size < 1 or self.rank_multiple < 1:

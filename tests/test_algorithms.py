@@ -118,6 +118,15 @@ def test_group_slim_quant_picks_the_best_clip_of_each_group():
                 assert chosen <= alt * (1 + 1e-5)
 
 
+@pytest.mark.parametrize("quantize", [quantize_absmax, quantize_slim])
+def test_eight_bit_quantizers(quantize):
+    w = weight(256, 16, heavy=True)
+    q8, s8 = quantize(w, 128, 8)
+    q4, s4 = quantize(w, 128, 4)
+    assert q8.min() >= -128 and q8.max() <= 127 and q8.abs().max() > 100
+    assert ((w - dequantize(q8, s8, 128)) ** 2).sum() < 0.02 * ((w - dequantize(q4, s4, 128)) ** 2).sum()
+
+
 def test_absmax_matches_numpy_formula():
     w = weight(40, 5)  # K not a multiple of the group: a short last group
     q, scales = quantize_absmax(w, 16)
@@ -265,6 +274,23 @@ def test_randomized_svd_is_close_to_full():
 def test_saliency_shift_keeps_silent_channels_positive():
     x = saliency(torch.tensor([0.0, 4.0, 1.0]))
     torch.testing.assert_close(x, torch.tensor([1.0, 5.0, 2.0], dtype=torch.float64).sqrt())
+    x = saliency(torch.tensor([0.0, 4.0, 1.0]), kind="mean_abs")
+    torch.testing.assert_close(x, torch.tensor([1.0, 5.0, 2.0], dtype=torch.float64))
+
+
+def test_mask_on_quantized_weights_is_the_papers_order():
+    """magnitude + AbsMax with mask_on='quantized': W_c = M * Q(W), M from |Q(W)|, Q fitted on dense W."""
+    w = weight(32, 6)
+    layer = compress_layer(w, None, SlimConfig(pruning="magnitude", quantizer="absmax", group_size=16, rank=0,
+                                               mask_on="quantized"))
+    wn = w.numpy()
+    expected = np.zeros_like(wn)
+    for g in range(2):
+        rows = wn[16 * g : 16 * g + 16]
+        s = (np.abs(rows).max(0) / 7).astype(np.float16).astype(np.float32)
+        expected[16 * g : 16 * g + 16] = np.clip(np.rint(rows / s), -8, 7) * s
+    expected *= numpy_2of4(np.abs(expected))
+    np.testing.assert_allclose(layer.weights.dense_weight(), expected, atol=1e-6)
 
 
 # ---- the packed result -------------------------------------------------------------------------------------

@@ -42,6 +42,8 @@ METHODS = {  # name -> config; rows without adapters first
     "SLiM paper, float16 adapters": SlimConfig.paper(adapter_format="float16"),
     "SLiM paper, int4 adapters": SlimConfig.paper(),
     "SLiM paper int4 + requantize": SlimConfig.paper(requantize=True),
+    "SLiM paper int4, mean|x| saliency": SlimConfig.paper(saliency="mean_abs"),
+    "SLiM paper int4, mask on Q(W)": SlimConfig.paper(mask_on="quantized"),
     "SLiM on SparseGPT+GPTQ, float16": SlimConfig(lowrank="saliency", adapter_format="float16"),
     "SLiM on SparseGPT+GPTQ, int4": SlimConfig(lowrank="saliency"),
     "default (Hessian adapters), float16": SlimConfig(adapter_format="float16"),

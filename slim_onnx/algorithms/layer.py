@@ -57,6 +57,10 @@ def _check_inputs(name: str, w: torch.Tensor, stats: LayerStatistics | None, con
         raise CompressionError(f"layer {name}: GPTQ/SparseGPT and Hessian adapters need LayerStatistics(hessian=True)")
 
 
+def _score_mask(w, channel_sq_mean, config: SlimConfig):
+    return magnitude_2of4_mask(w) if config.pruning == "magnitude" else wanda_2of4_mask(w, channel_sq_mean)
+
+
 def _quantize(w, mask, hessian, config: SlimConfig):
     """(q, scales, mask) for the masked weight with the configured quantizer."""
     sparse = config.sparsity == "2:4"
@@ -93,12 +97,15 @@ def compress_layer(
     uses_hessian = config.quantizer == "gptq" or (rank > 0 and config.lowrank == "hessian")
     hessian = DampedHessian(stats.hessian, config.damp, device) if uses_hessian else None
 
-    mask = None
-    if sparse and config.pruning == "magnitude":
-        mask = magnitude_2of4_mask(w)
-    elif sparse and config.pruning == "wanda":
-        mask = wanda_2of4_mask(w, s)
-    q, scales, mask = _quantize(w, mask, hessian, config)
+    scored_mask = sparse and config.pruning in ("magnitude", "wanda")
+    if scored_mask and config.mask_on == "quantized" and config.quantizer != "gptq":
+        # the paper's order: quantize the dense W, then prune the quantized weights
+        q, scales, _ = _quantize(w, None, hessian, config)
+        mask = _score_mask(dequantize(q, scales, config.group_size), s, config)
+        q = q * mask
+    else:
+        mask = _score_mask(w, s, config) if scored_mask else None
+        q, scales, mask = _quantize(w, mask, hessian, config)
     w_c = dequantize(q, scales, config.group_size)
 
     adapters = quantized_adapters = None
@@ -106,7 +113,8 @@ def compress_layer(
         if config.lowrank == "hessian":
             l, r = hessian_low_rank_factors(w - w_c, rank, hessian, config.damp, config.svd, config.seed)
         else:
-            x = saliency(s) if config.lowrank == "saliency" else None
+            stat = s if config.saliency == "rms" else stats.channel_abs_mean.to(device)
+            x = saliency(stat, config.saliency) if config.lowrank == "saliency" else None
             l, r = low_rank_factors(w - w_c, rank, x, config.svd, config.seed)
         if config.adapter_format == "float16":
             l, r = l.half().float(), r.half().float()

@@ -15,7 +15,8 @@ of its diagonal: with H = X^T X / n = C C^T (Cholesky, dampened), ||X (E - L R)|
 so the output-error-optimal adapters are L = C^-T U_r S_r^(1/2), R = S_r^(1/2) V_r^T from the SVD
 of C^T E: exactly the layer-output error that GPTQ and the reports measure.
 SLiM's saliency is x_k = sqrt(s_k), s_k the mean squared input of channel k, shifted by the smallest
-positive s so that silent channels keep x > 0; naive LoRA is x = 1. When r is far below min(K, N),
+positive s so that silent channels keep x > 0 (the reference code; the paper writes the mean |x_k|,
+also available); naive LoRA is x = 1. When r is far below min(K, N),
 a randomized SVD (Halko et al.: two power iterations on an (r + p)-dimensional sketch) replaces
 the full one; tests compare both.
 """
@@ -27,13 +28,18 @@ import torch
 from slim_onnx.algorithms.stats import DampedHessian
 
 
-def saliency(channel_sq_mean: torch.Tensor) -> torch.Tensor:
-    """x_k = sqrt(s_k + min positive s): positive for every channel (ones if all s are 0)."""
-    s = channel_sq_mean.to(torch.float64)
+def saliency(statistic: torch.Tensor, kind: str = "rms") -> torch.Tensor:
+    """Per-channel saliency x, positive for every channel (ones if the statistic is all 0).
+
+    kind="rms": statistic = mean x^2, x = sqrt(s + min positive s) (the reference code).
+    kind="mean_abs": statistic = mean |x|, x = a + min positive a (the paper's wording).
+    """
+    s = statistic.to(torch.float64)
     positive = s[s > 0]
     if positive.numel() == 0:
         return torch.ones_like(s)
-    return (s + positive.min()).sqrt()
+    shifted = s + positive.min()
+    return shifted.sqrt() if kind == "rms" else shifted
 
 
 def truncated_svd(m: torch.Tensor, rank: int, method: str = "auto", seed: int = 0):

@@ -2,6 +2,7 @@
 
 For inputs x in R^K (every token of every calibration sequence, n tokens in all):
   s_k = (1/n) sum x_k^2          per-channel mean square: the Wanda score and SLiM saliency (sqrt)
+  a_k = (1/n) sum |x_k|          per-channel mean magnitude: the saliency as the paper writes it
   H   = (1/n) sum x x^T          the Hessian of ||XW - XW'||^2 up to a factor 2 (GPTQ, SparseGPT,
                                   and the exact layer-output error: ||X E||^2 = n tr(E^T H E))
 Sums are kept in float64 so that long calibration runs do not lose small contributions.
@@ -24,6 +25,7 @@ class LayerStatistics:
         self.name = name
         self.count = 0
         self.sq_sum = torch.zeros(k, dtype=torch.float64, device=device)
+        self.abs_sum = torch.zeros(k, dtype=torch.float64, device=device)
         self.xtx = torch.zeros(k, k, dtype=torch.float64, device=device) if hessian else None
 
     def update(self, x) -> None:
@@ -36,6 +38,7 @@ class LayerStatistics:
             raise StatisticsError(f"layer {self.name}: calibration input holds NaN or Inf")
         self.count += x.shape[0]
         self.sq_sum += (x * x).sum(dim=0)
+        self.abs_sum += x.abs().sum(dim=0)
         if self.xtx is not None:
             self.xtx += x.T @ x
 
@@ -48,6 +51,12 @@ class LayerStatistics:
         """s [K] (float64)."""
         self._check()
         return self.sq_sum / self.count
+
+    @property
+    def channel_abs_mean(self) -> torch.Tensor:
+        """a [K] (float64)."""
+        self._check()
+        return self.abs_sum / self.count
 
     @property
     def hessian(self) -> torch.Tensor:
