@@ -1,0 +1,158 @@
+"""Finding the linear layers of an ONNX graph: y = x @ W (+ b) with a constant W.
+
+Patterns (W a constant 2-D initializer, in this graph or an enclosing one):
+  MatMul(x, W)                          W is [K, N]
+  MatMul(x, Transpose(W))               W is [N, K] (perm absent or [1, 0]); tied lm_head
+  Gemm(x, W, b?) with alpha = beta = 1, transA = 0, transB in {0, 1}
+  ... followed by Add(y, b) with a constant b of shape [N]: the bias is folded into the layer.
+Not layers: MatMuls of two activations (attention), and MatMuls whose x is itself a constant or a
+Cast of one (rotary embedding tables), so that only weights of real layers are compressed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx_ir as ir
+
+
+@dataclasses.dataclass
+class LinearLayer:
+    name: str
+    node: ir.Node  # the MatMul or Gemm
+    activation: ir.Value
+    weight: ir.Value  # the 2-D initializer
+    transposed: bool  # the initializer is [N, K]
+    transpose_node: ir.Node | None
+    bias: ir.Value | None  # constant [N]
+    bias_add: ir.Node | None  # an Add folded into the layer
+    k: int
+    n: int
+
+    @property
+    def output(self) -> ir.Value:
+        """The value the layer produces (after the folded bias Add, if any)."""
+        return (self.bias_add or self.node).outputs[0]
+
+    @property
+    def graph(self) -> ir.Graph:
+        return self.node.graph
+
+    def weight_array(self) -> np.ndarray:
+        """W as float32 [K, N]."""
+        w = self.weight.const_value.numpy().astype(np.float32)
+        return np.ascontiguousarray(w.T if self.transposed else w)
+
+    def bias_array(self) -> np.ndarray | None:
+        return None if self.bias is None else self.bias.const_value.numpy().astype(np.float32).reshape(-1)
+
+
+def _constant(value: ir.Value | None) -> bool:
+    return value is not None and value.const_value is not None
+
+
+def _is_constant_derived(value: ir.Value | None) -> bool:
+    """A constant, or a Cast/Constant node of one: never a layer's activation."""
+    if value is None:
+        return False
+    if _constant(value):
+        return True
+    producer = value.producer()
+    if producer is None:
+        return False
+    if producer.op_type == "Constant":
+        return True
+    return producer.op_type == "Cast" and _is_constant_derived(producer.inputs[0])
+
+
+def _weight_source(value: ir.Value | None) -> tuple[ir.Value, bool, ir.Node | None] | None:
+    """(2-D initializer, transposed, Transpose node) behind a MatMul's second input, if any."""
+    if value is None:
+        return None
+    if _constant(value) and len(value.const_value.shape) == 2:
+        return value, False, None
+    producer = value.producer()
+    if producer is not None and producer.op_type == "Transpose" and producer.domain == "":
+        perm = producer.attributes.get("perm")
+        source = producer.inputs[0]
+        if (perm is None or list(perm.as_ints()) == [1, 0]) and _constant(source) and len(source.const_value.shape) == 2:
+            return source, True, producer
+    return None
+
+
+def _foldable_bias(node: ir.Node, n: int) -> tuple[ir.Value, ir.Node] | None:
+    """A following Add(y, b) with a constant b of shape [N], when y has no other use."""
+    out = node.outputs[0]
+    uses = list(out.uses())
+    if out.is_graph_output() or len(uses) != 1:
+        return None
+    add = uses[0].node
+    if add.op_type != "Add" or add.domain != "" or len(add.inputs) != 2:
+        return None
+    other = add.inputs[1 - uses[0].idx]
+    if not _constant(other) or int(np.prod(other.const_value.shape)) != n or other.const_value.shape[-1] != n:
+        return None
+    return other, add
+
+
+def _attr_int(node: ir.Node, name: str, default: int) -> int:
+    attr = node.attributes.get(name)
+    return default if attr is None else attr.as_int()
+
+
+def _attr_float(node: ir.Node, name: str, default: float) -> float:
+    attr = node.attributes.get(name)
+    return default if attr is None else attr.as_float()
+
+
+def _match(node: ir.Node, index: int) -> LinearLayer | None:
+    if node.domain != "" or node.op_type not in ("MatMul", "Gemm") or len(node.inputs) < 2:
+        return None
+    activation = node.inputs[0]
+    if activation is None or _is_constant_derived(activation):
+        return None
+    bias = bias_add = None
+    if node.op_type == "MatMul":
+        source = _weight_source(node.inputs[1])
+        if source is None:
+            return None
+        weight, transposed, transpose_node = source
+    else:
+        if _attr_int(node, "transA", 0) or _attr_float(node, "alpha", 1.0) != 1.0 or _attr_float(node, "beta", 1.0) != 1.0:
+            return None
+        weight = node.inputs[1]
+        if not _constant(weight) or len(weight.const_value.shape) != 2:
+            return None
+        transposed, transpose_node = bool(_attr_int(node, "transB", 0)), None
+    rows, cols = weight.const_value.shape
+    k, n = (cols, rows) if transposed else (rows, cols)
+    if node.op_type == "Gemm" and len(node.inputs) > 2 and node.inputs[2] is not None:
+        c = node.inputs[2]
+        if not _constant(c) or int(np.prod(c.const_value.shape)) != n:
+            return None
+        bias = c
+    elif node.op_type == "MatMul":
+        folded = _foldable_bias(node, n)
+        if folded is not None:
+            bias, bias_add = folded
+    name = node.name or f"{node.op_type}_{index}"
+    return LinearLayer(name, node, activation, weight, transposed, transpose_node, bias, bias_add, int(k), int(n))
+
+
+def find_linear_layers(model: ir.Model) -> list[LinearLayer]:
+    """Every linear layer of the model's graph and its subgraphs (If/Loop bodies), in graph order."""
+    layers = []
+    for index, node in enumerate(ir.traversal.RecursiveGraphIterator(model.graph)):
+        layer = _match(node, index)
+        if layer is not None:
+            layers.append(layer)
+    names = [layer.name for layer in layers]
+    if len(set(names)) != len(names):  # unnamed or duplicate node names: make them unique
+        seen: dict[str, int] = {}
+        for layer in layers:
+            count = seen.get(layer.name, 0)
+            seen[layer.name] = count + 1
+            if count:
+                layer.name = f"{layer.name}_{count}"
+    return layers

@@ -1,0 +1,126 @@
+"""Graph passes that turn linear layers into SlimMatMul nodes (onnx-ir, in place).
+
+  ReplaceLinearLayersPass(weights)  each layer named in `weights` becomes one SlimMatMul node with its
+                                    packed initializers; a folded bias Add disappears; the old weight
+                                    is removed unless something else still reads it (tied embeddings)
+  AddFallbackFunctionsPass()        the model-local function of every SlimMatMul variant in use, the
+                                    custom opset import, IR version 10
+compress_graph() composes them with onnx-ir's clean-up passes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
+
+from slim_onnx.fallback import DOMAIN, OP_TYPE, fallback_function
+from slim_onnx.format import SlimWeights
+from slim_onnx.op import IR_VERSION
+from slim_onnx.passes.linear import LinearLayer, find_linear_layers
+
+_TENSORS = ("w", "w_scales", "bias", "adapter_l", "adapter_l_scales", "adapter_r", "adapter_r_scales")
+_INPUT_NAMES = ("W", "W_scales", "bias", "L", "L_scales", "R", "R_scales")
+
+
+def _slim_node(layer: LinearLayer, weights: SlimWeights, accuracy_level: int) -> ir.Node:
+    graph = layer.graph
+    inputs: list[ir.Value | None] = [layer.node.inputs[0]]  # current: an earlier rewrite may have replaced it
+    for field, suffix in zip(_TENSORS, _INPUT_NAMES):
+        array = getattr(weights, field)
+        if array is None:
+            inputs.append(None)
+            continue
+        value = ir.Value(name=f"{layer.name}/{suffix}", const_value=ir.tensor(np.ascontiguousarray(array), name=f"{layer.name}/{suffix}"))
+        graph.register_initializer(value)
+        inputs.append(value)
+    while inputs[-1] is None:
+        inputs.pop()
+    return ir.node(
+        OP_TYPE,
+        inputs,
+        attributes=dict(
+            K=weights.k, N=weights.n, bits=4, group_size=weights.group_size, sparse=int(weights.sparse),
+            rank=weights.rank, adapter_format=weights.adapter_format,
+            adapter_group_size=weights.adapter_group_size, accuracy_level=accuracy_level,
+        ),
+        domain=DOMAIN,
+        overload=weights.variant,
+        name=layer.name,
+    )
+
+
+def _replace(layer: LinearLayer, weights: SlimWeights, accuracy_level: int) -> None:
+    if (weights.k, weights.n) != (layer.k, layer.n):
+        raise ValueError(f"layer {layer.name}: packed weights are {weights.k}x{weights.n}, the layer is {layer.k}x{layer.n}")
+    graph = layer.graph
+    old_out = layer.output
+    new = _slim_node(layer, weights, accuracy_level)
+    new.outputs[0].type = old_out.type
+    new.outputs[0].shape = old_out.shape
+    graph.insert_before(layer.node, new)
+    was_output = old_out.is_graph_output()
+    ir.convenience.replace_all_uses_with(old_out, new.outputs[0], replace_graph_outputs=True)
+    name = old_out.name
+    for node in (layer.bias_add, layer.node):
+        if node is not None:
+            graph.remove(node, safe=True)
+    if layer.transpose_node is not None and not any(True for _ in layer.transpose_node.outputs[0].uses()):
+        graph.remove(layer.transpose_node, safe=True)
+    new.outputs[0].name = name if was_output else f"{layer.name}/Y"
+
+
+class ReplaceLinearLayersPass(ir.passes.InPlacePass):
+    """Replace the layers named in `weights` (LinearLayer.name -> SlimWeights) by SlimMatMul nodes."""
+
+    def __init__(self, weights: dict[str, SlimWeights], accuracy_level: int = 4):
+        super().__init__()
+        self.weights = weights
+        self.accuracy_level = accuracy_level
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        layers = {layer.name: layer for layer in find_linear_layers(model)}
+        missing = sorted(set(self.weights) - set(layers))
+        if missing:
+            raise ValueError(f"no linear layer named {missing[0]!r} in the model")
+        for name, weights in self.weights.items():
+            _replace(layers[name], weights, self.accuracy_level)
+        return ir.passes.PassResult(model, modified=bool(self.weights))
+
+
+class AddFallbackFunctionsPass(ir.passes.InPlacePass):
+    """Add the fallback function of each SlimMatMul variant the model uses (and the opset import)."""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        variants = {
+            node.overload
+            for node in ir.traversal.RecursiveGraphIterator(model.graph)
+            if node.domain == DOMAIN and node.op_type == OP_TYPE
+        }
+        modified = False
+        for variant in sorted(variants):
+            if (DOMAIN, OP_TYPE, variant) not in model.functions:
+                function = ir.serde.deserialize_function(fallback_function(variant))
+                model.functions[function.identifier()] = function
+                modified = True
+        if variants:
+            model.opset_imports.setdefault(DOMAIN, 1)
+            model.opset_imports.setdefault("", 18)
+            model.ir_version = max(model.ir_version or 0, IR_VERSION)
+        return ir.passes.PassResult(model, modified=modified)
+
+
+def compress_graph(model: ir.Model, weights: dict[str, SlimWeights], accuracy_level: int = 4) -> ir.Model:
+    """Replace layers, add fallback functions, drop what became unused, keep the graph sorted."""
+    passes = ir.passes.Sequential(
+        ReplaceLinearLayersPass(weights, accuracy_level),
+        AddFallbackFunctionsPass(),
+        common_passes.RemoveUnusedNodesPass(),
+        common_passes.TopologicalSortPass(),
+    )
+    try:
+        return passes(model).model
+    except ir.passes.PassError as error:  # report our own problem, not the pass manager's wrapper
+        if isinstance(error.__cause__, ValueError):
+            raise error.__cause__ from None
+        raise

@@ -1,0 +1,104 @@
+"""Graph passes on hand-built graphs holding every pattern the exporters produce."""
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import slim_onnx
+from slim_onnx.passes import compress_graph, find_linear_layers
+
+K, N, V = 32, 24, 40
+
+
+def build_model(rng):
+    """x[b, K] -> MatMul+Add (q) -> Gemm transB (o) -> attention-like x@x^T -> rotary-like MatMul of a
+    Cast constant -> tied lm_head: Transpose(emb) shared with a Gather, and a MatMul inside an If."""
+    f = lambda *s: (rng.standard_normal(s) / np.sqrt(s[0])).astype(np.float32)  # noqa: E731
+    inits = {
+        "q.w": f(K, N), "q.b": f(N), "o.w": f(K, N), "o.b": f(K), "emb": f(V, K), "rot": f(4, 4),
+        "then.w": f(K, N), "cond": np.array(True),
+    }
+    then_branch = helper.make_graph(
+        [helper.make_node("MatMul", ["o_out", "then.w"], ["then_y"], name="/if/then/MatMul")],
+        "then", [], [helper.make_tensor_value_info("then_y", TensorProto.FLOAT, ["b", N])],
+    )
+    else_branch = helper.make_graph(
+        [helper.make_node("Identity", ["q_out"], ["else_y"])], "else", [],
+        [helper.make_tensor_value_info("else_y", TensorProto.FLOAT, ["b", N])],
+    )
+    nodes = [
+        helper.make_node("MatMul", ["x", "q.w"], ["q_mm"], name="/q/MatMul"),
+        helper.make_node("Add", ["q.b", "q_mm"], ["q_out"], name="/q/Add"),
+        helper.make_node("Gemm", ["q_out", "o.w", "o.b"], ["o_out"], name="/o/Gemm", transB=1),
+        helper.make_node("MatMul", ["o_out", "o_out_t"], ["scores"], name="/attn/MatMul"),
+        helper.make_node("Transpose", ["o_out"], ["o_out_t"]),
+        helper.make_node("Cast", ["rot"], ["rot_f"], to=TensorProto.FLOAT),
+        helper.make_node("MatMul", ["rot_f", "rot"], ["rot_out"], name="/rotary_emb/MatMul"),
+        helper.make_node("Transpose", ["emb"], ["emb_t"], name="/lm_head/Transpose"),
+        helper.make_node("MatMul", ["o_out", "emb_t"], ["logits"], name="/lm_head/MatMul"),
+        helper.make_node("Gather", ["emb", "ids"], ["embedded"], name="/embed/Gather"),
+        helper.make_node("If", ["cond"], ["branch"], name="/if", then_branch=then_branch, else_branch=else_branch),
+    ]
+    graph = helper.make_graph(
+        nodes, "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", K]), helper.make_tensor_value_info("ids", TensorProto.INT64, ["b"])],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in
+         (("logits", ["b", V]), ("scores", ["b", "b"]), ("rot_out", [4, 4]), ("embedded", ["b", K]), ("branch", ["b", N]))],
+        [numpy_helper.from_array(v, k) for k, v in inits.items()],
+    )
+    # o.w is [N_out=K, K_in=N] for transB: input width of Gemm is N
+    graph.initializer[2].CopyFrom(numpy_helper.from_array(f(K, N), "o.w"))
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+
+
+def test_find_linear_layers_takes_only_weight_matmuls(rng):
+    layers = {l.name: l for l in find_linear_layers(ir.from_proto(build_model(rng)))}
+    assert set(layers) == {"/q/MatMul", "/o/Gemm", "/lm_head/MatMul", "/if/then/MatMul"}
+    assert layers["/q/MatMul"].bias_add is not None and (layers["/q/MatMul"].k, layers["/q/MatMul"].n) == (K, N)
+    assert layers["/o/Gemm"].transposed and (layers["/o/Gemm"].k, layers["/o/Gemm"].n) == (N, K)
+    assert layers["/lm_head/MatMul"].transposed and (layers["/lm_head/MatMul"].k, layers["/lm_head/MatMul"].n) == (K, V)
+
+
+def run(model_proto, feeds, library):
+    so = slim_onnx.session_options() if library else ort.SessionOptions()
+    return ort.InferenceSession(model_proto.SerializeToString(), so).run(None, feeds)
+
+
+def test_compress_graph_replaces_layers_and_keeps_the_rest(rng):
+    original = build_model(rng)
+    model = ir.from_proto(original)
+    layers = find_linear_layers(model)
+    weights = {l.name: slim_onnx.pack_weight(l.weight_array(), 16, sparse=False, bias=l.bias_array()) for l in layers}
+    compressed = ir.to_proto(compress_graph(model, weights, accuracy_level=0))
+    onnx.checker.check_model(compressed)
+    ops = [n.op_type for n in compressed.graph.node]
+    assert ops.count("SlimMatMul") == 3 and "Gemm" not in ops and "Add" not in ops
+    assert "Gather" in ops and {i.name for i in compressed.graph.initializer} >= {"emb", "rot"}  # tied embedding kept
+    assert [o.name for o in compressed.graph.output] == [o.name for o in original.graph.output]
+    then = next(a.g for n in compressed.graph.node if n.op_type == "If" for a in n.attribute if a.name == "then_branch")
+    assert [n.op_type for n in then.node] == ["SlimMatMul"]
+
+    # reference: the original graph's computation with every layer's packed (dequantized) weights
+    x = rng.standard_normal((3, K)).astype(np.float32)
+    ids = np.array([1, 5, 7])
+    eff = {name: (w.dense_weight(), w.bias if w.bias is not None else 0) for name, w in weights.items()}
+    q = x @ eff["/q/MatMul"][0] + eff["/q/MatMul"][1]
+    o = q @ eff["/o/Gemm"][0] + eff["/o/Gemm"][1]
+    init = {i.name: numpy_helper.to_array(i) for i in original.graph.initializer}
+    expected = {
+        "logits": o @ eff["/lm_head/MatMul"][0], "scores": o @ o.T, "rot_out": init["rot"] @ init["rot"],
+        "embedded": init["emb"][ids], "branch": o @ eff["/if/then/MatMul"][0],
+    }
+    for library in (True, False):
+        got = dict(zip(expected, run(compressed, {"x": x, "ids": ids}, library)))
+        for name in expected:
+            np.testing.assert_allclose(got[name], expected[name], rtol=1e-4, atol=1e-4 * np.abs(expected[name]).max())
+
+
+def test_unknown_layer_name_is_an_error(rng):
+    model = ir.from_proto(build_model(rng))
+    with pytest.raises(Exception, match="no linear layer named 'nope'"):
+        compress_graph(model, {"nope": slim_onnx.pack_weight(np.ones((8, 8), np.float32), 8, sparse=False)})
