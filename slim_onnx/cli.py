@@ -1,23 +1,128 @@
-"""The `slim-onnx` command line."""
+"""The `slim-onnx` command line: demo, compress, inspect."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+
+EXIT_BAD_INPUT = 2
+
+
+def _add_compress(sub) -> None:
+    from slim_onnx.config import ADAPTER_FORMATS, LOWRANKS, PRUNINGS, QUANTIZERS, SPARSITIES, SlimConfig
+
+    d = SlimConfig()
+    p = sub.add_parser("compress", help="compress an ONNX model or Optimum export folder into SlimMatMul")
+    p.add_argument("input", help="a .onnx file or an export folder")
+    p.add_argument("output", help="the output folder (must not exist unless --overwrite)")
+    p.add_argument("--calib", help="calibration text file or folder of .txt files, or an .npz of model inputs")
+    p.add_argument("--calib-samples", type=int, default=128, help="token windows (default 128)")
+    p.add_argument("--seqlen", type=int, default=512, help="tokens per window (default 512)")
+    p.add_argument("--tokenizer", help="tokenizer folder (default: the export folder)")
+    p.add_argument("--bits", type=int, default=d.bits)
+    p.add_argument("--sparsity", choices=SPARSITIES, default=d.sparsity)
+    p.add_argument("--pruning", choices=PRUNINGS, default=d.pruning)
+    p.add_argument("--quantizer", choices=QUANTIZERS, default=d.quantizer)
+    p.add_argument("--group-size", type=int, default=d.group_size)
+    p.add_argument("--rank", type=float, default=d.rank, help="adapter rank: ratio of min(K, N) if < 1, else absolute; 0 = none")
+    p.add_argument("--lowrank", choices=LOWRANKS, default=d.lowrank)
+    p.add_argument("--adapter-format", choices=ADAPTER_FORMATS, default=d.adapter_format)
+    p.add_argument("--requantize", action="store_true")
+    p.add_argument("--accuracy-level", type=int, default=4, help="4: int8 activations in the CPU kernel (default); 0: float32")
+    p.add_argument("--include", action="append", help="regex on node names; repeatable")
+    p.add_argument("--exclude", action="append", help="regex on node names; repeatable")
+    p.add_argument("--no-lm-head", action="store_true", help="keep lm_head dense")
+    p.add_argument("--device", default=d.device, help="cpu or cuda for the algorithms")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("-q", "--quiet", action="store_true")
+
+
+def _compress(args) -> int:
+    from slim_onnx.calibration import TextCalibration
+    from slim_onnx.config import SlimConfig
+    from slim_onnx.pipeline import compress
+
+    config = SlimConfig(
+        bits=args.bits, sparsity=args.sparsity, pruning=args.pruning, quantizer=args.quantizer, group_size=args.group_size,
+        rank=args.rank, lowrank=args.lowrank, adapter_format=args.adapter_format if args.rank else "none",
+        requantize=args.requantize, device=args.device, seed=args.seed,
+    )
+    calibration = None
+    if args.calib:
+        calibration = args.calib if args.calib.endswith(".npz") else TextCalibration(
+            args.calib, args.calib_samples, args.seqlen, args.seed, args.tokenizer
+        )
+    log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
+    report = compress(
+        args.input, args.output, config, calibration, include=args.include, exclude=args.exclude,
+        compress_lm_head=not args.no_lm_head, accuracy_level=args.accuracy_level, overwrite=args.overwrite, log=log,
+    )
+    t = report["totals"]
+    print(f"compressed {t['layers']} layers: {t['bytes_float16'] / 2**20:.1f} MiB (float16) -> "
+          f"{t['bytes_packed'] / 2**20:.1f} MiB ({t['bytes_packed'] / t['bytes_float16']:.3f}x) in {t['seconds']} s; "
+          f"report: {args.output}/slim_report.json")
+    return 0
+
+
+def _inspect(args) -> int:
+    import onnx_ir as ir
+
+    from slim_onnx.fallback import DOMAIN, OP_TYPE
+    from slim_onnx.passes import find_linear_layers
+    from slim_onnx.pipeline import load_model, resolve_model_path
+
+    model = load_model(resolve_model_path(args.model))
+    rows = []
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        if node.domain == DOMAIN and node.op_type == OP_TYPE:
+            a = {k: v.value for k, v in node.attributes.items()}
+            nbytes = sum(v.const_value.nbytes for v in node.inputs[1:] if v is not None and v.const_value is not None)
+            rows.append({"layer": node.name, "format": f"{'2:4' if a['sparse'] else 'dense'} int4 g{a['group_size']}"
+                         + (f" + rank {a['rank']} {a['adapter_format']}" if a["rank"] else ""),
+                         "shape": [a["K"], a["N"]], "bytes": nbytes})
+    for layer in find_linear_layers(model):
+        w = layer.weight.const_value
+        rows.append({"layer": layer.name, "format": f"dense {w.dtype.name.lower()}", "shape": [layer.k, layer.n], "bytes": w.nbytes})
+    total = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+    if args.json:
+        print(json.dumps({"layers": rows, "initializer_bytes": total}, indent=2))
+        return 0
+    for r in rows:
+        print(f"{r['layer']:<48} {r['format']:<34} {r['shape'][0]:>6} x {r['shape'][1]:<6} {r['bytes'] / 2**20:>9.3f} MiB")
+    print(f"{len(rows)} layers; all initializers: {total / 2**20:.1f} MiB")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="slim-onnx", description=__doc__)
+    parser = argparse.ArgumentParser(prog="slim-onnx", description="SLiM compression for ONNX models")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="build a small model, pack it into SlimMatMul, run and compare it")
     demo.add_argument("--size", type=int, default=1024, help="K = N of the demo layers (default 1024)")
     demo.add_argument("--layers", type=int, default=4, help="number of stacked layers (default 4)")
+    _add_compress(sub)
+    inspect = sub.add_parser("inspect", help="list a model's layers, their formats and bytes")
+    inspect.add_argument("model")
+    inspect.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    if args.command == "demo":
-        from slim_onnx.demo import run_demo
 
-        return run_demo(size=args.size, layers=args.layers)
-    return 2
+    from slim_onnx.algorithms.layer import CompressionError
+    from slim_onnx.calibration import CalibrationError
+    from slim_onnx.config import ConfigError
+    from slim_onnx.pipeline import InputError
+
+    try:
+        if args.command == "demo":
+            from slim_onnx.demo import run_demo
+
+            return run_demo(size=args.size, layers=args.layers)
+        if args.command == "compress":
+            return _compress(args)
+        return _inspect(args)
+    except (InputError, CalibrationError, CompressionError, ConfigError) as error:
+        print(f"slim-onnx: error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@
 // Weights that are constant initializers are validated and prepacked once, at kernel creation;
 // otherwise every call prepacks its own copy, so Compute never mutates shared state (reentrant).
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -523,6 +524,15 @@ OrtStatus* InferOutputShape(OrtShapeInferContext* ctx) {
   if ((st = g_api->ShapeInferContext_GetAttribute(ctx, "N", &attr)) ||
       (st = g_api->ReadOpAttr(attr, ORT_OP_ATTR_INT, &n, sizeof(n), &size)))
     return finish(st);
+  // onnxruntime writes a dimension without a name as a value, so an unknown unnamed dimension (-1)
+  // gets a fresh name here; otherwise it would become a literal -1 for the nodes downstream.
+  static std::atomic<uint64_t> counter{0};
+  std::vector<std::string> fresh(rank);
+  for (size_t i = 0; i < rank; ++i)
+    if (dims[i] < 0 && (symbols[i] == nullptr || symbols[i][0] == '\0')) {
+      fresh[i] = "slim_onnx_dim_" + std::to_string(counter++);
+      symbols[i] = fresh[i].c_str();
+    }
   if (rank > 0) {
     dims.back() = n;
     symbols.back() = "";

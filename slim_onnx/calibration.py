@@ -1,0 +1,144 @@
+"""Calibration: the statistics of every layer's input, from running the original model in onnxruntime.
+
+The model is copied with the chosen layers' inputs added as extra graph outputs; onnxruntime runs it
+batch by batch and each batch's activations are folded into LayerStatistics at once, so no batch is
+kept. Layers that share an input (q/k/v, gate/up) share one LayerStatistics.
+
+Feeds come from text (a file or a folder of .txt files, tokenized with the export's tokenizer and cut
+into windows of `seqlen` tokens with a fixed seed) or from an .npz of ready inputs. Decoder exports
+with past key values get an empty past, position ids and an attention mask; encoders get
+attention_mask and token_type_ids.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+from onnx import helper
+
+from slim_onnx.algorithms.stats import LayerStatistics
+from slim_onnx.passes.linear import LinearLayer
+
+
+class CalibrationError(ValueError):
+    """Calibration data that cannot drive the model (too short, wrong inputs, missing tokenizer)."""
+
+
+@dataclasses.dataclass
+class TextCalibration:
+    path: str | os.PathLike
+    samples: int = 128
+    seqlen: int = 512
+    seed: int = 0
+    tokenizer: str | os.PathLike | None = None  # default: the model folder
+
+
+def read_text(path: str | os.PathLike) -> str:
+    p = Path(path)
+    if p.is_dir():
+        files = sorted(p.rglob("*.txt"))
+        if not files:
+            raise CalibrationError(f"{p} holds no .txt file")
+        return "\n\n".join(f.read_text(encoding="utf-8", errors="replace") for f in files)
+    if not p.is_file():
+        raise CalibrationError(f"calibration text {p} does not exist")
+    return p.read_text(encoding="utf-8", errors="replace")
+
+
+def token_windows(ids: np.ndarray, samples: int, seqlen: int, seed: int) -> np.ndarray:
+    """`samples` windows of `seqlen` tokens at random, non-overlapping positions (fixed seed)."""
+    available = len(ids) // seqlen
+    if available < 1:
+        raise CalibrationError(
+            f"the calibration text has {len(ids)} tokens, fewer than one window of --seqlen {seqlen}: "
+            "give more text or a smaller --seqlen"
+        )
+    rng = np.random.default_rng(seed)
+    starts = rng.choice(available, size=min(samples, available), replace=False) * seqlen
+    return np.stack([ids[s : s + seqlen] for s in sorted(starts)])
+
+
+def _input_dims(value: ir.Value) -> list[int | None]:
+    return [d if isinstance(d, int) else None for d in (value.shape or [])]
+
+
+def model_feeds(model: ir.Model, windows: np.ndarray) -> Iterator[dict[str, np.ndarray]]:
+    """One feed per token window, filling the inputs an Optimum export declares."""
+    for window in windows:
+        seq = len(window)
+        feeds = {}
+        for value in model.graph.inputs:
+            name = value.name
+            dtype = value.dtype.numpy() if value.dtype is not None else np.int64
+            if name == "input_ids":
+                feeds[name] = window[None].astype(dtype)
+            elif name == "attention_mask":
+                feeds[name] = np.ones((1, seq), dtype=dtype)
+            elif name == "position_ids":
+                feeds[name] = np.arange(seq, dtype=dtype)[None]
+            elif name == "token_type_ids":
+                feeds[name] = np.zeros((1, seq), dtype=dtype)
+            elif name.startswith("past_key_values") or name.startswith("past_"):
+                dims = _input_dims(value)
+                if len(dims) != 4 or dims[1] is None or dims[3] is None:
+                    raise CalibrationError(f"cannot build an empty past for input {name} of shape {value.shape}")
+                feeds[name] = np.zeros((1, dims[1], 0, dims[3]), dtype=dtype)
+            elif name == "use_cache_branch":
+                feeds[name] = np.array([False])
+            else:
+                raise CalibrationError(f"do not know how to feed model input {name!r}: give an .npz of inputs")
+        yield feeds
+
+
+def npz_feeds(path: str | os.PathLike) -> list[dict[str, np.ndarray]]:
+    """Feeds from an .npz: arrays named like the model inputs; a leading axis indexes the batches."""
+    data = np.load(path)
+    names = list(data.files)
+    count = {len(data[n]) for n in names}
+    if len(count) != 1:
+        raise CalibrationError(f"{path}: every array needs the same number of batches (leading axis)")
+    return [{n: data[n][i] for n in names} for i in range(count.pop())]
+
+
+def collect_statistics(
+    model: ir.Model, layers: list[LinearLayer], feeds: Iterable[dict[str, np.ndarray]], hessian: bool = True,
+    progress=None,
+) -> dict[str, LayerStatistics]:
+    """LayerStatistics for each layer (by name) whose input lives in the main graph."""
+    by_value: dict[str, list[LinearLayer]] = {}
+    for layer in layers:
+        if layer.graph is model.graph and layer.node.inputs[0] is not None:
+            by_value.setdefault(layer.node.inputs[0].name, []).append(layer)
+    stats = {}
+    shared = {name: LayerStatistics(group[0].k, hessian=hessian, name=group[0].name) for name, group in by_value.items()}
+    for name, group in by_value.items():
+        for layer in group:
+            stats[layer.name] = shared[name]
+    if not shared:
+        return stats
+    proto = ir.to_proto(model)
+    extra = [n for n in shared if n not in {o.name for o in proto.graph.output}]
+    for n in extra:
+        proto.graph.output.append(helper.make_empty_tensor_value_info(n))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "calibration.onnx")
+        onnx.save(proto, path, save_as_external_data=True, location="calibration.onnx.data", size_threshold=1024)
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every layer input
+        session = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+        names = list(shared)
+        for feed in feeds:
+            outputs = session.run(names, feed)
+            for n, x in zip(names, outputs):
+                shared[n].update(x.astype(np.float32, copy=False))
+            if progress is not None:
+                progress()
+    return stats

@@ -1,0 +1,203 @@
+"""slim_onnx.compress: an ONNX model or Optimum export folder in, a compressed folder out.
+
+  load (onnx-ir, external data mapped lazily) -> find linear layers -> calibrate in onnxruntime ->
+  compress each layer (SlimConfig) -> rewrite the graph (passes) -> write to a temporary folder,
+  copy the export's other files, write slim_report.json -> rename to the output folder.
+The input is never modified and the output folder appears only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from slim_onnx.algorithms.layer import CompressionError, compress_layer
+from slim_onnx.calibration import CalibrationError, TextCalibration, collect_statistics, model_feeds, npz_feeds, read_text, token_windows
+from slim_onnx.config import SlimConfig
+from slim_onnx.fallback import DOMAIN, OP_TYPE
+from slim_onnx.passes import compress_graph, find_linear_layers
+
+MODEL_FILE_NAMES = ("model.onnx", "decoder_model_merged.onnx", "decoder_model.onnx")
+LARGE_MODEL_BYTES = 1 << 30  # above this, or when the input had it, tensors go to external data
+
+
+class InputError(ValueError):
+    """Bad input: a message that says what is wrong and what to do. The CLI exits with 2."""
+
+
+def resolve_model_path(path: str | os.PathLike) -> Path:
+    p = Path(path)
+    if p.is_dir():
+        for name in MODEL_FILE_NAMES:
+            if (p / name).is_file():
+                return p / name
+        found = sorted(p.glob("*.onnx"))
+        if len(found) == 1:
+            return found[0]
+        raise InputError(f"{p} holds {'no' if not found else 'several'} .onnx files: pass the model file itself")
+    if not p.is_file():
+        raise InputError(f"{p} does not exist")
+    return p
+
+
+def load_model(path: Path) -> ir.Model:
+    try:
+        return ir.load(path)
+    except Exception as error:  # protobuf or external-data errors: the file is not a usable ONNX model
+        raise InputError(f"{path} is not a readable ONNX model ({type(error).__name__}: {error}); is it truncated?") from None
+
+
+def _selected(layers, include, exclude, compress_lm_head: bool):
+    chosen = []
+    for layer in layers:
+        if include and not any(re.search(p, layer.name) for p in include):
+            continue
+        if exclude and any(re.search(p, layer.name) for p in exclude):
+            continue
+        if not compress_lm_head and "lm_head" in layer.name:
+            continue
+        chosen.append(layer)
+    return chosen
+
+
+def _calibration_feeds(model: ir.Model, model_dir: Path, calibration):
+    if calibration is None:
+        return None
+    if isinstance(calibration, (str, os.PathLike)) and str(calibration).endswith(".npz"):
+        return npz_feeds(calibration)
+    if isinstance(calibration, (str, os.PathLike)):
+        calibration = TextCalibration(calibration)
+    if isinstance(calibration, TextCalibration):
+        from transformers import AutoTokenizer
+
+        tokenizer_dir = calibration.tokenizer or model_dir
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        except Exception as error:
+            raise CalibrationError(f"no tokenizer in {tokenizer_dir} ({error}); pass --tokenizer PATH") from None
+        ids = np.asarray(tokenizer(read_text(calibration.path))["input_ids"], dtype=np.int64)
+        return list(model_feeds(model, token_windows(ids, calibration.samples, calibration.seqlen, calibration.seed)))
+    return list(calibration)  # an iterable of feed dicts
+
+
+def _needs_stats(config: SlimConfig) -> bool:
+    adapters = config.rank > 0 and config.adapter_format != "none"
+    return (config.sparsity == "2:4" and config.pruning != "magnitude") or config.quantizer == "gptq" or (
+        adapters and config.lowrank != "naive"
+    )
+
+
+def compress(
+    model_path: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    config: SlimConfig = SlimConfig(),
+    calibration=None,
+    *,
+    include: list[str] | None = None,
+    exclude: list[str] | None = None,
+    compress_lm_head: bool = True,
+    accuracy_level: int = 4,
+    overwrite: bool = False,
+    log=None,
+) -> dict:
+    """Compress a model; returns the report also written to output_dir/slim_report.json.
+
+    calibration: a text file or folder (TextCalibration for options), an .npz of inputs, an
+    iterable of feed dicts, or None (only for configurations that need no statistics).
+    """
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    start = time.perf_counter()
+    src = resolve_model_path(model_path)
+    out = Path(output_dir)
+    if out.exists() and not overwrite:
+        raise InputError(f"{out} exists: choose another output folder or pass --overwrite")
+    if out.resolve() == src.parent.resolve():
+        raise InputError("the output folder must differ from the input folder (the input is never modified)")
+    model = load_model(src)
+    if any(n.domain == DOMAIN and n.op_type == OP_TYPE for n in ir.traversal.RecursiveGraphIterator(model.graph)):
+        raise InputError(f"{src} is already compressed (it holds SlimMatMul nodes)")
+    layers = find_linear_layers(model)
+    if not layers:
+        raise InputError(f"{src} has no weight MatMul/Gemm layer to compress")
+    chosen = _selected(layers, include, exclude, compress_lm_head)
+    explicit = set(include or ())
+    kept = []
+    for layer in chosen:
+        if config.sparsity == "2:4" and layer.k % 4:
+            if any(re.fullmatch(p, layer.name) for p in explicit):
+                raise InputError(f"layer {layer.name}: K={layer.k} is not divisible by 4, so it cannot be 2:4-sparse")
+            log(f"warning: keeping {layer.name} dense (K={layer.k} is not divisible by 4)")
+            continue
+        kept.append(layer)
+    if not kept:
+        raise InputError("no layer left to compress after --include/--exclude")
+
+    stats = {}
+    if _needs_stats(config):
+        feeds = _calibration_feeds(model, src.parent, calibration)
+        if feeds is None:
+            raise InputError("this configuration needs calibration data: pass --calib TEXT_OR_NPZ")
+        log(f"calibrating {len(kept)} layers on {len(feeds)} batches")
+        stats = collect_statistics(model, kept, feeds, hessian=config.quantizer == "gptq" or config.lowrank == "hessian")
+
+    weights, reports = {}, []
+    for i, layer in enumerate(kept):
+        result = compress_layer(layer.weight_array(), stats.get(layer.name), config, layer.name, layer.bias_array())
+        weights[layer.name] = result.weights
+        reports.append(result.report)
+        log(f"[{i + 1}/{len(kept)}] {layer.name} {layer.k}x{layer.n}: output error {result.report.get('output_error', float('nan')):.4f}")
+
+    had_external = any(
+        isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values()
+    )
+    compress_graph(model, weights, accuracy_level)
+    report = {
+        "model": str(src),
+        "config": {k: getattr(config, k) for k in config.__dataclass_fields__},
+        "layers": reports,
+        "kept_dense": [l.name for l in layers if l.name not in weights],
+        "totals": {
+            "layers": len(reports),
+            "bytes_float16": sum(r["bytes_float16"] for r in reports),
+            "bytes_packed": sum(r["bytes_packed"] for r in reports),
+            "seconds": round(time.perf_counter() - start, 1),
+        },
+    }
+    _write_output(model, src, out, report, had_external, overwrite)
+    return report
+
+
+def _write_output(model: ir.Model, src: Path, out: Path, report: dict, had_external: bool, overwrite: bool) -> None:
+    parent = out.resolve().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
+    try:
+        if src.parent.is_dir():
+            for item in src.parent.iterdir():  # tokenizer, config, generation config, ...
+                if item.is_file() and item.suffix != ".onnx" and not item.name.endswith((".onnx_data", ".onnx.data")) and item.name != "slim_report.json":
+                    shutil.copy2(item, tmp / item.name)
+        size = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+        target = tmp / src.name
+        if had_external or size > LARGE_MODEL_BYTES:
+            ir.save(model, target, external_data=src.name + "_data")
+        else:
+            ir.save(model, target)
+        (tmp / "slim_report.json").write_text(json.dumps(report, indent=2))
+        if out.exists() and overwrite:
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+__all__ = ["CalibrationError", "CompressionError", "InputError", "compress"]

@@ -1,0 +1,167 @@
+"""The user's path: Optimum export -> `slim-onnx compress` -> onnxruntime / ORTModelForCausalLM."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+import slim_onnx
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+
+def english(start: int, length: int) -> str:
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k] for k in sorted(topics))[start : start + length]
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory) -> Path:
+    """A 2-layer Llama with tied embeddings and a small BPE tokenizer, exported with past key values."""
+    import torch
+    from optimum.exporters.onnx import main_export
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    root = tmp_path_factory.mktemp("tiny_llama")
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator([english(0, 100_000)], trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"]))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, max_position_embeddings=128)
+    LlamaForCausalLM(config).save_pretrained(root / "hf")
+    tokenizer.save_pretrained(root / "hf")
+    main_export(str(root / "hf"), str(root / "onnx"), task="text-generation-with-past")
+    (root / "calib.txt").write_text(english(100_000, 60_000))
+    return root
+
+
+def cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "slim_onnx.cli", *map(str, args)], capture_output=True, text=True, cwd=cwd)
+
+
+@pytest.fixture(scope="module")
+def compressed(tiny_llama) -> Path:
+    out = tiny_llama / "slim"
+    res = cli("compress", tiny_llama / "onnx", out, "--calib", tiny_llama / "calib.txt", "--calib-samples", 16, "--seqlen", 64)
+    assert res.returncode == 0, res.stderr
+    return out
+
+
+def test_compress_writes_a_complete_folder(tiny_llama, compressed):
+    names = {p.name for p in compressed.iterdir()}
+    assert {"model.onnx", "config.json", "tokenizer.json", "generation_config.json", "slim_report.json"} <= names
+    model = onnx.load(str(compressed / "model.onnx"))
+    onnx.checker.check_model(model)
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("SlimMatMul") == 2 * 7 + 1  # q k v o gate up down per block, and lm_head
+    assert any(n.name == "/model/rotary_emb/MatMul" and n.op_type == "MatMul" for n in model.graph.node)
+    assert "Gather" in ops and any(i.name == "model.embed_tokens.weight" for i in model.graph.initializer)
+    original = onnx.load(str(tiny_llama / "onnx" / "model.onnx"))
+    assert [i.name for i in model.graph.input] == [i.name for i in original.graph.input]
+    assert [o.name for o in model.graph.output] == [o.name for o in original.graph.output]
+    report = json.loads((compressed / "slim_report.json").read_text())
+    assert report["totals"]["layers"] == 15 and report["totals"]["bytes_packed"] < report["totals"]["bytes_float16"]
+    assert all(0 < layer["output_error"] < 1 for layer in report["layers"])
+
+
+def test_optimum_generates_the_same_tokens_with_and_without_the_library(tiny_llama):
+    """With float32 activations (--accuracy-level 0) the kernel and the fallback agree to rounding, so
+    greedy decoding matches token for token. (The default int8 path can flip near-ties, as
+    MatMulNBits accuracy_level 4 does; this random model's logits are nearly flat.)"""
+    from optimum.onnxruntime import ORTModelForCausalLM
+    from transformers import AutoTokenizer
+
+    compressed = tiny_llama / "slim_acc0"
+    res = cli("compress", tiny_llama / "onnx", compressed, "--calib", tiny_llama / "calib.txt", "--calib-samples", 16,
+              "--seqlen", 64, "--accuracy-level", 0, "-q")
+    assert res.returncode == 0, res.stderr
+    tok = AutoTokenizer.from_pretrained(compressed)
+    runs = []
+    for prompt in ("The Python language", "A function definition", "Exceptions are"):
+        ids = tok(prompt, return_tensors="pt", return_token_type_ids=False)
+        tokens = []
+        for so in (slim_onnx.session_options(), ort.SessionOptions()):
+            model = ORTModelForCausalLM.from_pretrained(compressed, session_options=so)
+            tokens.append(model.generate(**ids, max_new_tokens=20, do_sample=False)[0].tolist())
+        runs.append(tokens)
+    assert all(a == b for a, b in runs)
+
+
+def test_compressed_logits_stay_close_to_dense(tiny_llama, compressed):
+    """A sanity bound: 2:4 + 4-bit + adapters on a random 64-wide model keeps the logits' direction."""
+    from slim_onnx.calibration import model_feeds
+    import onnx_ir as ir
+
+    feeds = next(model_feeds(ir.load(tiny_llama / "onnx" / "model.onnx"), np.arange(5, 37)[None]))
+    dense = ort.InferenceSession(str(tiny_llama / "onnx" / "model.onnx")).run(["logits"], feeds)[0]
+    slim = ort.InferenceSession(str(compressed / "model.onnx"), slim_onnx.session_options()).run(["logits"], feeds)[0]
+    cos = (dense * slim).sum(-1) / np.linalg.norm(dense, axis=-1) / np.linalg.norm(slim, axis=-1)
+    assert cos.mean() > 0.9
+
+
+def test_inspect_lists_layers(compressed):
+    res = cli("inspect", compressed, "--json")
+    assert res.returncode == 0, res.stderr
+    rows = json.loads(res.stdout)["layers"]
+    assert sum("2:4 int4" in r["format"] for r in rows) == 15
+
+
+@pytest.mark.parametrize(
+    "case,message",
+    [
+        ("missing", "does not exist"),
+        ("not_onnx", "is not a readable ONNX model"),
+        ("truncated", "is not a readable ONNX model"),
+        ("output_exists", "exists: choose another output folder or pass --overwrite"),
+        ("short_text", "fewer than one window"),
+        ("already", "is already compressed"),
+        ("no_layers", "has no weight MatMul/Gemm layer"),
+    ],
+)
+def test_bad_input_exits_2_and_writes_nothing(tiny_llama, compressed, tmp_path, case, message):
+    src = tiny_llama / "onnx"
+    calib = tiny_llama / "calib.txt"
+    out = tmp_path / "out"
+    if case == "missing":
+        src = tmp_path / "nope.onnx"
+    elif case == "not_onnx":
+        src = tmp_path / "model.onnx"
+        src.write_text("hello")
+    elif case == "truncated":
+        data = (tiny_llama / "onnx" / "model.onnx").read_bytes()
+        src = tmp_path / "model.onnx"
+        src.write_bytes(data[: len(data) // 2])
+    elif case == "output_exists":
+        out.mkdir()
+        (out / "keep.txt").write_text("mine")
+    elif case == "short_text":
+        calib = tmp_path / "short.txt"
+        calib.write_text("too short")
+    elif case == "already":
+        src = compressed
+    elif case == "no_layers":
+        from onnx import TensorProto, helper
+
+        g = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+        src = tmp_path / "relu.onnx"
+        onnx.save(helper.make_model(g), str(src))
+    before = sorted(p.name for p in tmp_path.iterdir())
+    res = cli("compress", src, out, "--calib", calib, "--calib-samples", 4, "--seqlen", 64)
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert message in res.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written (no temp folder left)
+    if case == "output_exists":
+        assert (out / "keep.txt").read_text() == "mine"
