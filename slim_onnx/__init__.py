@@ -5,6 +5,7 @@ from slim_onnx.algorithms.stats import LayerStatistics
 from slim_onnx.config import SlimConfig
 from slim_onnx.format import SlimWeights, reference_slim_matmul
 from slim_onnx.packing import pack_quantized, pack_weight
+from slim_onnx.pipeline import compress
 from slim_onnx.op import make_slim_matmul_model, make_slim_matmul_node
 from slim_onnx.runtime import kernel_name, library_path, session_options
 
@@ -14,6 +15,7 @@ __all__ = [
     "CompressedLayer",
     "LayerStatistics",
     "SlimConfig",
+    "compress",
     "compress_layer",
     "SlimWeights",
     "kernel_name",

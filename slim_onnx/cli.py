@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 import sys
 
 EXIT_BAD_INPUT = 2
@@ -62,7 +63,7 @@ def _compress(args) -> int:
     t = report["totals"]
     print(f"compressed {t['layers']} layers: {t['bytes_float16'] / 2**20:.1f} MiB (float16) -> "
           f"{t['bytes_packed'] / 2**20:.1f} MiB ({t['bytes_packed'] / t['bytes_float16']:.3f}x) in {t['seconds']} s; "
-          f"report: {args.output}/slim_report.json")
+          f"report: {Path(args.output) / 'slim_report.json'}")
     return 0
 
 
@@ -95,6 +96,17 @@ def _inspect(args) -> int:
     return 0
 
 
+def _eval(args) -> int:
+    from slim_onnx.evaluate import evaluate
+
+    result = evaluate(args.model, args.text, args.reference, args.seqlen, args.windows, not args.no_library, args.tokenizer)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print("  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="slim-onnx", description="SLiM compression for ONNX models")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -105,6 +117,15 @@ def main(argv: list[str] | None = None) -> int:
     inspect = sub.add_parser("inspect", help="list a model's layers, their formats and bytes")
     inspect.add_argument("model")
     inspect.add_argument("--json", action="store_true")
+    ev = sub.add_parser("eval", help="perplexity (causal LMs) and agreement with a reference model, via onnxruntime")
+    ev.add_argument("model", help="a model folder or .onnx file")
+    ev.add_argument("--text", required=True, help="evaluation text file or folder of .txt files")
+    ev.add_argument("--reference", help="a reference model folder: KL divergence and top-1 agreement (cosine for encoders)")
+    ev.add_argument("--seqlen", type=int, default=512)
+    ev.add_argument("--windows", type=int, help="at most this many windows")
+    ev.add_argument("--tokenizer", help="tokenizer folder (default: the model folder)")
+    ev.add_argument("--no-library", action="store_true", help="run on stock onnxruntime (the fallback functions)")
+    ev.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
 
     from slim_onnx.algorithms.layer import CompressionError
@@ -119,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_demo(size=args.size, layers=args.layers)
         if args.command == "compress":
             return _compress(args)
+        if args.command == "eval":
+            return _eval(args)
         return _inspect(args)
     except (InputError, CalibrationError, CompressionError, ConfigError) as error:
         print(f"slim-onnx: error: {error}", file=sys.stderr)

@@ -165,3 +165,26 @@ def test_bad_input_exits_2_and_writes_nothing(tiny_llama, compressed, tmp_path, 
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written (no temp folder left)
     if case == "output_exists":
         assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_eval_reports_perplexity_and_agreement(tiny_llama, compressed):
+    """Perplexity computed by `slim-onnx eval` equals a direct numpy computation on the dense model."""
+    text = tiny_llama / "calib.txt"
+    res = cli("eval", compressed, "--text", text, "--reference", tiny_llama / "onnx", "--seqlen", 32, "--windows", 3, "--json")
+    assert res.returncode == 0, res.stderr
+    result = json.loads(res.stdout)
+    assert result["tokens"] == 3 * 31 and 0 <= result["kl"] < 0.5 and 0.5 < result["top1_agreement"] <= 1
+
+    from transformers import AutoTokenizer
+    from slim_onnx.calibration import model_feeds
+    import onnx_ir as ir
+
+    dense = json.loads(cli("eval", tiny_llama / "onnx", "--text", text, "--seqlen", 32, "--windows", 3, "--json").stdout)
+    ids = np.asarray(AutoTokenizer.from_pretrained(tiny_llama / "onnx")(text.read_text())["input_ids"][: 3 * 32]).reshape(3, 32)
+    session = ort.InferenceSession(str(tiny_llama / "onnx" / "model.onnx"))
+    nll = 0.0
+    for window, feeds in zip(ids, model_feeds(ir.load(tiny_llama / "onnx" / "model.onnx"), ids)):
+        logits = session.run(["logits"], feeds)[0][0].astype(np.float64)
+        logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
+        nll -= logp[np.arange(31), window[1:]].sum()
+    assert dense["perplexity"] == pytest.approx(float(np.exp(nll / 93)), rel=1e-6)
