@@ -147,7 +147,8 @@ def compress(
         if feeds is None:
             raise InputError("this configuration needs calibration data: pass --calib TEXT_OR_NPZ")
         log(f"calibrating {len(kept)} layers on {len(feeds)} batches")
-        stats = collect_statistics(model, kept, feeds, hessian=config.quantizer == "gptq" or config.lowrank == "hessian")
+        hessian = config.quantizer == "gptq" or (config.rank > 0 and config.adapter_format != "none" and config.lowrank == "hessian")
+        stats = collect_statistics(model, kept, feeds, hessian=hessian)
 
     weights, reports = {}, []
     for i, layer in enumerate(kept):
