@@ -212,6 +212,21 @@ class SlimWeights:
         adapter = {"none": "noadapter", "float16": "f16adapter", "int4": "int4adapter"}[self.adapter_format]
         return f"{'sparse' if self.sparse else 'dense'}_{adapter}_{'bias' if self.bias is not None else 'nobias'}"
 
+    def input_tensors(self) -> dict[str, np.ndarray | None]:
+        """The op's weight-side inputs 1..7 by their op-spec names (None where absent)."""
+        return {
+            "W": self.w, "W_scales": self.w_scales, "bias": self.bias, "L": self.adapter_l,
+            "L_scales": self.adapter_l_scales, "R": self.adapter_r, "R_scales": self.adapter_r_scales,
+        }
+
+    def attributes(self, accuracy_level: int) -> dict:
+        """The SlimMatMul node attributes for these weights."""
+        return dict(
+            K=self.k, N=self.n, bits=4, group_size=self.group_size, sparse=int(self.sparse), rank=self.rank,
+            adapter_format=self.adapter_format, adapter_group_size=self.adapter_group_size,
+            accuracy_level=accuracy_level,
+        )
+
     def quantized_weight(self) -> np.ndarray:
         unpack = unpack_2of4_int4 if self.sparse else unpack_dense_int4
         return unpack(self.w, self.k, self.n)
@@ -234,8 +249,7 @@ class SlimWeights:
         )
 
     def nbytes(self) -> int:
-        arrays = (self.w, self.w_scales, self.bias, self.adapter_l, self.adapter_l_scales, self.adapter_r, self.adapter_r_scales)
-        return sum(a.nbytes for a in arrays if a is not None)
+        return sum(a.nbytes for a in self.input_tensors().values() if a is not None)
 
 
 def quantize_activations_int8(a: np.ndarray, group_size: int) -> tuple[np.ndarray, np.ndarray]:

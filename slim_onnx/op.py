@@ -20,18 +20,9 @@ def make_slim_matmul_node(
 
     Initializer names are node_name + "/W", "/W_scales", ... so that several nodes never collide.
     """
-    tensors = {
-        "W": weights.w,
-        "W_scales": weights.w_scales,
-        "bias": weights.bias,
-        "L": weights.adapter_l,
-        "L_scales": weights.adapter_l_scales,
-        "R": weights.adapter_r,
-        "R_scales": weights.adapter_r_scales,
-    }
     inputs = [a_name]
     initializers = []
-    for key, array in tensors.items():
+    for key, array in weights.input_tensors().items():
         if array is None:
             inputs.append("")
             continue
@@ -40,22 +31,7 @@ def make_slim_matmul_node(
         initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
     while inputs[-1] == "":
         inputs.pop()
-    node = helper.make_node(
-        OP_TYPE,
-        inputs,
-        [y_name],
-        name=node_name,
-        domain=DOMAIN,
-        K=weights.k,
-        N=weights.n,
-        bits=4,
-        group_size=weights.group_size,
-        sparse=int(weights.sparse),
-        rank=weights.rank,
-        adapter_format=weights.adapter_format,
-        adapter_group_size=weights.adapter_group_size,
-        accuracy_level=accuracy_level,
-    )
+    node = helper.make_node(OP_TYPE, inputs, [y_name], name=node_name, domain=DOMAIN, **weights.attributes(accuracy_level))
     node.overload = weights.variant
     return node, initializers
 

@@ -19,33 +19,22 @@ from slim_onnx.format import SlimWeights
 from slim_onnx.op import IR_VERSION
 from slim_onnx.passes.linear import LinearLayer, find_linear_layers
 
-_TENSORS = ("w", "w_scales", "bias", "adapter_l", "adapter_l_scales", "adapter_r", "adapter_r_scales")
-_INPUT_NAMES = ("W", "W_scales", "bias", "L", "L_scales", "R", "R_scales")
-
 
 def _slim_node(layer: LinearLayer, weights: SlimWeights, accuracy_level: int) -> ir.Node:
     graph = layer.graph
     inputs: list[ir.Value | None] = [layer.node.inputs[0]]  # current: an earlier rewrite may have replaced it
-    for field, suffix in zip(_TENSORS, _INPUT_NAMES):
-        array = getattr(weights, field)
+    for key, array in weights.input_tensors().items():
         if array is None:
             inputs.append(None)
             continue
-        value = ir.Value(name=f"{layer.name}/{suffix}", const_value=ir.tensor(np.ascontiguousarray(array), name=f"{layer.name}/{suffix}"))
+        name = f"{layer.name}/{key}"
+        value = ir.Value(name=name, const_value=ir.tensor(np.ascontiguousarray(array), name=name))
         graph.register_initializer(value)
         inputs.append(value)
     while inputs[-1] is None:
         inputs.pop()
     return ir.node(
-        OP_TYPE,
-        inputs,
-        attributes=dict(
-            K=weights.k, N=weights.n, bits=4, group_size=weights.group_size, sparse=int(weights.sparse),
-            rank=weights.rank, adapter_format=weights.adapter_format,
-            adapter_group_size=weights.adapter_group_size, accuracy_level=accuracy_level,
-        ),
-        domain=DOMAIN,
-        overload=weights.variant,
+        OP_TYPE, inputs, attributes=weights.attributes(accuracy_level), domain=DOMAIN, overload=weights.variant,
         name=layer.name,
     )
 
