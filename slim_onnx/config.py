@@ -104,9 +104,24 @@ class SlimConfig:
         fields.update(overrides)
         return cls(**fields)
 
+    @property
+    def has_adapters(self) -> bool:
+        return self.rank > 0 and self.adapter_format != "none"
+
+    @property
+    def needs_hessian(self) -> bool:
+        """GPTQ/SparseGPT and Hessian-whitened adapters need X^T X, not only per-channel statistics."""
+        return self.quantizer == "gptq" or (self.has_adapters and self.lowrank == "hessian")
+
+    @property
+    def needs_statistics(self) -> bool:
+        """Whether compressing a layer needs calibration statistics of its input at all."""
+        scored = self.sparsity == "2:4" and self.pruning in ("wanda", "sparsegpt")
+        return scored or self.needs_hessian or (self.has_adapters and self.lowrank != "naive")
+
     def resolve_rank(self, k: int, n: int) -> int:
         """The adapter rank for a [K, N] weight (0 for none)."""
-        if self.rank == 0 or self.adapter_format == "none":
+        if not self.has_adapters:
             return 0
         limit = min(k, n)
         if self.rank < 1:

@@ -89,13 +89,6 @@ def _calibration_feeds(model: ir.Model, model_dir: Path, calibration):
     return list(calibration)  # an iterable of feed dicts
 
 
-def _needs_stats(config: SlimConfig) -> bool:
-    adapters = config.rank > 0 and config.adapter_format != "none"
-    return (config.sparsity == "2:4" and config.pruning != "magnitude") or config.quantizer == "gptq" or (
-        adapters and config.lowrank != "naive"
-    )
-
-
 def compress(
     model_path: str | os.PathLike,
     output_dir: str | os.PathLike,
@@ -142,13 +135,12 @@ def compress(
         raise InputError("no layer left to compress after --include/--exclude")
 
     stats = {}
-    if _needs_stats(config):
+    if config.needs_statistics:
         feeds = _calibration_feeds(model, src.parent, calibration)
         if feeds is None:
             raise InputError("this configuration needs calibration data: pass --calib TEXT_OR_NPZ")
         log(f"calibrating {len(kept)} layers on {len(feeds)} batches")
-        hessian = config.quantizer == "gptq" or (config.rank > 0 and config.adapter_format != "none" and config.lowrank == "hessian")
-        stats = collect_statistics(model, kept, feeds, hessian=hessian)
+        stats = collect_statistics(model, kept, feeds, hessian=config.needs_hessian)
 
     weights, reports = {}, []
     for i, layer in enumerate(kept):

@@ -49,11 +49,9 @@ def _check_inputs(name: str, w: torch.Tensor, stats: LayerStatistics | None, con
             raise CompressionError(f"layer {name}: statistics are for K={stats.k}, the weight has K={k}")
         if not torch.isfinite(stats.sq_sum).all() or (stats.xtx is not None and not torch.isfinite(stats.xtx).all()):
             raise CompressionError(f"layer {name}: calibration statistics hold NaN or Inf")
-    needs_stats = config.pruning in ("wanda", "sparsegpt") and config.sparsity == "2:4"
-    needs_stats |= config.quantizer == "gptq" or (rank > 0 and config.lowrank in ("saliency", "hessian"))
-    if needs_stats and (stats is None or stats.count == 0):
+    if config.needs_statistics and (stats is None or stats.count == 0):
         raise CompressionError(f"layer {name}: this configuration needs calibration statistics")
-    if (config.quantizer == "gptq" or (rank > 0 and config.lowrank == "hessian")) and stats.xtx is None:
+    if config.needs_hessian and stats.xtx is None:
         raise CompressionError(f"layer {name}: GPTQ/SparseGPT and Hessian adapters need LayerStatistics(hessian=True)")
 
 
@@ -94,8 +92,7 @@ def compress_layer(
         raise CompressionError(f"layer {name}: the SlimMatMul format packs bits=4, got bits={config.bits}")
     sparse = config.sparsity == "2:4"
     s = stats.channel_sq_mean.to(device) if stats is not None and stats.count else None
-    uses_hessian = config.quantizer == "gptq" or (rank > 0 and config.lowrank == "hessian")
-    hessian = DampedHessian(stats.hessian, config.damp, device) if uses_hessian else None
+    hessian = DampedHessian(stats.hessian, config.damp, device) if config.needs_hessian else None
 
     scored_mask = sparse and config.pruning in ("magnitude", "wanda")
     if scored_mask and config.mask_on == "quantized" and config.quantizer != "gptq":
