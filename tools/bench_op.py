@@ -1,11 +1,21 @@
-"""Op-level benchmark: SlimMatMul against onnxruntime's MatMul (fp32) and MatMulNBits (4-bit), side by side.
+"""Op-level benchmark: SlimMatMul against its peers, side by side in one run.
 
-All ops compute Y = A @ W for the same random W [K, N] (SlimMatMul: 2:4 + 4-bit, group 128; with and
-without rank-r 4-bit adapters), in one process, on the same onnxruntime thread settings. Prints a
-table of median times and ratios (peer time / SlimMatMul time: > 1 means SlimMatMul is faster).
+CPU (default): onnxruntime's MatMul (fp32) and MatMulNBits (4-bit) against SlimMatMul (2:4 + 4-bit,
+group 128; with and without rank-r 4-bit adapters) for the same random W [K, N], on the same
+onnxruntime thread settings. Prints median times and ratios (peer time / SlimMatMul time: > 1 means
+SlimMatMul is faster).
 
     python tools/bench_op.py                      # K = N = 4096, M in 1, 16, 128
     python tools/bench_op.py --m 1 --json out.json
+
+CUDA (--device cuda, see docs/cuda.md): SlimMatMul's CUDA kernels against torch float16 matmul
+(cuBLAS), torch 2:4 semi-structured float16, and onnxruntime MatMulNBits on CUDA when onnxruntime-gpu
+is installed, for K x N in {4096^2, 4096x14336, 14336x4096, 8192^2} and M in {1, 16, 128, 2048}.
+Every case is timed as GPU time per call inside a CUDA graph, rotating over enough weight copies
+that they do not fit in L2; weight bandwidth is shown as a fraction of the measured device-to-device
+copy bandwidth.
+
+    python tools/bench_op.py --device cuda
 """
 
 from __future__ import annotations
@@ -87,15 +97,23 @@ def time_sessions(sessions: dict, a: np.ndarray, seconds: float) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--k", type=int, default=4096)
-    parser.add_argument("--n", type=int, default=4096)
-    parser.add_argument("--m", type=int, nargs="+", default=[1, 16, 128])
-    parser.add_argument("--rank", type=int, default=410, help="adapter rank (default 0.1 * 4096, rounded)")
+    parser.add_argument("--k", type=int, default=None, help="default 4096 (cuda: the four issue shapes)")
+    parser.add_argument("--n", type=int, default=None)
+    parser.add_argument("--m", type=int, nargs="+", default=None, help="default 1 16 128 (cuda: 1 16 128 2048)")
+    parser.add_argument("--rank", type=int, default=None, help="adapter rank (default 0.1 * min(K, N), rounded to 8)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seconds", type=float, default=1.0, help="minimum timing time per case")
     parser.add_argument("--json", help="also write the results to this JSON file")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     args = parser.parse_args()
+    if args.device == "cuda":
+        from bench_cuda import bench_cuda
 
+        bench_cuda(args)
+        return
+
+    args.k, args.n, args.m = args.k or 4096, args.n or 4096, args.m or [1, 16, 128]
+    args.rank = args.rank or 410
     # Before any session exists: every session runs on one global pool of `threads` threads.
     ort.capi._pybind_state.set_global_thread_pool_sizes(args.threads, 1)
     rng = np.random.default_rng(0)

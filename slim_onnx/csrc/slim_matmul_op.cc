@@ -1,5 +1,6 @@
-// The SlimMatMul custom op for onnxruntime's CPU execution provider: attribute and input
-// validation, weight prepacking, and the per-call orchestration of the kernels in kernels_*.cc.
+// The SlimMatMul custom op: attribute and input validation, weight prepacking, and the per-call
+// orchestration of the CPU kernels in kernels_*.cc; with SLIM_ONNX_HAVE_CUDA also the op for
+// onnxruntime's CUDA execution provider, which runs the kernels of cuda/ (see the end of this file).
 //
 // Y = A @ W + (A @ L) @ R + bias (docs/op-spec.md). Per call:
 //   1. A (float32 or float16, [..., K]) is copied into a float32 [M, Kb*8] buffer padded with zeros,
@@ -22,6 +23,9 @@
 
 #include "ort_api.h"
 #include "slim_kernels.h"
+#ifdef SLIM_ONNX_HAVE_CUDA
+#include "cuda/slim_cuda.h"
+#endif
 
 namespace slim {
 namespace {
@@ -119,6 +123,20 @@ void CheckGroupSize(int64_t g, int64_t k, const char* what) {
                   std::to_string(k) + " (one group)");
 }
 
+void ValidateAttributes(const Attributes& a) {
+  if (a.K < 1 || a.N < 1) throw OpError("K and N must be positive, got K=" + std::to_string(a.K) + " N=" + std::to_string(a.N));
+  if (a.bits != 4) throw OpError("bits=" + std::to_string(a.bits) + " is not supported; the kernels implement bits=4");
+  if (a.sparse != 0 && a.sparse != 1) throw OpError("sparse must be 0 or 1");
+  CheckGroupSize(a.group_size, a.K, "group_size");
+  if (a.rank < 0) throw OpError("rank must be >= 0");
+  if ((a.adapter == AdapterFormat::kNone) != (a.rank == 0))
+    throw OpError("rank=" + std::to_string(a.rank) + " disagrees with adapter_format (rank must be 0 exactly when it is 'none')");
+  if (a.adapter == AdapterFormat::kInt4) {
+    CheckGroupSize(a.adapter_group_size, a.K, "adapter_group_size");
+    CheckGroupSize(a.adapter_group_size, a.rank, "adapter_group_size");
+  }
+}
+
 Attributes ReadAttributes(const OrtKernelInfo* info) {
   Attributes a;
   a.K = AttrInt(info, "K", 0, true);
@@ -134,17 +152,7 @@ Attributes ReadAttributes(const OrtKernelInfo* info) {
   else if (fmt == "float16") a.adapter = AdapterFormat::kFloat16;
   else if (fmt == "int4") a.adapter = AdapterFormat::kInt4;
   else throw OpError("adapter_format must be 'none', 'float16' or 'int4', got '" + fmt + "'");
-  if (a.K < 1 || a.N < 1) throw OpError("K and N must be positive, got K=" + std::to_string(a.K) + " N=" + std::to_string(a.N));
-  if (a.bits != 4) throw OpError("bits=" + std::to_string(a.bits) + " is not supported; the kernels implement bits=4");
-  if (a.sparse != 0 && a.sparse != 1) throw OpError("sparse must be 0 or 1");
-  CheckGroupSize(a.group_size, a.K, "group_size");
-  if (a.rank < 0) throw OpError("rank must be >= 0");
-  if ((a.adapter == AdapterFormat::kNone) != (a.rank == 0))
-    throw OpError("rank=" + std::to_string(a.rank) + " disagrees with adapter_format (rank must be 0 exactly when it is 'none')");
-  if (a.adapter == AdapterFormat::kInt4) {
-    CheckGroupSize(a.adapter_group_size, a.K, "adapter_group_size");
-    CheckGroupSize(a.adapter_group_size, a.rank, "adapter_group_size");
-  }
+  ValidateAttributes(a);
   return a;
 }
 
@@ -347,28 +355,57 @@ struct Operand {
 
 // ---- the kernel ----------------------------------------------------------------------------------
 
-struct SlimMatMulKernel {
+// What every run starts with, on either device: the inputs, A's checks, and Y allocated.
+struct Call {
+  bool half = false;
+  int64_t M = 0;
+  OrtValue* y_value = nullptr;
+  void* y = nullptr;
+};
+
+Call BeginCall(OrtKernelContext* ctx, const Attributes& attr, TensorView (&in)[kNumInputs]) {
+  size_t count = 0;
+  ThrowOnError(g_api->KernelContext_GetInputCount(ctx, &count));
+  for (size_t i = 0; i < std::min<size_t>(count, kNumInputs); ++i) {
+    const OrtValue* v = nullptr;
+    ThrowOnError(g_api->KernelContext_GetInput(ctx, i, &v));
+    in[i] = View(v);
+  }
+  const TensorView& A = in[kA];
+  if (!A.present) throw OpError("input 'A' is missing");
+  Call call;
+  call.half = A.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
+  if (!call.half && A.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT)
+    throw OpError(std::string("input 'A' must be float32 or float16, got ") + TypeName(A.type));
+  if (A.shape.empty() || A.shape.back() != attr.K)
+    throw OpError("input 'A' must have last dimension K=" + std::to_string(attr.K) + ", got shape " + ShapeString(A.shape));
+  std::vector<int64_t> out_shape = A.shape;
+  out_shape.back() = attr.N;
+  ThrowOnError(g_api->KernelContext_GetOutput(ctx, 0, out_shape.data(), out_shape.size(), &call.y_value));
+  ThrowOnError(g_api->GetTensorMutableData(call.y_value, &call.y));
+  call.M = A.numel() / attr.K;
+  return call;
+}
+
+struct SlimMatMulCpuKernel {
+  static constexpr const char* kProvider = "CPUExecutionProvider";
+  static OrtMemType InputMemoryType(size_t) { return OrtMemTypeDefault; }
+
   std::string node;
   Attributes attr;
   const KernelTable* kernels = nullptr;
   std::unique_ptr<Prepared> constant;  // set when every weight input is a constant initializer
 
+  SlimMatMulCpuKernel(const OrtKernelInfo* info, const std::string& name);
+
   void Compute(OrtKernelContext* ctx) const {
-    size_t count = 0;
-    ThrowOnError(g_api->KernelContext_GetInputCount(ctx, &count));
     TensorView in[kNumInputs];
-    for (size_t i = 0; i < std::min<size_t>(count, kNumInputs); ++i) {
-      const OrtValue* v = nullptr;
-      ThrowOnError(g_api->KernelContext_GetInput(ctx, i, &v));
-      in[i] = View(v);
-    }
+    const Call call = BeginCall(ctx, attr, in);
     const TensorView& A = in[kA];
-    if (!A.present) throw OpError("input 'A' is missing");
-    const bool half = A.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
-    if (!half && A.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT)
-      throw OpError(std::string("input 'A' must be float32 or float16, got ") + TypeName(A.type));
-    if (A.shape.empty() || A.shape.back() != attr.K)
-      throw OpError("input 'A' must have last dimension K=" + std::to_string(attr.K) + ", got shape " + ShapeString(A.shape));
+    const bool half = call.half;
+    void* out_data = call.y;
+    const int64_t M = call.M, K = attr.K, N = attr.N;
+    if (M == 0) return;
 
     std::unique_ptr<Prepared> local;
     const Prepared* p = constant.get();
@@ -376,15 +413,6 @@ struct SlimMatMulKernel {
       local = Prepare(attr, in);
       p = local.get();
     }
-
-    std::vector<int64_t> out_shape = A.shape;
-    out_shape.back() = attr.N;
-    OrtValue* out_value = nullptr;
-    ThrowOnError(g_api->KernelContext_GetOutput(ctx, 0, out_shape.data(), out_shape.size(), &out_value));
-    void* out_data = nullptr;
-    ThrowOnError(g_api->GetTensorMutableData(out_value, &out_data));
-    const int64_t M = A.numel() / attr.K, K = attr.K, N = attr.N;
-    if (M == 0) return;
 
     // 1. float32 activations, rows padded to whole blocks.
     const int64_t lda = p->w.m.Kb * kBlockK;
@@ -544,15 +572,117 @@ OrtStatus* InferOutputShape(OrtShapeInferContext* ctx) {
   return finish(g_api->ShapeInferContext_SetOutputTypeShape(ctx, 0, out));
 }
 
+// ---- the CUDA kernel -------------------------------------------------------------------------------
+
+#ifdef SLIM_ONNX_HAVE_CUDA
+// Builds the device copy of a node's weights from validated host inputs: the same Prepare as the
+// CPU op (so both refuse the same bad input), then the fragment layout of cuda/slim_cuda_layout.cc.
+cuda::DeviceWeights* UploadCudaWeights(const Attributes& a, const TensorView* in, const cuda::DeviceAllocator& alloc,
+                                       int device) {
+  const std::unique_ptr<Prepared> p = Prepare(a, in);
+  const auto scales = [&](Input i) { return static_cast<const uint16_t*>(in[i].data); };
+  const cuda::FragMatrix w = cuda::FragFromPacked(p->w.m, scales(kWScales), a.group_size);
+  cuda::FragMatrix l, r;
+  if (a.adapter == AdapterFormat::kInt4) {
+    l = cuda::FragFromPacked(p->l.m, scales(kLScales), a.adapter_group_size);
+    r = cuda::FragFromPacked(p->r.m, scales(kRScales), a.adapter_group_size);
+  } else if (a.adapter == AdapterFormat::kFloat16) {
+    l = cuda::FragFromFloat16(static_cast<const uint16_t*>(in[kL].data), a.K, a.rank);
+    r = cuda::FragFromFloat16(static_cast<const uint16_t*>(in[kR].data), a.rank, a.N);
+  }
+  const bool adapters = a.adapter != AdapterFormat::kNone;
+  return cuda::UploadWeights(w, adapters ? &l : nullptr, adapters ? &r : nullptr,
+                             p->bias.empty() ? nullptr : p->bias.data(), alloc, device);
+}
+
+// On CUDAExecutionProvider the weight inputs stay in host memory (OrtMemTypeCPUInput) and must be
+// constant initializers: they are re-laid and copied to the device once, at session creation, into
+// memory from the provider's allocator. A and Y live on the device; a run launches on onnxruntime's
+// stream and takes its scratch from the provider's allocator.
+struct SlimMatMulCudaKernel {
+  static constexpr const char* kProvider = "CUDAExecutionProvider";
+  static OrtMemType InputMemoryType(size_t i) { return i == kA ? OrtMemTypeDefault : OrtMemTypeCPUInput; }
+
+  std::string node;
+  Attributes attr;
+  OrtAllocator* allocator = nullptr;  // the provider's device allocator, owns the weights' memory
+  cuda::DeviceWeights* weights = nullptr;
+
+  SlimMatMulCudaKernel(const OrtKernelInfo* info, const std::string& name) : node(name), attr(ReadAttributes(info)) {
+    TensorView in[kNumInputs];
+    if (!ConstantWeights(info, in))
+      throw OpError("on CUDAExecutionProvider the weight inputs (W, scales, bias, adapters) must be constant "
+                    "initializers; run this model on the CPU provider, or keep its weights as initializers");
+    ThrowOnError(g_api->KernelInfoGetAllocator(info, OrtMemTypeDefault, &allocator));
+    try {
+      const OrtMemoryInfo* mem = nullptr;
+      int device = 0;
+      ThrowOnError(g_api->AllocatorGetInfo(allocator, &mem));
+      ThrowOnError(g_api->MemoryInfoGetId(mem, &device));
+      cuda::DeviceAllocator alloc;
+      alloc.alloc = [](void* state, size_t bytes) { return static_cast<OrtAllocator*>(state)->Alloc(static_cast<OrtAllocator*>(state), bytes); };
+      alloc.free_fn = [](void* state, void* ptr) { static_cast<OrtAllocator*>(state)->Free(static_cast<OrtAllocator*>(state), ptr); };
+      alloc.state = allocator;
+      weights = UploadCudaWeights(attr, in, alloc, device);
+    } catch (...) {
+      g_api->ReleaseAllocator(allocator);
+      throw;
+    }
+  }
+  ~SlimMatMulCudaKernel() {
+    cuda::FreeWeights(weights);
+    g_api->ReleaseAllocator(allocator);
+  }
+
+  void Compute(OrtKernelContext* ctx) const {
+    TensorView in[kNumInputs];
+    const Call call = BeginCall(ctx, attr, in);
+    if (call.M == 0) return;
+    void* stream = nullptr;
+    ThrowOnError(g_api->KernelContext_GetGPUComputeStream(ctx, &stream));
+    const size_t scratch_bytes = cuda::ScratchBytes(weights, call.M);
+    void* scratch = nullptr;
+    OrtAllocator* scratch_alloc = nullptr;
+    if (scratch_bytes > 0) {
+      const OrtMemoryInfo* mem = nullptr;
+      ThrowOnError(g_api->GetTensorMemoryInfo(call.y_value, &mem));
+      ThrowOnError(g_api->KernelContext_GetAllocator(ctx, mem, &scratch_alloc));
+      scratch = scratch_alloc->Alloc(scratch_alloc, scratch_bytes);
+    }
+    // Work on the stream is ordered, so the scratch may go back to the allocator right after launch.
+    auto release = [&] {
+      if (scratch_alloc == nullptr) return;
+      if (scratch) scratch_alloc->Free(scratch_alloc, scratch);
+      g_api->ReleaseAllocator(scratch_alloc);
+    };
+    try {
+      if (scratch_bytes > 0 && scratch == nullptr) throw OpError("could not allocate the adapter scratch buffer");
+      cuda::RunSlimMatMul(weights, in[kA].data, call.half, call.M, call.y, scratch, stream);
+    } catch (...) {
+      release();
+      throw;
+    }
+    release();
+  }
+};
+#endif
+
+SlimMatMulCpuKernel::SlimMatMulCpuKernel(const OrtKernelInfo* info, const std::string& name)
+    : node(name), attr(ReadAttributes(info)), kernels(&SelectKernels()) {
+  TensorView in[kNumInputs];
+  if (ConstantWeights(info, in)) constant = Prepare(attr, in);
+}
+
 // ---- the OrtCustomOp ---------------------------------------------------------------------------------
 
 // The oldest onnxruntime this library loads in is 1.20 (C API version 20): the op is stamped with it
 // and only API functions of that version or older are used.
 constexpr uint32_t kOrtApiVersion = 20;
 
-// Registered twice under one name, once per adapter element type (uint8 for int4-packed adapters,
-// float16 for float16 ones): onnxruntime merges the two into one schema whose L and R accept either
-// type, and picks the kernel whose types match the node. Both run the same SlimMatMulKernel.
+// Registered twice per execution provider under one name, once per adapter element type (uint8 for
+// int4-packed adapters, float16 for float16 ones): onnxruntime merges the two into one schema whose L
+// and R accept either type, and picks the kernel whose types match the node.
+template <typename Kernel>
 struct SlimMatMulOp : OrtCustomOp {
   ONNXTensorElementDataType adapter_type;
 
@@ -561,7 +691,7 @@ struct SlimMatMulOp : OrtCustomOp {
     adapter_type = adapter_elem_type;
     version = kOrtApiVersion;
     GetName = [](const OrtCustomOp*) { return "SlimMatMul"; };
-    GetExecutionProviderType = [](const OrtCustomOp*) { return "CPUExecutionProvider"; };
+    GetExecutionProviderType = [](const OrtCustomOp*) { return Kernel::kProvider; };
     GetInputTypeCount = [](const OrtCustomOp*) -> size_t { return kNumInputs; };
     GetInputType = [](const OrtCustomOp* self, size_t i) {
       switch (i) {
@@ -579,27 +709,21 @@ struct SlimMatMulOp : OrtCustomOp {
     GetOutputTypeCount = [](const OrtCustomOp*) -> size_t { return 1; };
     GetOutputType = [](const OrtCustomOp*, size_t) { return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED; };
     GetOutputCharacteristic = [](const OrtCustomOp*, size_t) { return INPUT_OUTPUT_REQUIRED; };
-    GetInputMemoryType = [](const OrtCustomOp*, size_t) { return OrtMemTypeDefault; };
+    GetInputMemoryType = [](const OrtCustomOp*, size_t i) { return Kernel::InputMemoryType(i); };
     CreateKernel = [](const OrtCustomOp*, const OrtApi*, const OrtKernelInfo*) -> void* { return nullptr; };
     KernelCompute = [](void*, OrtKernelContext*) {};
     CreateKernelV2 = [](const OrtCustomOp*, const OrtApi*, const OrtKernelInfo* info, void** out) -> OrtStatus* {
       std::string node = "?";
       try {
         node = NodeName(info);
-        auto kernel = std::make_unique<SlimMatMulKernel>();
-        kernel->node = node;
-        kernel->attr = ReadAttributes(info);
-        kernel->kernels = &SelectKernels();
-        TensorView in[kNumInputs];
-        if (ConstantWeights(info, in)) kernel->constant = Prepare(kernel->attr, in);
-        *out = kernel.release();
+        *out = new Kernel(info, node);
         return nullptr;
       } catch (const std::exception& e) {
         return ToStatus(node, e);
       }
     };
     KernelComputeV2 = [](void* k, OrtKernelContext* ctx) -> OrtStatus* {
-      auto* kernel = static_cast<SlimMatMulKernel*>(k);
+      auto* kernel = static_cast<Kernel*>(k);
       try {
         kernel->Compute(ctx);
         return nullptr;
@@ -607,7 +731,7 @@ struct SlimMatMulOp : OrtCustomOp {
         return ToStatus(kernel->node, e);
       }
     };
-    KernelDestroy = [](void* k) { delete static_cast<SlimMatMulKernel*>(k); };
+    KernelDestroy = [](void* k) { delete static_cast<Kernel*>(k); };
   }
 };
 
@@ -629,18 +753,25 @@ extern "C" SLIM_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptio
   int major = 0, minor = 0;
   const bool shape_inference = std::sscanf(base->GetVersionString(), "%d.%d", &major, &minor) == 2 &&
                                (major > 1 || (major == 1 && minor >= 24));
-  static SlimMatMulOp op_int4_adapters(ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8);
-  static SlimMatMulOp op_f16_adapters(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16);
+  static SlimMatMulOp<SlimMatMulCpuKernel> cpu_int4(ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8);
+  static SlimMatMulOp<SlimMatMulCpuKernel> cpu_f16(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16);
+#ifdef SLIM_ONNX_HAVE_CUDA
+  static SlimMatMulOp<SlimMatMulCudaKernel> cuda_int4(ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8);
+  static SlimMatMulOp<SlimMatMulCudaKernel> cuda_f16(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16);
+  OrtCustomOp* const ops[] = {&cpu_int4, &cpu_f16, &cuda_int4, &cuda_f16};
+#else
+  OrtCustomOp* const ops[] = {&cpu_int4, &cpu_f16};
+#endif
   static OrtCustomOpDomain* domain = nullptr;  // lives as long as the process: sessions keep pointers to it
   static std::mutex mutex;
   std::lock_guard<std::mutex> lock(mutex);
   if (domain == nullptr) {
-    for (SlimMatMulOp* op : {&op_int4_adapters, &op_f16_adapters})
+    for (OrtCustomOp* op : ops)
       op->InferOutputShapeFn = shape_inference ? +[](const OrtCustomOp*, OrtShapeInferContext* ctx) { return InferOutputShape(ctx); }
                                                : nullptr;
     OrtCustomOpDomain* d = nullptr;
     if (OrtStatus* st = api->CreateCustomOpDomain("slim_onnx", &d)) return st;
-    for (SlimMatMulOp* op : {&op_int4_adapters, &op_f16_adapters})
+    for (OrtCustomOp* op : ops)
       if (OrtStatus* st = api->CustomOpDomain_Add(d, op)) return st;
     domain = d;
   }
@@ -649,3 +780,74 @@ extern "C" SLIM_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptio
 
 // For tests and diagnostics: which kernel table the CPU op runs ("avx2" or "scalar").
 extern "C" SLIM_EXPORT const char* SlimOnnxKernelName() { return slim::SelectKernels().name; }
+
+#ifdef SLIM_ONNX_HAVE_CUDA
+// Entry points for tests and benchmarks that drive the CUDA kernels without onnxruntime-gpu (from
+// torch, through ctypes). Inputs are host pointers in the op's input order (W, W_scales, bias, L,
+// L_scales, R, R_scales; null = absent) with the shapes docs/op-spec.md gives for the attributes
+// {K, N, group_size, sparse, rank, adapter_format (0 none, 1 float16, 2 int4), adapter_group_size}.
+// Errors return null / nonzero and write a message to `error`.
+namespace {
+void CopyError(const std::exception& e, char* error, size_t size) {
+  if (error != nullptr && size > 0) std::snprintf(error, size, "%s", e.what());
+}
+}  // namespace
+
+extern "C" SLIM_EXPORT void* SlimOnnxCudaCreate(const int64_t* attrs, const void* const* inputs, int device,
+                                                char* error, size_t error_size) {
+  using namespace slim;
+  try {
+    Attributes a;
+    a.K = attrs[0], a.N = attrs[1], a.group_size = attrs[2], a.sparse = attrs[3], a.rank = attrs[4];
+    a.adapter = attrs[5] == 2 ? AdapterFormat::kInt4 : attrs[5] == 1 ? AdapterFormat::kFloat16 : AdapterFormat::kNone;
+    a.adapter_group_size = attrs[6];
+    ValidateAttributes(a);
+    const int64_t Kb = CeilDiv(a.K, kBlockK), rb = CeilDiv(a.rank, kBlockK);
+    const auto u8 = ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, f16 = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
+    auto view = [&](Input i, ONNXTensorElementDataType type, std::vector<int64_t> shape) {
+      TensorView v;
+      v.present = inputs[i - 1] != nullptr;
+      v.type = type;
+      v.shape = std::move(shape);
+      v.data = inputs[i - 1];
+      return v;
+    };
+    TensorView in[kNumInputs];
+    in[kW] = view(kW, u8, {CeilDiv(a.N, kTileN), Kb, a.sparse ? kSparseBlockBytes : kDenseBlockBytes});
+    in[kWScales] = view(kWScales, f16, {CeilDiv(a.K, a.group_size), a.N});
+    in[kBias] = view(kBias, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, {a.N});
+    if (a.adapter == AdapterFormat::kInt4) {
+      in[kL] = view(kL, u8, {CeilDiv(a.rank, kTileN), Kb, kDenseBlockBytes});
+      in[kLScales] = view(kLScales, f16, {CeilDiv(a.K, a.adapter_group_size), a.rank});
+      in[kR] = view(kR, u8, {CeilDiv(a.N, kTileN), rb, kDenseBlockBytes});
+      in[kRScales] = view(kRScales, f16, {CeilDiv(a.rank, a.adapter_group_size), a.N});
+    } else if (a.adapter == AdapterFormat::kFloat16) {
+      in[kL] = view(kL, f16, {a.K, a.rank});
+      in[kR] = view(kR, f16, {a.rank, a.N});
+    }
+    return UploadCudaWeights(a, in, cuda::CudaMallocAllocator(), device);
+  } catch (const std::exception& e) {
+    CopyError(e, error, error_size);
+    return nullptr;
+  }
+}
+
+extern "C" SLIM_EXPORT size_t SlimOnnxCudaScratchBytes(void* weights, int64_t M) {
+  return slim::cuda::ScratchBytes(static_cast<slim::cuda::DeviceWeights*>(weights), M);
+}
+
+extern "C" SLIM_EXPORT int SlimOnnxCudaRun(void* weights, const void* A, int half, int64_t M, void* Y, void* scratch,
+                                          void* stream, char* error, size_t error_size) {
+  try {
+    slim::cuda::RunSlimMatMul(static_cast<slim::cuda::DeviceWeights*>(weights), A, half != 0, M, Y, scratch, stream);
+    return 0;
+  } catch (const std::exception& e) {
+    CopyError(e, error, error_size);
+    return 1;
+  }
+}
+
+extern "C" SLIM_EXPORT void SlimOnnxCudaDestroy(void* weights) {
+  slim::cuda::FreeWeights(static_cast<slim::cuda::DeviceWeights*>(weights));
+}
+#endif

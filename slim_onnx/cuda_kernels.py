@@ -1,0 +1,86 @@
+"""The CUDA kernels driven from torch tensors, without onnxruntime-gpu (tests and benchmarks).
+
+onnxruntime runs the same kernels through the op registered for CUDAExecutionProvider; this module
+calls the library's C entry points (`SlimOnnxCuda*`) directly, on torch's current CUDA stream.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+
+import numpy as np
+
+from .format import SlimWeights
+from .runtime import library_path
+
+_ADAPTER_CODES = {"none": 0, "float16": 1, "int4": 2}
+_INPUT_ORDER = ("W", "W_scales", "bias", "L", "L_scales", "R", "R_scales")
+
+
+@functools.cache
+def _library() -> ctypes.CDLL:
+    lib = ctypes.CDLL(library_path())
+    if not hasattr(lib, "SlimOnnxCudaCreate"):
+        raise RuntimeError("this slim_onnx library was built without CUDA kernels (nvcc was not found at install time)")
+    lib.SlimOnnxCudaCreate.restype = ctypes.c_void_p
+    lib.SlimOnnxCudaCreate.argtypes = [ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_void_p), ctypes.c_int,
+                                       ctypes.c_char_p, ctypes.c_size_t]
+    lib.SlimOnnxCudaScratchBytes.restype = ctypes.c_size_t
+    lib.SlimOnnxCudaScratchBytes.argtypes = [ctypes.c_void_p, ctypes.c_int64]
+    lib.SlimOnnxCudaRun.restype = ctypes.c_int
+    lib.SlimOnnxCudaRun.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_void_p,
+                                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t]
+    lib.SlimOnnxCudaDestroy.argtypes = [ctypes.c_void_p]
+    return lib
+
+
+def built_with_cuda() -> bool:
+    """Whether the installed library contains the CUDA kernels."""
+    try:
+        _library()
+    except RuntimeError:
+        return False
+    return True
+
+
+class CudaSlimMatMul:
+    """One SlimMatMul node's weights on a CUDA device; call it on a torch float16/float32 tensor."""
+
+    def __init__(self, weights: SlimWeights, device: int = 0):
+        import torch
+
+        self.k, self.n, self.device = weights.k, weights.n, device
+        tensors = weights.input_tensors()
+        arrays = [None if tensors[name] is None else np.ascontiguousarray(tensors[name]) for name in _INPUT_ORDER]
+        pointers = (ctypes.c_void_p * len(arrays))(*[None if a is None else a.ctypes.data for a in arrays])
+        attrs = (ctypes.c_int64 * 7)(weights.k, weights.n, weights.group_size, int(weights.sparse), weights.rank,
+                                     _ADAPTER_CODES[weights.adapter_format], weights.adapter_group_size)
+        error = ctypes.create_string_buffer(1024)
+        with torch.cuda.device(device):
+            self._handle = _library().SlimOnnxCudaCreate(attrs, pointers, device, error, len(error))
+        if not self._handle:
+            raise ValueError(error.value.decode())
+
+    def __call__(self, a):
+        import torch
+
+        if a.dtype not in (torch.float16, torch.float32) or a.shape[-1] != self.k or not a.is_cuda:
+            raise ValueError(f"expected a CUDA float16/float32 tensor [..., {self.k}], got {a.dtype} {tuple(a.shape)}")
+        a = a.contiguous()
+        m = a.numel() // self.k
+        y = torch.empty((*a.shape[:-1], self.n), dtype=a.dtype, device=a.device)
+        scratch_bytes = _library().SlimOnnxCudaScratchBytes(self._handle, m)
+        scratch = torch.empty(max(scratch_bytes, 1), dtype=torch.uint8, device=a.device)
+        error = ctypes.create_string_buffer(1024)
+        stream = torch.cuda.current_stream(a.device).cuda_stream
+        rc = _library().SlimOnnxCudaRun(self._handle, a.data_ptr(), int(a.dtype == torch.float16), m, y.data_ptr(),
+                                        scratch.data_ptr(), stream, error, len(error))
+        if rc != 0:
+            raise RuntimeError(error.value.decode())
+        return y
+
+    def __del__(self):
+        if getattr(self, "_handle", None):
+            _library().SlimOnnxCudaDestroy(self._handle)
+            self._handle = None

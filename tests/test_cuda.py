@@ -1,0 +1,129 @@
+"""The CUDA kernels against the numpy reference, and the op on onnxruntime's CUDAExecutionProvider.
+
+Needs a CUDA GPU (and, for the onnxruntime cases, onnxruntime-gpu); skipped otherwise. One command
+runs them on a GPU machine: `python tools/gpu_check.py` (see docs/cuda.md).
+"""
+
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from conftest import random_weights
+from test_kernel import SHAPES
+
+import slim_onnx
+from slim_onnx import make_slim_matmul_model, reference_slim_matmul
+from slim_onnx.cuda_kernels import CudaSlimMatMul, built_with_cuda
+
+torch = pytest.importorskip("torch")
+if not torch.cuda.is_available():
+    pytest.skip("no CUDA GPU on this machine", allow_module_level=True)
+if not built_with_cuda():
+    pytest.skip("the installed slim_onnx library was built without nvcc", allow_module_level=True)
+
+needs_ort_cuda = pytest.mark.skipif(
+    "CUDAExecutionProvider" not in ort.get_available_providers(), reason="onnxruntime-gpu is not installed"
+)
+
+# The kernels round activations to float16 (their tensor-core input) and form each weight as the
+# float16 product q * scale; both add relative errors of ~2^-11 per term, far below the 4-bit error.
+TOLERANCE = 4e-3
+
+
+def assert_close(y, ref):
+    y = np.asarray(y, dtype=np.float64)
+    scale = np.abs(ref).max() + 1e-6
+    err = np.abs(y - ref).max() / scale
+    assert err < TOLERANCE, err
+
+
+def run_cuda(weights, a):
+    y = CudaSlimMatMul(weights)(torch.from_numpy(a).cuda())
+    torch.cuda.synchronize()
+    return y.cpu().numpy()
+
+
+@pytest.mark.parametrize("lead,k,n", SHAPES)
+@pytest.mark.parametrize("sparse", [True, False])
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_cuda_kernel_matches_reference(rng, lead, k, n, sparse, dtype):
+    group = 32 if k > 32 else 1000
+    w = random_weights(rng, k, n, sparse=sparse, group_size=group, bias=k % 3 == 0)
+    a = rng.standard_normal((*lead, k)).astype(dtype)
+    y = run_cuda(w, a)
+    assert y.shape == (*lead, n) and y.dtype == dtype
+    assert_close(y, reference_slim_matmul(a.astype(np.float32), w, 0))
+
+
+@pytest.mark.parametrize("m", [1, 3, 8, 9, 16, 17, 64, 300])
+@pytest.mark.parametrize("group", [8, 16, 128])
+def test_cuda_rows_and_groups(rng, m, group):
+    """Every row-slicing of the launch (8, 16, 32 rows per CTA) and groups smaller than a chunk."""
+    w = random_weights(rng, 264, 72, sparse=True, group_size=group)
+    a = rng.standard_normal((m, 264)).astype(np.float16)
+    assert_close(run_cuda(w, a), reference_slim_matmul(a.astype(np.float32), w, 0))
+
+
+@pytest.mark.parametrize("adapter_format,rank", [("float16", 5), ("int4", 9), ("int4", 40)])
+@pytest.mark.parametrize("sparse", [True, False])
+@pytest.mark.parametrize("m", [1, 16, 100])
+def test_cuda_adapters(rng, adapter_format, rank, sparse, m):
+    w = random_weights(rng, 200, 50, sparse=sparse, adapter_format=adapter_format, rank=rank, bias=True)
+    a = rng.standard_normal((m, 200)).astype(np.float16)
+    assert_close(run_cuda(w, a), reference_slim_matmul(a.astype(np.float32), w, 0))
+
+
+def test_cuda_rejects_bad_input(rng):
+    w = random_weights(rng, 64, 16)
+    op = CudaSlimMatMul(w)
+    with pytest.raises(ValueError, match=r"\[\.\.\., 64\]"):
+        op(torch.zeros((2, 63), dtype=torch.float16, device="cuda"))
+
+
+def cuda_session(model, with_library=True, profile_dir=None):
+    so = slim_onnx.session_options() if with_library else ort.SessionOptions()
+    if profile_dir is not None:
+        so.enable_profiling = True
+        so.profile_file_prefix = str(profile_dir / "profile")
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+
+
+def node_providers(session):
+    with open(session.end_profiling()) as f:
+        events = json.load(f)
+    return {(e["args"]["op_name"], e["args"].get("provider")) for e in events
+            if e.get("cat") == "Node" and "op_name" in e.get("args", {})}
+
+
+@needs_ort_cuda
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+@pytest.mark.parametrize("adapter_format,rank", [("none", 0), ("int4", 24), ("float16", 8)])
+def test_ort_cuda_provider_runs_the_op(rng, tmp_path, dtype, adapter_format, rank):
+    w = random_weights(rng, 256, 96, adapter_format=adapter_format, rank=rank, bias=True)
+    model = make_slim_matmul_model(w, dtype=dtype, accuracy_level=0, batch_dims=2)
+    a = rng.standard_normal((2, 7, 256)).astype(dtype)
+    session = cuda_session(model, profile_dir=tmp_path)
+    y = session.run(None, {"A": a})[0]
+    assert ("SlimMatMul", "CUDAExecutionProvider") in node_providers(session)
+    assert y.dtype == dtype and y.shape == (2, 7, 96)
+    assert_close(y, reference_slim_matmul(a.astype(np.float32), w, 0))
+    # The same model without the library: the fallback function, inlined, on the CUDA provider.
+    y_fallback = cuda_session(model, with_library=False).run(None, {"A": a})[0]
+    assert_close(y, y_fallback.astype(np.float64))
+
+
+@needs_ort_cuda
+def test_ort_cuda_io_binding_keeps_data_on_device(rng):
+    """Inputs and outputs bound on the GPU: the path a serving loop (and CUDA graphs) takes."""
+    w = random_weights(rng, 128, 64, adapter_format="int4", rank=16)
+    model = make_slim_matmul_model(w, dtype=np.float16, accuracy_level=0)
+    session = cuda_session(model)
+    a = rng.standard_normal((5, 128)).astype(np.float16)
+    binding = session.io_binding()
+    binding.bind_ortvalue_input("A", ort.OrtValue.ortvalue_from_numpy(a, "cuda", 0))
+    binding.bind_output("Y", "cuda")
+    for _ in range(3):
+        session.run_with_iobinding(binding)
+    y = binding.copy_outputs_to_cpu()[0]
+    assert_close(y, reference_slim_matmul(a.astype(np.float32), w, 0))
