@@ -77,6 +77,13 @@ FragMatrix FragFromPacked(const Matrix4& m, const uint16_t* scales_f16, int64_t 
   f.K = m.K, f.N = m.N, f.NT = CeilDiv(m.N, 16), f.KS = CeilDiv(m.K, kChunksPerSuper * ck);
   f.groups = m.groups, f.group_size = group_size >= m.K ? m.K : group_size;
   const DenseT d = DecodeAll(m, f.NT * 16, f.KS * kChunksPerSuper * ck);
+  std::vector<Pair> pairs;  // sparse: the kept pair of every (row, group of 4 k), computed once
+  if (m.sparse) {
+    pairs.resize(d.rows * (d.cols / 4));
+    for (int64_t n = 0; n < d.rows; ++n)
+      for (int64_t g = 0; g < d.cols / 4; ++g) pairs[n * (d.cols / 4) + g] = KeptPair(d, n, 4 * g);
+  }
+  auto pair_at = [&](int64_t n, int64_t k) -> const Pair& { return pairs[n * (d.cols / 4) + k / 4]; };
 
   f.frag.assign(f.NT * f.KS * 32 * 4, 0);
   if (m.sparse) f.meta.assign(f.NT * f.KS * 32 * 2, 0);
@@ -92,8 +99,8 @@ FragMatrix FragFromPacked(const Matrix4& m, const uint16_t* scales_f16, int64_t 
           int a[8];
           if (m.sparse) {
             // Compressed columns 2j, 2j+1 hold group j (k0 + 4j..), columns 2j+8, 2j+9 group j + 4.
-            const Pair p[4] = {KeptPair(d, r0, k0 + 4 * j), KeptPair(d, r1, k0 + 4 * j),
-                               KeptPair(d, r0, k0 + 16 + 4 * j), KeptPair(d, r1, k0 + 16 + 4 * j)};
+            const Pair p[4] = {pair_at(r0, k0 + 4 * j), pair_at(r1, k0 + 4 * j), pair_at(r0, k0 + 16 + 4 * j),
+                               pair_at(r1, k0 + 16 + 4 * j)};
             for (int i = 0; i < 4; ++i) a[2 * i] = p[i].v0, a[2 * i + 1] = p[i].v1;
             // Metadata: per row, 4 bits per group of 4 (p0 | p1 << 2); half h of a row covers groups
             // 4h..4h+3. Lane 4q + h (and 4q + 2 + h) supplies rows q (low 16 bits) and q + 8.
@@ -101,7 +108,7 @@ FragMatrix FragFromPacked(const Matrix4& m, const uint16_t* scales_f16, int64_t 
             uint32_t rows[2] = {0, 0};
             for (int r = 0; r < 2; ++r)
               for (int g = 0; g < 4; ++g) {
-                const Pair pg = KeptPair(d, r ? r1 : r0, k0 + 4 * (4 * h + g));
+                const Pair& pg = pair_at(r ? r1 : r0, k0 + 4 * (4 * h + g));
                 rows[r] |= uint32_t(pg.p0 | pg.p1 << 2) << (4 * g);
               }
             meta_word[c] = rows[0] | rows[1] << 16;
