@@ -130,4 +130,4 @@ class SlimConfig:
             return max(1, min(r, limit))
         if int(self.rank) != self.rank:
             raise ConfigError(f"rank={self.rank}: a ratio must be < 1, an absolute rank an integer")
-        return int(self.rank)
+        return min(int(self.rank), limit)  # a narrower layer (e.g. grouped-query k/v) gets its full rank

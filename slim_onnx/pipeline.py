@@ -147,7 +147,9 @@ def compress(
         result = compress_layer(layer.weight_array(), stats.get(layer.name), config, layer.name, layer.bias_array())
         weights[layer.name] = result.weights
         reports.append(result.report)
-        log(f"[{i + 1}/{len(kept)}] {layer.name} {layer.k}x{layer.n}: output error {result.report.get('output_error', float('nan')):.4f}")
+        error = result.report.get("output_error")  # needs calibration statistics; else the weight error
+        what = f"output error {error:.4f}" if error is not None else f"weight error {result.report['weight_error']:.4f}"
+        log(f"[{i + 1}/{len(kept)}] {layer.name} {layer.k}x{layer.n}: {what}")
 
     had_external = any(
         isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values()

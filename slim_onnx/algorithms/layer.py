@@ -34,7 +34,7 @@ class CompressedLayer:
     report: dict
 
 
-def _check_inputs(name: str, w: torch.Tensor, stats: LayerStatistics | None, config: SlimConfig, rank: int) -> None:
+def _check_inputs(name: str, w: torch.Tensor, stats: LayerStatistics | None, config: SlimConfig) -> None:
     if w.ndim != 2:
         raise CompressionError(f"layer {name}: expected a 2-D [K, N] weight, got shape {tuple(w.shape)}")
     k, n = w.shape
@@ -42,8 +42,6 @@ def _check_inputs(name: str, w: torch.Tensor, stats: LayerStatistics | None, con
         raise CompressionError(f"layer {name}: the weight holds NaN or Inf")
     if config.sparsity == "2:4" and k % 4:
         raise CompressionError(f"layer {name}: 2:4 sparsity needs K divisible by 4, got K={k}; keep this layer dense")
-    if config.rank >= 1 and rank > min(k, n):
-        raise CompressionError(f"layer {name}: rank {rank} exceeds min(K, N) = {min(k, n)}")
     if stats is not None:
         if stats.k != k:
             raise CompressionError(f"layer {name}: statistics are for K={stats.k}, the weight has K={k}")
@@ -87,7 +85,7 @@ def compress_layer(
     w = torch.as_tensor(np.asarray(w) if not isinstance(w, torch.Tensor) else w).to(device=device, dtype=torch.float32)
     k, n = w.shape if w.ndim == 2 else (0, 0)
     rank = config.resolve_rank(k, n) if w.ndim == 2 else 0
-    _check_inputs(name, w, stats, config, rank)
+    _check_inputs(name, w, stats, config)
     if config.bits != 4:
         raise CompressionError(f"layer {name}: the SlimMatMul format packs bits=4, got bits={config.bits}")
     sparse = config.sparsity == "2:4"

@@ -1,6 +1,6 @@
 """Finding the linear layers of an ONNX graph: y = x @ W (+ b) with a constant W.
 
-Patterns (W a constant 2-D initializer, in this graph or an enclosing one):
+Patterns (W a constant 2-D initializer, in this graph or an enclosing one, possibly behind Identity):
   MatMul(x, W)                          W is [K, N]
   MatMul(x, Transpose(W))               W is [N, K] (perm absent or [1, 0]); tied lm_head
   Gemm(x, W, b?) with alpha = beta = 1, transA = 0, transB in {0, 1}
@@ -52,8 +52,19 @@ def _constant(value: ir.Value | None) -> bool:
     return value is not None and value.const_value is not None
 
 
+def _constant_source(value: ir.Value | None) -> ir.Value | None:
+    """The initializer behind `value`, following Identity nodes (exporters alias identical tensors,
+    e.g. equal biases, through Identity), or None when `value` is not a constant."""
+    while value is not None and not _constant(value):
+        producer = value.producer()
+        if producer is None or producer.op_type != "Identity" or producer.domain != "":
+            return None
+        value = producer.inputs[0]
+    return value
+
+
 def _is_constant_derived(value: ir.Value | None) -> bool:
-    """A constant, or a Cast/Constant node of one: never a layer's activation."""
+    """A constant, or a Constant node, or a Cast/Identity of one: never a layer's activation."""
     if value is None:
         return False
     if _constant(value):
@@ -63,20 +74,21 @@ def _is_constant_derived(value: ir.Value | None) -> bool:
         return False
     if producer.op_type == "Constant":
         return True
-    return producer.op_type == "Cast" and _is_constant_derived(producer.inputs[0])
+    return producer.op_type in ("Cast", "Identity") and _is_constant_derived(producer.inputs[0])
 
 
 def _weight_source(value: ir.Value | None) -> tuple[ir.Value, bool, ir.Node | None] | None:
     """(2-D initializer, transposed, Transpose node) behind a MatMul's second input, if any."""
     if value is None:
         return None
-    if _constant(value) and len(value.const_value.shape) == 2:
-        return value, False, None
+    source = _constant_source(value)
+    if source is not None:
+        return (source, False, None) if len(source.const_value.shape) == 2 else None
     producer = value.producer()
     if producer is not None and producer.op_type == "Transpose" and producer.domain == "":
         perm = producer.attributes.get("perm")
-        source = producer.inputs[0]
-        if (perm is None or list(perm.as_ints()) == [1, 0]) and _constant(source) and len(source.const_value.shape) == 2:
+        source = _constant_source(producer.inputs[0])
+        if (perm is None or list(perm.as_ints()) == [1, 0]) and source is not None and len(source.const_value.shape) == 2:
             return source, True, producer
     return None
 
@@ -90,8 +102,8 @@ def _foldable_bias(node: ir.Node, n: int) -> tuple[ir.Value, ir.Node] | None:
     add = uses[0].node
     if add.op_type != "Add" or add.domain != "" or len(add.inputs) != 2:
         return None
-    other = add.inputs[1 - uses[0].idx]
-    if not _constant(other) or int(np.prod(other.const_value.shape)) != n or other.const_value.shape[-1] != n:
+    other = _constant_source(add.inputs[1 - uses[0].idx])
+    if other is None or int(np.prod(other.const_value.shape)) != n or other.const_value.shape[-1] != n:
         return None
     return other, add
 
@@ -121,15 +133,15 @@ def _match(node: ir.Node, index: int) -> LinearLayer | None:
     else:
         if _attr_int(node, "transA", 0) or _attr_float(node, "alpha", 1.0) != 1.0 or _attr_float(node, "beta", 1.0) != 1.0:
             return None
-        weight = node.inputs[1]
-        if not _constant(weight) or len(weight.const_value.shape) != 2:
+        weight = _constant_source(node.inputs[1])
+        if weight is None or len(weight.const_value.shape) != 2:
             return None
         transposed, transpose_node = bool(_attr_int(node, "transB", 0)), None
     rows, cols = weight.const_value.shape
     k, n = (cols, rows) if transposed else (rows, cols)
     if node.op_type == "Gemm" and len(node.inputs) > 2 and node.inputs[2] is not None:
-        c = node.inputs[2]
-        if not _constant(c) or int(np.prod(c.const_value.shape)) != n:
+        c = _constant_source(node.inputs[2])
+        if c is None or int(np.prod(c.const_value.shape)) != n:
             return None
         bias = c
     elif node.op_type == "MatMul":

@@ -1,0 +1,152 @@
+"""Tiny random Optimum exports of the architectures users ship, compressed and run.
+
+Structure: only the weight MatMul/Gemm layers become SlimMatMul (a bias Add or Gemm bias is folded
+in), rotary and attention MatMuls stay, graph inputs and outputs are unchanged, the checker passes.
+
+Numerics: with full-rank float16 adapters (rank = min(K, N) = the hidden size, plain SVD of the
+residual) every compressed layer equals its dense weight up to float16 rounding of the adapters
+and scales (relative 2^-11 per element), so the compressed model must reproduce the dense model's
+outputs to ~1e-3; 1e-2 relative is the sanity bound. This is the check that the rewrite put each
+weight, bias and transpose in the right place; the kernel and fallback paths must then agree too.
+"""
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+
+import slim_onnx
+from slim_onnx.calibration import model_feeds
+
+HIDDEN = 64
+LOSSLESS = slim_onnx.SlimConfig(sparsity="none", pruning="magnitude", quantizer="absmax", group_size=32,
+                                lowrank="naive", adapter_format="float16", rank=HIDDEN)
+
+
+def export(model, root: Path, task: str, dtype: str = "fp32") -> Path:
+    from optimum.exporters.onnx import main_export
+
+    model.save_pretrained(root / "hf")
+    main_export(str(root / "hf"), str(root / "onnx"), task=task, dtype=dtype, device="cpu")
+    return root / "onnx"
+
+
+def outputs(model_path: Path, feeds: dict, library: bool) -> list[np.ndarray]:
+    so = slim_onnx.session_options() if library else ort.SessionOptions()
+    session = ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)
+
+
+def feeds_for(model_path: Path, vocab: int, seq: int = 12) -> dict:
+    tokens = np.random.default_rng(0).integers(0, vocab, size=(1, seq))
+    return next(model_feeds(ir.load(str(model_path)), tokens))
+
+
+def compress_and_compare(src: Path, out: Path, vocab: int) -> onnx.ModelProto:
+    slim_onnx.compress(src, out, LOSSLESS, None, accuracy_level=0, log=lambda msg: None)
+    feeds = feeds_for(src / "model.onnx", vocab)
+    dense = outputs(src / "model.onnx", feeds, library=False)
+    kernel = outputs(out / "model.onnx", feeds, library=True)
+    fallback = outputs(out / "model.onnx", feeds, library=False)
+    for d, k, f in zip(dense, kernel, fallback):
+        assert k.dtype == d.dtype
+        # kernel and fallback differ by rounding: float32 sums, or ~one float16 ulp of the output
+        paths_tol = 2e-3 if d.dtype == np.float16 else 1e-4
+        d, k, f = (x.astype(np.float64) for x in (d, k, f))
+        scale = np.abs(d).max() + 1e-6
+        assert np.abs(k - d).max() / scale < 1e-2, np.abs(k - d).max() / scale
+        assert np.abs(k - f).max() / scale < paths_tol
+    model = onnx.load(str(out / "model.onnx"))
+    onnx.checker.check_model(model)
+    original = onnx.load(str(src / "model.onnx"), load_external_data=False)
+    assert [i.name for i in model.graph.input] == [i.name for i in original.graph.input]
+    assert [o.name for o in model.graph.output] == [o.name for o in original.graph.output]
+    return model
+
+
+def op_count(model: onnx.ModelProto, op_type: str) -> int:
+    return sum(n.op_type == op_type for n in model.graph.node)
+
+
+def test_qwen2_folds_qkv_biases(tmp_path):
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=128, hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+                         max_position_embeddings=64)
+    src = export(Qwen2ForCausalLM(config), tmp_path, "text-generation-with-past")
+    original = onnx.load(str(src / "model.onnx"))
+    model = compress_and_compare(src, tmp_path / "slim", 128)
+    assert op_count(model, "SlimMatMul") == 2 * 7 + 1
+    biased = [n for n in model.graph.node if n.op_type == "SlimMatMul" and len(n.input) > 3 and n.input[3]]
+    assert len(biased) == 2 * 3  # q, k, v of each block carry their bias (most reach it through Identity aliases)
+    assert op_count(model, "Add") == op_count(original, "Add") - 2 * 3
+
+
+def test_gpt2_gemm_layers(tmp_path):
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=128, n_embd=HIDDEN, n_layer=2, n_head=4, n_positions=64)
+    src = export(GPT2LMHeadModel(config), tmp_path, "text-generation-with-past")
+    assert op_count(onnx.load(str(src / "model.onnx")), "Gemm") == 2 * 4  # Conv1D layers export as Gemm
+    model = compress_and_compare(src, tmp_path / "slim", 128)
+    assert op_count(model, "SlimMatMul") == 2 * 4 + 1  # c_attn, c_proj, c_fc, mlp c_proj per block; tied lm_head
+    assert op_count(model, "Gemm") == 0
+
+
+def test_bert_encoder(tmp_path):
+    import torch
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=128, hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, max_position_embeddings=64)
+    src = export(BertModel(config), tmp_path, "feature-extraction")
+    model = compress_and_compare(src, tmp_path / "slim", 128)
+    # q, k, v, attention output, intermediate, output per block (the export keeps last_hidden_state only)
+    assert op_count(model, "SlimMatMul") == 2 * 6
+
+
+def test_untied_llama_with_external_data(tmp_path):
+    """Weights in an external data file: read without modifying the input; lm_head untied."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+                         max_position_embeddings=64)
+    exported = export(LlamaForCausalLM(config), tmp_path, "text-generation-with-past")
+    src = tmp_path / "external"
+    src.mkdir()
+    onnx.save(onnx.load(str(exported / "model.onnx")), str(src / "model.onnx"), save_as_external_data=True,
+              all_tensors_to_one_file=True, location="model.onnx_data", size_threshold=0)
+    before = {p.name: p.stat().st_mtime_ns for p in src.iterdir()}
+    model = compress_and_compare(src, tmp_path / "slim", 128)
+    assert {p.name: p.stat().st_mtime_ns for p in src.iterdir()} == before
+    assert (tmp_path / "slim" / "model.onnx_data").is_file()  # the output keeps external data, like its input
+    assert op_count(model, "SlimMatMul") == 2 * 7 + 1
+    assert any(i.name == "model.embed_tokens.weight" for i in model.graph.initializer)
+    assert any(n.name == "/model/rotary_emb/MatMul" and n.op_type == "MatMul" for n in model.graph.node)
+
+
+def test_float16_export(tmp_path):
+    """A float16 model: SlimMatMul takes and returns float16 (the kernel computes in float32)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                         max_position_embeddings=64)
+    src = export(LlamaForCausalLM(config), tmp_path, "text-generation-with-past", dtype="fp16")
+    assert onnx.load(str(src / "model.onnx")).graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+    model = compress_and_compare(src, tmp_path / "slim", 128)
+    assert op_count(model, "SlimMatMul") == 2 * 7 + 1
