@@ -26,6 +26,7 @@ from onnx import helper
 
 from slim_onnx.algorithms.stats import LayerStatistics
 from slim_onnx.passes.linear import LinearLayer
+from slim_onnx.runtime import session_options
 
 
 class CalibrationError(ValueError):
@@ -131,7 +132,8 @@ def collect_statistics(
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "calibration.onnx")
         onnx.save(proto, path, save_as_external_data=True, location="calibration.onnx.data", size_threshold=1024)
-        so = ort.SessionOptions()
+        # With the library: in sequential mode earlier blocks are SlimMatMul nodes already.
+        so = session_options()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every layer input
         session = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
         names = list(shared)

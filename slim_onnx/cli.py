@@ -36,6 +36,8 @@ def _add_compress(sub) -> None:
     p.add_argument("--no-lm-head", action="store_true", help="keep lm_head dense")
     p.add_argument("--device", default=d.device, help="cpu or cuda for the algorithms")
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--sequential", action="store_true",
+                   help="calibrate each block on the model whose earlier blocks are compressed (one pass per block)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("-q", "--quiet", action="store_true")
 
@@ -58,7 +60,8 @@ def _compress(args) -> int:
     log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
     report = compress(
         args.input, args.output, config, calibration, include=args.include, exclude=args.exclude,
-        compress_lm_head=not args.no_lm_head, accuracy_level=args.accuracy_level, overwrite=args.overwrite, log=log,
+        compress_lm_head=not args.no_lm_head, accuracy_level=args.accuracy_level, overwrite=args.overwrite,
+        sequential=args.sequential, log=log,
     )
     t = report["totals"]
     print(f"compressed {t['layers']} layers: {t['bytes_float16'] / 2**20:.1f} MiB (float16) -> "

@@ -25,6 +25,7 @@ from slim_onnx.calibration import CalibrationError, TextCalibration, collect_sta
 from slim_onnx.config import SlimConfig
 from slim_onnx.fallback import DOMAIN, OP_TYPE
 from slim_onnx.passes import compress_graph, find_linear_layers
+from slim_onnx.passes.linear import LinearLayer
 
 MODEL_FILE_NAMES = ("model.onnx", "decoder_model_merged.onnx", "decoder_model.onnx")
 LARGE_MODEL_BYTES = 1 << 30  # above this, or when the input had it, tensors go to external data
@@ -100,12 +101,15 @@ def compress(
     compress_lm_head: bool = True,
     accuracy_level: int = 4,
     overwrite: bool = False,
+    sequential: bool = False,
     log=None,
 ) -> dict:
     """Compress a model; returns the report also written to output_dir/slim_report.json.
 
     calibration: a text file or folder (TextCalibration for options), an .npz of inputs, an
     iterable of feed dicts, or None (only for configurations that need no statistics).
+    sequential: calibrate each transformer block on the model whose earlier blocks are already
+    compressed (as SparseGPT and SLiM do); one calibration pass per block.
     """
     log = log or (lambda msg: print(msg, file=sys.stderr))
     start = time.perf_counter()
@@ -134,30 +138,38 @@ def compress(
     if not kept:
         raise InputError("no layer left to compress after --include/--exclude")
 
-    stats = {}
+    feeds = None
     if config.needs_statistics:
         feeds = _calibration_feeds(model, src.parent, calibration)
         if feeds is None:
             raise InputError("this configuration needs calibration data: pass --calib TEXT_OR_NPZ")
-        log(f"calibrating {len(kept)} layers on {len(feeds)} batches")
-        stats = collect_statistics(model, kept, feeds, hessian=config.needs_hessian)
+    had_external = any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
 
+    # One pass over all layers, or (sequential) block by block, each block calibrated on the model
+    # whose earlier blocks are already compressed, so that its statistics see their error.
+    groups = transformer_blocks(kept) if sequential and feeds is not None else [kept]
     weights, reports = {}, []
-    for i, layer in enumerate(kept):
-        result = compress_layer(layer.weight_array(), stats.get(layer.name), config, layer.name, layer.bias_array())
-        weights[layer.name] = result.weights
-        reports.append(result.report)
-        error = result.report.get("output_error")  # needs calibration statistics; else the weight error
-        what = f"output error {error:.4f}" if error is not None else f"weight error {result.report['weight_error']:.4f}"
-        log(f"[{i + 1}/{len(kept)}] {layer.name} {layer.k}x{layer.n}: {what}")
+    for group in groups:
+        stats = {}
+        if feeds is not None:
+            log(f"calibrating {len(group)} layers on {len(feeds)} batches")
+            stats = collect_statistics(model, group, feeds, hessian=config.needs_hessian)
+        block_weights = {}
+        for layer in group:
+            result = compress_layer(layer.weight_array(), stats.get(layer.name), config, layer.name, layer.bias_array())
+            block_weights[layer.name] = result.weights
+            reports.append(result.report)
+            error = result.report.get("output_error")  # needs calibration statistics; else the weight error
+            what = f"output error {error:.4f}" if error is not None else f"weight error {result.report['weight_error']:.4f}"
+            log(f"[{len(reports)}/{len(kept)}] {layer.name} {layer.k}x{layer.n}: {what}")
+        del stats  # bounded memory: one block's statistics at a time in sequential mode
+        model = compress_graph(model, block_weights, accuracy_level)
+        weights.update(block_weights)
 
-    had_external = any(
-        isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values()
-    )
-    compress_graph(model, weights, accuracy_level)
     report = {
         "model": str(src),
         "config": {k: getattr(config, k) for k in config.__dataclass_fields__},
+        "sequential": len(groups) > 1,
         "layers": reports,
         "kept_dense": [l.name for l in layers if l.name not in weights],
         "totals": {
@@ -169,6 +181,24 @@ def compress(
     }
     _write_output(model, src, out, report, had_external, overwrite)
     return report
+
+
+_BLOCK_INDEX = re.compile(r"(?:layers|layer|blocks|block|h)[./_](\d+)(?:[./_]|$)")
+
+
+def transformer_blocks(layers: list[LinearLayer]) -> list[list[LinearLayer]]:
+    """Consecutive layers grouped by the block index in their names (`/model/layers.3/...`,
+    `/transformer/h.3/...`, `/encoder/layer.3/...`); a layer outside any block is its own group."""
+    groups: list[list[LinearLayer]] = []
+    previous = object()
+    for layer in layers:
+        match = _BLOCK_INDEX.search(layer.name)
+        key = match.group(1) if match else None
+        if key is None or key != previous:
+            groups.append([])
+        groups[-1].append(layer)
+        previous = key
+    return groups
 
 
 def _write_output(model: ir.Model, src: Path, out: Path, report: dict, had_external: bool, overwrite: bool) -> None:

@@ -188,3 +188,30 @@ def test_eval_reports_perplexity_and_agreement(tiny_llama, compressed):
         logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
         nll -= logp[np.arange(31), window[1:]].sum()
     assert dense["perplexity"] == pytest.approx(float(np.exp(nll / 93)), rel=1e-6)
+
+
+def test_sequential_calibrates_each_block_on_the_compressed_prefix(tiny_llama, tmp_path, monkeypatch):
+    """Block b's statistics come from a model whose blocks < b are SlimMatMul already, and only
+    block b's layers are calibrated in that pass."""
+    from slim_onnx import calibration, pipeline
+
+    seen = []
+    real = calibration.collect_statistics
+
+    def spy(model, layers, feeds, hessian=True, progress=None):
+        import onnx_ir as ir
+
+        slim_nodes = {n.name for n in ir.traversal.RecursiveGraphIterator(model.graph) if n.op_type == "SlimMatMul"}
+        seen.append(([layer.name for layer in layers], slim_nodes))
+        return real(model, layers, feeds, hessian, progress)
+
+    monkeypatch.setattr(pipeline, "collect_statistics", spy)
+    calib = calibration.TextCalibration(tiny_llama / "calib.txt", samples=4, seqlen=32)
+    report = slim_onnx.compress(tiny_llama / "onnx", tmp_path / "seq", calibration=calib, sequential=True,
+                                log=lambda msg: None)
+    assert report["sequential"] and report["totals"]["layers"] == 15
+    assert [len(names) for names, _ in seen] == [7, 7, 1]  # block 0, block 1, lm_head
+    assert seen[0][1] == set()
+    assert seen[1][1] == set(seen[0][0])  # block 0 replaced before block 1 is calibrated
+    assert seen[2][1] == set(seen[0][0]) | set(seen[1][0])
+    assert all("/layers.1/" in name for name in seen[1][0])
