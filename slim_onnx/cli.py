@@ -39,7 +39,8 @@ def _add_compress(sub) -> None:
     p.add_argument("--sequential", action="store_true",
                    help="calibrate each block on the model whose earlier blocks are compressed (one pass per block)")
     p.add_argument("--overwrite", action="store_true")
-    p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or messages")
+    p.add_argument("-v", "--verbose", action="store_true", help="a line per layer (with its error) instead of progress bars")
 
 
 def _compress(args) -> int:
@@ -57,11 +58,13 @@ def _compress(args) -> int:
         calibration = args.calib if args.calib.endswith(".npz") else TextCalibration(
             args.calib, args.calib_samples, args.seqlen, args.seed, args.tokenizer
         )
+    from slim_onnx.progress import progress_factory
+
     log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
     report = compress(
         args.input, args.output, config, calibration, include=args.include, exclude=args.exclude,
         compress_lm_head=not args.no_lm_head, accuracy_level=args.accuracy_level, overwrite=args.overwrite,
-        sequential=args.sequential, log=log,
+        sequential=args.sequential, log=log, progress=progress_factory(not args.quiet and not args.verbose),
     )
     t = report["totals"]
     print(f"compressed {t['layers']} layers: {t['bytes_float16'] / 2**20:.1f} MiB (float16) -> "
@@ -101,8 +104,10 @@ def _inspect(args) -> int:
 
 def _eval(args) -> int:
     from slim_onnx.evaluate import evaluate
+    from slim_onnx.progress import progress_factory
 
-    result = evaluate(args.model, args.text, args.reference, args.seqlen, args.windows, not args.no_library, args.tokenizer)
+    result = evaluate(args.model, args.text, args.reference, args.seqlen, args.windows, not args.no_library, args.tokenizer,
+                      progress=progress_factory(not args.quiet))
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -129,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--tokenizer", help="tokenizer folder (default: the model folder)")
     ev.add_argument("--no-library", action="store_true", help="run on stock onnxruntime (the fallback functions)")
     ev.add_argument("--json", action="store_true")
+    ev.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
 
     from slim_onnx.algorithms.layer import CompressionError

@@ -44,6 +44,7 @@ def evaluate(model_dir, text_path, reference_dir=None, seqlen: int = 512, max_wi
     windows = ids[: count * seqlen].reshape(count, seqlen)
     session, model = _session(model_dir, with_library)
     ref = _session(reference_dir, with_library) if reference_dir else None
+    bar = progress("evaluating", count) if progress else None  # progress: a factory (label, total)
     output_names = [o.name for o in session.get_outputs()]
     causal = "logits" in output_names
     nll, kl, agree, cosines, tokens = 0.0, 0.0, 0, [], 0
@@ -62,8 +63,8 @@ def evaluate(model_dir, text_path, reference_dir=None, seqlen: int = 512, max_wi
         elif ref_out is not None:
             a, b = out.mean(0), ref_out.mean(0)
             cosines.append(float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b))))
-        if progress is not None:
-            progress()
+        if bar:
+            bar()
     result = {"model": str(model_dir), "windows": count, "seqlen": seqlen, "library": with_library}
     if causal:
         result.update(perplexity=float(np.exp(nll / tokens)), tokens=tokens)

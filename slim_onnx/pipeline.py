@@ -103,6 +103,7 @@ def compress(
     overwrite: bool = False,
     sequential: bool = False,
     log=None,
+    progress=None,
 ) -> dict:
     """Compress a model; returns the report also written to output_dir/slim_report.json.
 
@@ -110,6 +111,9 @@ def compress(
     iterable of feed dicts, or None (only for configurations that need no statistics).
     sequential: calibrate each transformer block on the model whose earlier blocks are already
     compressed (as SparseGPT and SLiM do); one calibration pass per block.
+    log: called with each message (default: print to stderr); progress: an optional factory
+    `progress(label, total)` returning a callable advanced once per calibration batch and per layer,
+    which replaces the per-layer messages.
     """
     log = log or (lambda msg: print(msg, file=sys.stderr))
     start = time.perf_counter()
@@ -149,11 +153,14 @@ def compress(
     # whose earlier blocks are already compressed, so that its statistics see their error.
     groups = transformer_blocks(kept) if sequential and feeds is not None else [kept]
     weights, reports = {}, []
+    layer_bar = progress("compressing", len(kept)) if progress else None
     for group in groups:
         stats = {}
         if feeds is not None:
-            log(f"calibrating {len(group)} layers on {len(feeds)} batches")
-            stats = collect_statistics(model, group, feeds, hessian=config.needs_hessian)
+            if not progress:
+                log(f"calibrating {len(group)} layers on {len(feeds)} batches")
+            batch_bar = progress("calibrating", len(feeds)) if progress and len(groups) == 1 else None
+            stats = collect_statistics(model, group, feeds, hessian=config.needs_hessian, progress=batch_bar)
         block_weights = {}
         for layer in group:
             result = compress_layer(layer.weight_array(), stats.get(layer.name), config, layer.name, layer.bias_array())
@@ -161,7 +168,10 @@ def compress(
             reports.append(result.report)
             error = result.report.get("output_error")  # needs calibration statistics; else the weight error
             what = f"output error {error:.4f}" if error is not None else f"weight error {result.report['weight_error']:.4f}"
-            log(f"[{len(reports)}/{len(kept)}] {layer.name} {layer.k}x{layer.n}: {what}")
+            if layer_bar:
+                layer_bar()
+            else:
+                log(f"[{len(reports)}/{len(kept)}] {layer.name} {layer.k}x{layer.n}: {what}")
         del stats  # bounded memory: one block's statistics at a time in sequential mode
         model = compress_graph(model, block_weights, accuracy_level)
         weights.update(block_weights)
