@@ -118,9 +118,9 @@ def _eval(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="slim-onnx", description="SLiM compression for ONNX models")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="build a small model, pack it into SlimMatMul, run and compare it")
-    demo.add_argument("--size", type=int, default=1024, help="K = N of the demo layers (default 1024)")
-    demo.add_argument("--layers", type=int, default=4, help="number of stacked layers (default 4)")
+    demo = sub.add_parser("demo", help="train a small Llama, export it with Optimum, compress it, evaluate both")
+    demo.add_argument("--steps", type=int, default=300, help="training steps of the demo model (default 300)")
+    demo.add_argument("--workdir", help="keep the models and texts here (default: a temporary folder)")
     _add_compress(sub)
     inspect = sub.add_parser("inspect", help="list a model's layers, their formats and bytes")
     inspect.add_argument("model")
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo":
             from slim_onnx.demo import run_demo
 
-            return run_demo(size=args.size, layers=args.layers)
+            return run_demo(steps=args.steps, workdir=args.workdir)
         if args.command == "compress":
             return _compress(args)
         if args.command == "eval":

@@ -66,19 +66,25 @@ def compress_and_compare(src: Path, out: Path, vocab: int) -> onnx.ModelProto:
     return model
 
 
+def small_decoder(config_cls, model_cls, tie_word_embeddings: bool):
+    """A seeded 2-block decoder with grouped-query attention (k/v narrower than q)."""
+    import torch
+
+    torch.manual_seed(0)
+    config = config_cls(vocab_size=128, hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie_word_embeddings,
+                        max_position_embeddings=64)
+    return model_cls(config)
+
+
 def op_count(model: onnx.ModelProto, op_type: str) -> int:
     return sum(n.op_type == op_type for n in model.graph.node)
 
 
 def test_qwen2_folds_qkv_biases(tmp_path):
-    import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=128, hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
-                         max_position_embeddings=64)
-    src = export(Qwen2ForCausalLM(config), tmp_path, "text-generation-with-past")
+    src = export(small_decoder(Qwen2Config, Qwen2ForCausalLM, False), tmp_path, "text-generation-with-past")
     original = onnx.load(str(src / "model.onnx"))
     model = compress_and_compare(src, tmp_path / "slim", 128)
     assert op_count(model, "SlimMatMul") == 2 * 7 + 1
@@ -115,14 +121,9 @@ def test_bert_encoder(tmp_path):
 
 def test_untied_llama_with_external_data(tmp_path):
     """Weights in an external data file: read without modifying the input; lm_head untied."""
-    import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=128, hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
-                         max_position_embeddings=64)
-    exported = export(LlamaForCausalLM(config), tmp_path, "text-generation-with-past")
+    exported = export(small_decoder(LlamaConfig, LlamaForCausalLM, False), tmp_path, "text-generation-with-past")
     src = tmp_path / "external"
     src.mkdir()
     onnx.save(onnx.load(str(exported / "model.onnx")), str(src / "model.onnx"), save_as_external_data=True,
@@ -138,14 +139,9 @@ def test_untied_llama_with_external_data(tmp_path):
 
 def test_float16_export(tmp_path):
     """A float16 model: SlimMatMul takes and returns float16 (the kernel computes in float32)."""
-    import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=128, hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-                         max_position_embeddings=64)
-    src = export(LlamaForCausalLM(config), tmp_path, "text-generation-with-past", dtype="fp16")
+    src = export(small_decoder(LlamaConfig, LlamaForCausalLM, True), tmp_path, "text-generation-with-past", dtype="fp16")
     assert onnx.load(str(src / "model.onnx")).graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
     model = compress_and_compare(src, tmp_path / "slim", 128)
     assert op_count(model, "SlimMatMul") == 2 * 7 + 1
