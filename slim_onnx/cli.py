@@ -119,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="slim-onnx", description="SLiM compression for ONNX models")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="train a small Llama, export it with Optimum, compress it, evaluate both")
-    demo.add_argument("--steps", type=int, default=300, help="training steps of the demo model (default 300)")
+    demo.add_argument("--steps", type=int, default=1000, help="at most this many training steps (default 1000)")
+    demo.add_argument("--seconds", type=float, default=60.0, help="at most this much training time (default 60)")
     demo.add_argument("--workdir", help="keep the models and texts here (default: a temporary folder)")
     _add_compress(sub)
     inspect = sub.add_parser("inspect", help="list a model's layers, their formats and bytes")
@@ -146,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo":
             from slim_onnx.demo import run_demo
 
-            return run_demo(steps=args.steps, workdir=args.workdir)
+            return run_demo(steps=args.steps, seconds=args.seconds, workdir=args.workdir)
         if args.command == "compress":
             return _compress(args)
         if args.command == "eval":

@@ -27,8 +27,9 @@ def _prose() -> str:
     return "\n\n".join(topics[k] for k in sorted(topics))
 
 
-def _train_model(root: Path, text: str, steps: int, seed: int) -> float:
-    """Tokenizer + tied-embedding Llama trained for `steps` AdamW steps; saved to root/hf. Returns the last loss."""
+def _train_model(root: Path, text: str, steps: int, seconds: float, seed: int) -> tuple[float, int]:
+    """Tokenizer + tied-embedding Llama trained for `steps` AdamW steps or `seconds`, whichever ends
+    first; saved to root/hf. Returns the last loss and the steps taken."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -47,9 +48,10 @@ def _train_model(root: Path, text: str, steps: int, seed: int) -> float:
     windows = ids[: len(ids) // SEQ * SEQ].view(-1, SEQ)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     generator = torch.Generator().manual_seed(seed)
-    loss = float("nan")
-    for _ in range(steps):
-        batch = windows[torch.randint(len(windows), (16,), generator=generator)]
+    loss, step, start = float("nan"), 0, time.perf_counter()
+    while step < steps and time.perf_counter() - start < seconds:
+        step += 1
+        batch = windows[torch.randint(len(windows), (8,), generator=generator)]
         loss_t = model(input_ids=batch, labels=batch).loss
         optimizer.zero_grad()
         loss_t.backward()
@@ -57,7 +59,7 @@ def _train_model(root: Path, text: str, steps: int, seed: int) -> float:
         loss = float(loss_t)
     model.save_pretrained(root / "hf")
     tokenizer.save_pretrained(root / "hf")
-    return loss
+    return loss, step
 
 
 def _generation(model_dir: Path, prompts: list[str], with_library: bool) -> tuple[list[list[int]], float]:
@@ -74,13 +76,14 @@ def _generation(model_dir: Path, prompts: list[str], with_library: bool) -> tupl
     outputs, tokens, start = [], 0, time.perf_counter()
     for prompt in prompts:
         ids = tokenizer(prompt, return_tensors="pt", return_token_type_ids=False)
-        out = model.generate(**ids, max_new_tokens=32, min_new_tokens=32, do_sample=False)
+        out = model.generate(**ids, max_new_tokens=32, min_new_tokens=32, do_sample=False,
+                             pad_token_id=tokenizer.eos_token_id)
         outputs.append(out[0, ids["input_ids"].shape[1]:].tolist())
         tokens += len(outputs[-1])
     return outputs, tokens / (time.perf_counter() - start)
 
 
-def run_demo(steps: int = 300, workdir: str | None = None, seed: int = 0) -> int:
+def run_demo(steps: int = 1000, seconds: float = 60.0, workdir: str | None = None, seed: int = 0) -> int:
     try:
         import optimum.exporters.onnx  # noqa: F401
         import transformers  # noqa: F401
@@ -102,8 +105,8 @@ def run_demo(steps: int = 300, workdir: str | None = None, seed: int = 0) -> int
         (root / "calib.txt").write_text(calib)
         (root / "eval.txt").write_text(held_out)
         t0 = time.perf_counter()
-        loss = _train_model(root, train, steps, seed)
-        print(f"1. built a 4-block Llama (hidden 128, vocab 512) and trained it {steps} steps on pydoc prose: "
+        loss, taken = _train_model(root, train, steps, seconds, seed)
+        print(f"1. built a 4-block Llama (hidden 128, vocab 512) and trained it {taken} steps on pydoc prose: "
               f"loss {loss:.2f} ({time.perf_counter() - t0:.0f} s)")
 
         t0 = time.perf_counter()

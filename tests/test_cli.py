@@ -7,7 +7,7 @@ import sys
 
 def test_demo_trains_exports_compresses_and_evaluates(tmp_path):
     out = subprocess.run(
-        [sys.executable, "-m", "slim_onnx.cli", "demo", "--steps", "60", "--workdir", str(tmp_path / "demo")],
+        [sys.executable, "-m", "slim_onnx.cli", "demo", "--steps", "40", "--workdir", str(tmp_path / "demo")],
         capture_output=True,
         text=True,
         timeout=900,
