@@ -32,6 +32,10 @@ def _library() -> ctypes.CDLL:
     lib.SlimOnnxCudaRun.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_void_p,
                                     ctypes.c_void_p, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t]
     lib.SlimOnnxCudaDestroy.argtypes = [ctypes.c_void_p]
+    lib.SlimOnnxCudaFragments.restype = ctypes.c_int
+    lib.SlimOnnxCudaFragments.argtypes = [ctypes.POINTER(ctypes.c_int64), ctypes.c_void_p, ctypes.c_void_p,
+                                          ctypes.POINTER(ctypes.c_int64), ctypes.c_void_p, ctypes.c_void_p,
+                                          ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t]
     return lib
 
 
@@ -42,6 +46,29 @@ def built_with_cuda() -> bool:
     except RuntimeError:
         return False
     return True
+
+
+def fragment_layout(weights: SlimWeights) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The main weight re-laid in the CUDA kernels' fragment order (docs/cuda.md), computed on the host:
+    (values uint32 [NT, KS, 32, 4], metadata uint32 [NT, KS, 32, 2] (sparse) or empty, scale pairs
+    uint32 [NT, groups, 8]). For tests of the layout; needs no GPU."""
+    lib = _library()
+    attrs = (ctypes.c_int64 * 4)(weights.k, weights.n, weights.group_size, int(weights.sparse))
+    w = np.ascontiguousarray(weights.w)
+    scales = np.ascontiguousarray(weights.w_scales)
+    counts = (ctypes.c_int64 * 3)()
+    error = ctypes.create_string_buffer(1024)
+
+    def call(*outputs):
+        if lib.SlimOnnxCudaFragments(attrs, w.ctypes.data, scales.ctypes.data, counts, *outputs, error, len(error)):
+            raise ValueError(error.value.decode())
+
+    call(None, None, None)
+    frag, meta, pairs = (np.zeros(int(c), dtype=np.uint32) for c in counts)
+    call(frag.ctypes.data, meta.ctypes.data if meta.size else None, pairs.ctypes.data)
+    nt = -(-weights.n // 16)
+    ks = frag.size // (nt * 32 * 4)
+    return frag.reshape(nt, ks, 32, 4), meta.reshape(nt, ks, 32, 2) if meta.size else meta, pairs.reshape(nt, -1, 8)
 
 
 class CudaSlimMatMul:

@@ -847,6 +847,39 @@ extern "C" SLIM_EXPORT int SlimOnnxCudaRun(void* weights, const void* A, int hal
   }
 }
 
+// The fragment-order re-layout of one 4-bit matrix (attrs {K, N, group_size, sparse}; W and scales
+// in the op-spec layout), for CPU-side tests of the layout. Called with null outputs it only writes
+// the word counts {frag, meta, scales}. Returns 0, or 1 with a message in `error`.
+extern "C" SLIM_EXPORT int SlimOnnxCudaFragments(const int64_t* attrs, const uint8_t* w, const uint16_t* scales,
+                                                int64_t* counts, uint32_t* frag, uint32_t* meta, uint32_t* scales_out,
+                                                char* error, size_t error_size) {
+  using namespace slim;
+  try {
+    const int64_t K = attrs[0], N = attrs[1], group = attrs[2];
+    const bool sparse = attrs[3] != 0;
+    CheckGroupSize(group, K, "group_size");
+    TensorView packed, scale_view;
+    packed.present = scale_view.present = true;
+    packed.type = ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
+    packed.shape = {CeilDiv(N, kTileN), CeilDiv(K, kBlockK), sparse ? kSparseBlockBytes : kDenseBlockBytes};
+    packed.data = w;
+    scale_view.type = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
+    scale_view.shape = {CeilDiv(K, group), N};
+    scale_view.data = scales;
+    PreparedMatrix prepared;
+    PrepareMatrix(prepared, packed, kW, scale_view, kWScales, K, N, group, sparse);
+    const cuda::FragMatrix f = cuda::FragFromPacked(prepared.m, scales, group);
+    counts[0] = int64_t(f.frag.size()), counts[1] = int64_t(f.meta.size()), counts[2] = int64_t(f.scales.size());
+    if (frag != nullptr) std::copy(f.frag.begin(), f.frag.end(), frag);
+    if (meta != nullptr) std::copy(f.meta.begin(), f.meta.end(), meta);
+    if (scales_out != nullptr) std::copy(f.scales.begin(), f.scales.end(), scales_out);
+    return 0;
+  } catch (const std::exception& e) {
+    CopyError(e, error, error_size);
+    return 1;
+  }
+}
+
 extern "C" SLIM_EXPORT void SlimOnnxCudaDestroy(void* weights) {
   slim::cuda::FreeWeights(static_cast<slim::cuda::DeviceWeights*>(weights));
 }
