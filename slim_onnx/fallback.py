@@ -23,6 +23,8 @@ from slim_onnx.format import BLOCK_K, TILE_N
 DOMAIN = "slim_onnx"
 OP_TYPE = "SlimMatMul"
 OPSET = 18
+# Function overloads (NodeProto.overload) need IR version 10; onnxruntime 1.20 reads IR 10.
+IR_VERSION = 10
 FUNCTION_ATTRIBUTES = ("K", "N", "group_size", "rank", "adapter_group_size")
 VARIANTS = tuple(
     f"{w}_{a}_{b}"

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 from onnx import TensorProto, helper, numpy_helper
 
-from slim_onnx.fallback import DOMAIN, OP_TYPE, OPSET, fallback_function
+from slim_onnx.fallback import DOMAIN, IR_VERSION, OP_TYPE, OPSET
 from slim_onnx.format import SlimWeights
+from slim_onnx.passes.rewrite import AddFallbackFunctionsPass
 
-# Function overloads (NodeProto.overload) need IR version 10; onnxruntime 1.20 reads IR 10.
-IR_VERSION = 10
+__all__ = ["IR_VERSION", "add_fallback_functions", "make_slim_matmul_model", "make_slim_matmul_node"]
 
 
 def make_slim_matmul_node(
@@ -37,27 +38,11 @@ def make_slim_matmul_node(
 
 
 def add_fallback_functions(model: onnx.ModelProto) -> None:
-    """Give `model` the fallback function of every SlimMatMul variant its graph uses (idempotent)."""
-    used = set()
-
-    def visit(graph: onnx.GraphProto) -> None:
-        for node in graph.node:
-            if node.domain == DOMAIN and node.op_type == OP_TYPE:
-                used.add(node.overload)
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.GRAPH:
-                    visit(attr.g)
-                for g in attr.graphs:
-                    visit(g)
-
-    visit(model.graph)
-    have = {(f.domain, f.name, f.overload) for f in model.functions}
-    for variant in sorted(used):
-        if (DOMAIN, OP_TYPE, variant) not in have:
-            model.functions.append(fallback_function(variant))
-    if not any(o.domain == DOMAIN for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
-    model.ir_version = max(model.ir_version, IR_VERSION)
+    """Give `model` the fallback function of every SlimMatMul variant its graph uses (idempotent):
+    AddFallbackFunctionsPass, applied to a ModelProto in place."""
+    ir_model = ir.serde.deserialize_model(model)
+    AddFallbackFunctionsPass()(ir_model)
+    model.CopyFrom(ir.serde.serialize_model(ir_model))
 
 
 def make_slim_matmul_model(

@@ -14,9 +14,8 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
-from slim_onnx.fallback import DOMAIN, OP_TYPE, fallback_function
+from slim_onnx.fallback import DOMAIN, IR_VERSION, OP_TYPE, OPSET, fallback_function
 from slim_onnx.format import SlimWeights
-from slim_onnx.op import IR_VERSION
 from slim_onnx.passes.linear import LinearLayer, find_linear_layers
 
 
@@ -94,7 +93,7 @@ class AddFallbackFunctionsPass(ir.passes.InPlacePass):
                 modified = True
         if variants:
             model.opset_imports.setdefault(DOMAIN, 1)
-            model.opset_imports.setdefault("", 18)
+            model.opset_imports.setdefault("", OPSET)
             model.ir_version = max(model.ir_version or 0, IR_VERSION)
         return ir.passes.PassResult(model, modified=modified)
 
