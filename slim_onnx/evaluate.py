@@ -20,10 +20,9 @@ from slim_onnx.pipeline import resolve_model_path
 from slim_onnx.runtime import session_options
 
 
-def _session(model_dir, with_library: bool) -> tuple[ort.InferenceSession, ir.Model]:
-    path = resolve_model_path(model_dir)
+def _session(model_dir, with_library: bool) -> ort.InferenceSession:
     so = session_options() if with_library else ort.SessionOptions()
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]), ir.load(path)
+    return ort.InferenceSession(str(resolve_model_path(model_dir)), so, providers=["CPUExecutionProvider"])
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -42,7 +41,8 @@ def evaluate(model_dir, text_path, reference_dir=None, seqlen: int = 512, max_wi
     if count < 1:
         raise CalibrationError(f"the text has {len(ids)} tokens, fewer than one window of {seqlen}")
     windows = ids[: count * seqlen].reshape(count, seqlen)
-    session, model = _session(model_dir, with_library)
+    session = _session(model_dir, with_library)
+    model = ir.load(resolve_model_path(model_dir))  # its graph inputs tell model_feeds what to feed
     ref = _session(reference_dir, with_library) if reference_dir else None
     bar = progress("evaluating", count) if progress else None  # progress: a factory (label, total)
     output_names = [o.name for o in session.get_outputs()]
@@ -51,7 +51,7 @@ def evaluate(model_dir, text_path, reference_dir=None, seqlen: int = 512, max_wi
     name = "logits" if causal else output_names[0]
     for window, feeds in zip(windows, model_feeds(model, windows)):
         out = session.run([name], feeds)[0][0]
-        ref_out = ref[0].run([name], feeds)[0][0] if ref else None
+        ref_out = ref.run([name], feeds)[0][0] if ref is not None else None
         if causal:
             logp = _log_softmax(out[:-1])
             nll -= logp[np.arange(seqlen - 1), window[1:]].sum()
@@ -68,8 +68,8 @@ def evaluate(model_dir, text_path, reference_dir=None, seqlen: int = 512, max_wi
     result = {"model": str(model_dir), "windows": count, "seqlen": seqlen, "library": with_library}
     if causal:
         result.update(perplexity=float(np.exp(nll / tokens)), tokens=tokens)
-        if ref:
+        if ref is not None:
             result.update(reference=str(reference_dir), kl=float(kl / tokens), top1_agreement=agree / tokens)
-    elif ref:
+    elif ref is not None:
         result.update(reference=str(reference_dir), cosine=float(np.mean(cosines)))
     return result
