@@ -33,7 +33,7 @@ def _library() -> ctypes.CDLL:
                                     ctypes.c_void_p, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t]
     lib.SlimOnnxCudaDestroy.argtypes = [ctypes.c_void_p]
     lib.SlimOnnxCudaFragments.restype = ctypes.c_int
-    lib.SlimOnnxCudaFragments.argtypes = [ctypes.POINTER(ctypes.c_int64), ctypes.c_void_p, ctypes.c_void_p,
+    lib.SlimOnnxCudaFragments.argtypes = [ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_void_p),
                                           ctypes.POINTER(ctypes.c_int64), ctypes.c_void_p, ctypes.c_void_p,
                                           ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t]
     return lib
@@ -48,19 +48,30 @@ def built_with_cuda() -> bool:
     return True
 
 
+class _HostInputs:
+    """The C entry points' view of SlimWeights: attrs {K, N, group_size, sparse, rank, adapter code,
+    adapter_group_size} and host pointers to the weight inputs in the op's order (null = absent);
+    the arrays stay referenced while this object lives."""
+
+    def __init__(self, weights: SlimWeights):
+        tensors = weights.input_tensors()
+        self.arrays = [None if tensors[name] is None else np.ascontiguousarray(tensors[name]) for name in _INPUT_ORDER]
+        self.pointers = (ctypes.c_void_p * len(self.arrays))(*[None if a is None else a.ctypes.data for a in self.arrays])
+        self.attrs = (ctypes.c_int64 * 7)(weights.k, weights.n, weights.group_size, int(weights.sparse), weights.rank,
+                                          _ADAPTER_CODES[weights.adapter_format], weights.adapter_group_size)
+
+
 def fragment_layout(weights: SlimWeights) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The main weight re-laid in the CUDA kernels' fragment order (docs/cuda.md), computed on the host:
     (values uint32 [NT, KS, 32, 4], metadata uint32 [NT, KS, 32, 2] (sparse) or empty, scale pairs
     uint32 [NT, groups, 8]). For tests of the layout; needs no GPU."""
     lib = _library()
-    attrs = (ctypes.c_int64 * 4)(weights.k, weights.n, weights.group_size, int(weights.sparse))
-    w = np.ascontiguousarray(weights.w)
-    scales = np.ascontiguousarray(weights.w_scales)
+    host = _HostInputs(weights)
     counts = (ctypes.c_int64 * 3)()
     error = ctypes.create_string_buffer(1024)
 
     def call(*outputs):
-        if lib.SlimOnnxCudaFragments(attrs, w.ctypes.data, scales.ctypes.data, counts, *outputs, error, len(error)):
+        if lib.SlimOnnxCudaFragments(host.attrs, host.pointers, counts, *outputs, error, len(error)):
             raise ValueError(error.value.decode())
 
     call(None, None, None)
@@ -78,14 +89,10 @@ class CudaSlimMatMul:
         import torch
 
         self.k, self.n, self.device = weights.k, weights.n, device
-        tensors = weights.input_tensors()
-        arrays = [None if tensors[name] is None else np.ascontiguousarray(tensors[name]) for name in _INPUT_ORDER]
-        pointers = (ctypes.c_void_p * len(arrays))(*[None if a is None else a.ctypes.data for a in arrays])
-        attrs = (ctypes.c_int64 * 7)(weights.k, weights.n, weights.group_size, int(weights.sparse), weights.rank,
-                                     _ADAPTER_CODES[weights.adapter_format], weights.adapter_group_size)
+        host = _HostInputs(weights)
         error = ctypes.create_string_buffer(1024)
         with torch.cuda.device(device):
-            self._handle = _library().SlimOnnxCudaCreate(attrs, pointers, device, error, len(error))
+            self._handle = _library().SlimOnnxCudaCreate(host.attrs, host.pointers, device, error, len(error))
         if not self._handle:
             raise ValueError(error.value.decode())
 

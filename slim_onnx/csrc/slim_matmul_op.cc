@@ -793,38 +793,49 @@ void CopyError(const std::exception& e, char* error, size_t size) {
 }
 }  // namespace
 
+namespace slim {
+namespace {
+// The attributes and weight-input views the entry points' arrays describe (see above); the shapes
+// follow from the attributes, and Prepare validates the rest as for a model's node.
+Attributes HostInputs(const int64_t* attrs, const void* const* inputs, TensorView (&in)[kNumInputs]) {
+  Attributes a;
+  a.K = attrs[0], a.N = attrs[1], a.group_size = attrs[2], a.sparse = attrs[3], a.rank = attrs[4];
+  a.adapter = attrs[5] == 2 ? AdapterFormat::kInt4 : attrs[5] == 1 ? AdapterFormat::kFloat16 : AdapterFormat::kNone;
+  a.adapter_group_size = attrs[6];
+  ValidateAttributes(a);
+  const int64_t Kb = CeilDiv(a.K, kBlockK), rb = CeilDiv(a.rank, kBlockK);
+  const auto u8 = ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, f16 = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
+  auto view = [&](Input i, ONNXTensorElementDataType type, std::vector<int64_t> shape) {
+    TensorView v;
+    v.present = inputs[i - 1] != nullptr;
+    v.type = type;
+    v.shape = std::move(shape);
+    v.data = inputs[i - 1];
+    return v;
+  };
+  in[kW] = view(kW, u8, {CeilDiv(a.N, kTileN), Kb, a.sparse ? kSparseBlockBytes : kDenseBlockBytes});
+  in[kWScales] = view(kWScales, f16, {CeilDiv(a.K, a.group_size), a.N});
+  in[kBias] = view(kBias, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, {a.N});
+  if (a.adapter == AdapterFormat::kInt4) {
+    in[kL] = view(kL, u8, {CeilDiv(a.rank, kTileN), Kb, kDenseBlockBytes});
+    in[kLScales] = view(kLScales, f16, {CeilDiv(a.K, a.adapter_group_size), a.rank});
+    in[kR] = view(kR, u8, {CeilDiv(a.N, kTileN), rb, kDenseBlockBytes});
+    in[kRScales] = view(kRScales, f16, {CeilDiv(a.rank, a.adapter_group_size), a.N});
+  } else if (a.adapter == AdapterFormat::kFloat16) {
+    in[kL] = view(kL, f16, {a.K, a.rank});
+    in[kR] = view(kR, f16, {a.rank, a.N});
+  }
+  return a;
+}
+}  // namespace
+}  // namespace slim
+
 extern "C" SLIM_EXPORT void* SlimOnnxCudaCreate(const int64_t* attrs, const void* const* inputs, int device,
                                                 char* error, size_t error_size) {
   using namespace slim;
   try {
-    Attributes a;
-    a.K = attrs[0], a.N = attrs[1], a.group_size = attrs[2], a.sparse = attrs[3], a.rank = attrs[4];
-    a.adapter = attrs[5] == 2 ? AdapterFormat::kInt4 : attrs[5] == 1 ? AdapterFormat::kFloat16 : AdapterFormat::kNone;
-    a.adapter_group_size = attrs[6];
-    ValidateAttributes(a);
-    const int64_t Kb = CeilDiv(a.K, kBlockK), rb = CeilDiv(a.rank, kBlockK);
-    const auto u8 = ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, f16 = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
-    auto view = [&](Input i, ONNXTensorElementDataType type, std::vector<int64_t> shape) {
-      TensorView v;
-      v.present = inputs[i - 1] != nullptr;
-      v.type = type;
-      v.shape = std::move(shape);
-      v.data = inputs[i - 1];
-      return v;
-    };
     TensorView in[kNumInputs];
-    in[kW] = view(kW, u8, {CeilDiv(a.N, kTileN), Kb, a.sparse ? kSparseBlockBytes : kDenseBlockBytes});
-    in[kWScales] = view(kWScales, f16, {CeilDiv(a.K, a.group_size), a.N});
-    in[kBias] = view(kBias, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, {a.N});
-    if (a.adapter == AdapterFormat::kInt4) {
-      in[kL] = view(kL, u8, {CeilDiv(a.rank, kTileN), Kb, kDenseBlockBytes});
-      in[kLScales] = view(kLScales, f16, {CeilDiv(a.K, a.adapter_group_size), a.rank});
-      in[kR] = view(kR, u8, {CeilDiv(a.N, kTileN), rb, kDenseBlockBytes});
-      in[kRScales] = view(kRScales, f16, {CeilDiv(a.rank, a.adapter_group_size), a.N});
-    } else if (a.adapter == AdapterFormat::kFloat16) {
-      in[kL] = view(kL, f16, {a.K, a.rank});
-      in[kR] = view(kR, f16, {a.rank, a.N});
-    }
+    const Attributes a = HostInputs(attrs, inputs, in);
     return UploadCudaWeights(a, in, cuda::CudaMallocAllocator(), device);
   } catch (const std::exception& e) {
     CopyError(e, error, error_size);
@@ -847,32 +858,22 @@ extern "C" SLIM_EXPORT int SlimOnnxCudaRun(void* weights, const void* A, int hal
   }
 }
 
-// The fragment-order re-layout of one 4-bit matrix (attrs {K, N, group_size, sparse}; W and scales
-// in the op-spec layout), for CPU-side tests of the layout. Called with null outputs it only writes
-// the word counts {frag, meta, scales}. Returns 0, or 1 with a message in `error`.
-extern "C" SLIM_EXPORT int SlimOnnxCudaFragments(const int64_t* attrs, const uint8_t* w, const uint16_t* scales,
-                                                int64_t* counts, uint32_t* frag, uint32_t* meta, uint32_t* scales_out,
+// The fragment-order re-layout of the main weight W (same attrs and inputs as SlimOnnxCudaCreate),
+// for CPU-side tests of the layout. Called with null outputs it only writes the word counts
+// {frag, meta, scales}. Returns 0, or 1 with a message in `error`.
+extern "C" SLIM_EXPORT int SlimOnnxCudaFragments(const int64_t* attrs, const void* const* inputs, int64_t* counts,
+                                                uint32_t* frag, uint32_t* meta, uint32_t* scales,
                                                 char* error, size_t error_size) {
   using namespace slim;
   try {
-    const int64_t K = attrs[0], N = attrs[1], group = attrs[2];
-    const bool sparse = attrs[3] != 0;
-    CheckGroupSize(group, K, "group_size");
-    TensorView packed, scale_view;
-    packed.present = scale_view.present = true;
-    packed.type = ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
-    packed.shape = {CeilDiv(N, kTileN), CeilDiv(K, kBlockK), sparse ? kSparseBlockBytes : kDenseBlockBytes};
-    packed.data = w;
-    scale_view.type = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
-    scale_view.shape = {CeilDiv(K, group), N};
-    scale_view.data = scales;
-    PreparedMatrix prepared;
-    PrepareMatrix(prepared, packed, kW, scale_view, kWScales, K, N, group, sparse);
-    const cuda::FragMatrix f = cuda::FragFromPacked(prepared.m, scales, group);
+    TensorView in[kNumInputs];
+    const Attributes a = HostInputs(attrs, inputs, in);
+    const std::unique_ptr<Prepared> p = Prepare(a, in);
+    const cuda::FragMatrix f = cuda::FragFromPacked(p->w.m, static_cast<const uint16_t*>(in[kWScales].data), a.group_size);
     counts[0] = int64_t(f.frag.size()), counts[1] = int64_t(f.meta.size()), counts[2] = int64_t(f.scales.size());
     if (frag != nullptr) std::copy(f.frag.begin(), f.frag.end(), frag);
     if (meta != nullptr) std::copy(f.meta.begin(), f.meta.end(), meta);
-    if (scales_out != nullptr) std::copy(f.scales.begin(), f.scales.end(), scales_out);
+    if (scales != nullptr) std::copy(f.scales.begin(), f.scales.end(), scales);
     return 0;
   } catch (const std::exception& e) {
     CopyError(e, error, error_size);

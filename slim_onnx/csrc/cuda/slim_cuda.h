@@ -22,10 +22,17 @@ namespace slim::cuda {
 //   kFloat16:  mma m16n8k16, float16 values (chunk k = 16), no scales
 enum class Fmt : int { kSparse4 = 0, kDense4 = 1, kFloat16 = 2 };
 
+#ifdef __CUDACC__
+#define SLIM_HOST_DEVICE __host__ __device__
+#else
+#define SLIM_HOST_DEVICE
+#endif
+
 constexpr int kChunksPerSuper = 4;  // one 128-bit load per lane covers 4 chunks of 4-bit values
 
-inline int ChunkK(Fmt f) { return f == Fmt::kSparse4 ? 32 : 16; }
-inline int Uint4PerLane(Fmt f) { return f == Fmt::kFloat16 ? 4 : 1; }
+// k per mma instruction, and 128-bit words per lane per super-chunk (host layout and kernels alike).
+SLIM_HOST_DEVICE constexpr int ChunkK(Fmt f) { return f == Fmt::kSparse4 ? 32 : 16; }
+SLIM_HOST_DEVICE constexpr int Uint4PerLane(Fmt f) { return f == Fmt::kFloat16 ? 4 : 1; }
 
 // A matrix [K, N] in fragment order, on the host. Sizes are in 32-bit words.
 //   frag:   [NT][KS][32 lanes][4 * Uint4PerLane] (NT = ceil(N/16) row tiles, KS = super-chunks of

@@ -126,13 +126,13 @@ __device__ __forceinline__ void MmaDense(float (&d)[4], const uint32_t (&a)[4], 
 // One lane's share of a super-chunk of a row tile: its A-operand words for the 4 chunks.
 template <Fmt F>
 struct Fragment {
-  uint4 v[F == Fmt::kFloat16 ? 4 : 1];
+  uint4 v[Uint4PerLane(F)];
   uint2 e;  // sparse metadata
 };
 
 template <Fmt F>
 __device__ __forceinline__ Fragment<F> LoadFragment(const DeviceMatrix& w, int tile, int s, int lane) {
-  constexpr int kU4 = F == Fmt::kFloat16 ? 4 : 1;
+  constexpr int kU4 = Uint4PerLane(F);
   const size_t at = (size_t(tile) * w.KS + s) * 32 + lane;
   Fragment<F> f;
 #pragma unroll
@@ -188,7 +188,7 @@ __device__ __forceinline__ void ChunkMma(float (&acc)[MS][4], const uint32_t (&a
 template <Fmt F, int MS, typename TAct>
 __device__ __forceinline__ void MultiplyFragment(const DeviceMatrix& w, const Fragment<F>& f, int tile, int s,
                                                  const TAct* act, int M, int m0, int lane, float (&acc)[MS][4]) {
-  constexpr int kChunk = F == Fmt::kSparse4 ? 32 : 16, kSuper = kChunk * kChunksPerSuper, kPairs = kChunk / 8;
+  constexpr int kChunk = ChunkK(F), kSuper = kChunk * kChunksPerSuper, kPairs = kChunk / 8;
   const int q = lane >> 2, j = lane & 3, k_super = s * kSuper;
   const TAct* rows[MS];
 #pragma unroll
@@ -325,7 +325,7 @@ __global__ void __launch_bounds__(32 * kMaxWarps) SlimMatMulKernel(KernelArgs p)
 constexpr int kGemmM = 128, kGemmTiles = 8, kGemmThreads = 256;
 
 template <Fmt F>
-__host__ __device__ constexpr int SuperK() { return (F == Fmt::kSparse4 ? 32 : 16) * kChunksPerSuper; }
+__host__ __device__ constexpr int SuperK() { return ChunkK(F) * kChunksPerSuper; }
 template <Fmt F>
 __host__ __device__ constexpr int GemmRowHalves() { return SuperK<F>() + 8; }
 template <Fmt F>
