@@ -47,6 +47,7 @@ def _compress(args) -> int:
     from slim_onnx.calibration import TextCalibration
     from slim_onnx.config import SlimConfig
     from slim_onnx.pipeline import compress
+    from slim_onnx.progress import progress_factory
 
     config = SlimConfig(
         bits=args.bits, sparsity=args.sparsity, pruning=args.pruning, quantizer=args.quantizer, group_size=args.group_size,
@@ -58,8 +59,6 @@ def _compress(args) -> int:
         calibration = args.calib if args.calib.endswith(".npz") else TextCalibration(
             args.calib, args.calib_samples, args.seqlen, args.seed, args.tokenizer
         )
-    from slim_onnx.progress import progress_factory
-
     log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
     report = compress(
         args.input, args.output, config, calibration, include=args.include, exclude=args.exclude,

@@ -166,11 +166,11 @@ def compress(
             result = compress_layer(layer.weight_array(), stats.get(layer.name), config, layer.name, layer.bias_array())
             block_weights[layer.name] = result.weights
             reports.append(result.report)
-            error = result.report.get("output_error")  # needs calibration statistics; else the weight error
-            what = f"output error {error:.4f}" if error is not None else f"weight error {result.report['weight_error']:.4f}"
             if layer_bar:
                 layer_bar()
             else:
+                error = result.report.get("output_error")  # needs calibration statistics; else the weight error
+                what = f"output error {error:.4f}" if error is not None else f"weight error {result.report['weight_error']:.4f}"
                 log(f"[{len(reports)}/{len(kept)}] {layer.name} {layer.k}x{layer.n}: {what}")
         del stats  # bounded memory: one block's statistics at a time in sequential mode
         model = compress_graph(model, block_weights, accuracy_level)
