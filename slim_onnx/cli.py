@@ -38,6 +38,8 @@ def _add_compress(sub) -> None:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--sequential", action="store_true",
                    help="calibrate each block on the model whose earlier blocks are compressed (one pass per block)")
+    p.add_argument("--no-fuse-attention", action="store_true",
+                   help="keep the export's attention ops (default: fuse cached decoder attention into GroupQueryAttention)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or messages")
     p.add_argument("-v", "--verbose", action="store_true", help="a line per layer (with its error) instead of progress bars")
@@ -63,7 +65,7 @@ def _compress(args) -> int:
     report = compress(
         args.input, args.output, config, calibration, include=args.include, exclude=args.exclude,
         compress_lm_head=not args.no_lm_head, accuracy_level=args.accuracy_level, overwrite=args.overwrite,
-        sequential=args.sequential, log=log, progress=progress_factory(not args.quiet and not args.verbose),
+        sequential=args.sequential, fuse_attention=not args.no_fuse_attention, log=log, progress=progress_factory(not args.quiet and not args.verbose),
     )
     t = report["totals"]
     print(f"compressed {t['layers']} layers: {t['bytes_float16'] / 2**20:.1f} MiB (float16) -> "

@@ -25,6 +25,7 @@ from slim_onnx.calibration import CalibrationError, TextCalibration, collect_sta
 from slim_onnx.config import SlimConfig
 from slim_onnx.fallback import DOMAIN, OP_TYPE
 from slim_onnx.passes import compress_graph, find_linear_layers
+from slim_onnx.passes import fuse_attention as fuse_attention_layers
 from slim_onnx.passes.linear import LinearLayer
 
 MODEL_FILE_NAMES = ("model.onnx", "decoder_model_merged.onnx", "decoder_model.onnx")
@@ -102,6 +103,7 @@ def compress(
     accuracy_level: int = 4,
     overwrite: bool = False,
     sequential: bool = False,
+    fuse_attention: bool = True,
     log=None,
     progress=None,
 ) -> dict:
@@ -111,6 +113,8 @@ def compress(
     iterable of feed dicts, or None (only for configurations that need no statistics).
     sequential: calibrate each transformer block on the model whose earlier blocks are already
     compressed (as SparseGPT and SLiM do); one calibration pass per block.
+    fuse_attention: afterwards, fuse each cached decoder attention layer into onnxruntime's
+    GroupQueryAttention (passes/attention.py); layers that do not match stay as exported.
     log: called with each message (default: print to stderr); progress: an optional factory
     `progress(label, total)` returning a callable advanced once per calibration batch and per layer,
     which replaces the per-layer messages.
@@ -175,6 +179,9 @@ def compress(
         del stats  # bounded memory: one block's statistics at a time in sequential mode
         model = compress_graph(model, block_weights, accuracy_level)
         weights.update(block_weights)
+    fused = fuse_attention_layers(model) if fuse_attention else 0
+    if fused:
+        log(f"fused {fused} attention layers into GroupQueryAttention")
 
     report = {
         "model": str(src),
@@ -182,6 +189,7 @@ def compress(
         "sequential": len(groups) > 1,
         "layers": reports,
         "kept_dense": [l.name for l in layers if l.name not in weights],
+        "attention_fused": fused,
         "totals": {
             "layers": len(reports),
             "bytes_float16": sum(r["bytes_float16"] for r in reports),

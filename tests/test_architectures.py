@@ -16,8 +16,10 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import onnxruntime as ort
+import pytest
 
 import slim_onnx
+import slim_onnx.passes
 from slim_onnx.calibration import model_feeds
 
 HIDDEN = 64
@@ -44,8 +46,8 @@ def feeds_for(model_path: Path, vocab: int, seq: int = 12) -> dict:
     return next(model_feeds(ir.load(str(model_path)), tokens))
 
 
-def compress_and_compare(src: Path, out: Path, vocab: int) -> onnx.ModelProto:
-    slim_onnx.compress(src, out, LOSSLESS, None, accuracy_level=0, log=lambda msg: None)
+def compress_and_compare(src: Path, out: Path, vocab: int, **options) -> onnx.ModelProto:
+    slim_onnx.compress(src, out, LOSSLESS, None, accuracy_level=0, log=lambda msg: None, **options)
     feeds = feeds_for(src / "model.onnx", vocab)
     dense = outputs(src / "model.onnx", feeds, library=False)
     kernel = outputs(out / "model.onnx", feeds, library=True)
@@ -86,7 +88,7 @@ def test_qwen2_folds_qkv_biases(tmp_path):
 
     src = export(small_decoder(Qwen2Config, Qwen2ForCausalLM, False), tmp_path, "text-generation-with-past")
     original = onnx.load(str(src / "model.onnx"))
-    model = compress_and_compare(src, tmp_path / "slim", 128)
+    model = compress_and_compare(src, tmp_path / "slim", 128, fuse_attention=False)  # only the layers change
     assert op_count(model, "SlimMatMul") == 2 * 7 + 1
     biased = [n for n in model.graph.node if n.op_type == "SlimMatMul" and len(n.input) > 3 and n.input[3]]
     assert len(biased) == 2 * 3  # q, k, v of each block carry their bias (most reach it through Identity aliases)
@@ -145,3 +147,68 @@ def test_float16_export(tmp_path):
     assert onnx.load(str(src / "model.onnx")).graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
     model = compress_and_compare(src, tmp_path / "slim", 128)
     assert op_count(model, "SlimMatMul") == 2 * 7 + 1
+
+
+def cache_feeds(session: ort.InferenceSession, batch: int, past: int, seq: int, pad: int, rng) -> dict:
+    """Random tokens and cache; the last row is left-padded by `pad` positions, as Optimum pads a batch."""
+    feeds = {}
+    mask = np.ones((batch, past + seq), dtype=np.int64)
+    mask[-1, :pad] = 0
+    positions = np.cumsum(mask, -1) - 1
+    positions[mask == 0] = 1
+    for value in session.get_inputs():
+        if value.name == "input_ids":
+            feeds[value.name] = rng.integers(0, 128, (batch, seq))
+        elif value.name == "attention_mask":
+            feeds[value.name] = mask
+        elif value.name == "position_ids":
+            feeds[value.name] = positions[:, past:]
+        else:
+            float_type = np.float16 if value.type == "tensor(float16)" else np.float32
+            feeds[value.name] = rng.standard_normal((batch, value.shape[1], past, value.shape[3])).astype(float_type)
+    return feeds
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_attention_fusion_reproduces_the_export(tmp_path, family):
+    """The dense export with its attention fused into GroupQueryAttention (no compression) against the
+    export itself: a left-padded batched prompt, cached decode steps with and without padding, a
+    multi-token continuation, a long cache. Positions that are padding carry no meaning and are
+    skipped; everything else must agree to float rounding (the fused op sums in another order)."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    classes = (Qwen2Config, Qwen2ForCausalLM) if family == "qwen2" else (LlamaConfig, LlamaForCausalLM)
+    src = export(small_decoder(*classes, True), tmp_path, "text-generation-with-past")
+    model = ir.load(str(src / "model.onnx"))
+    assert slim_onnx.passes.fuse_attention(model) == 2
+    ir.save(model, tmp_path / "fused.onnx")
+    fused_proto = onnx.load(str(tmp_path / "fused.onnx"))
+    onnx.checker.check_model(fused_proto)
+    assert op_count(fused_proto, "GroupQueryAttention") == 2 and op_count(fused_proto, "Softmax") == 0
+    assert op_count(fused_proto, "Expand") < op_count(onnx.load(str(src / "model.onnx")), "Expand")  # no repeat_kv copies
+
+    reference = ort.InferenceSession(str(src / "model.onnx"), providers=["CPUExecutionProvider"])
+    fused = ort.InferenceSession(str(tmp_path / "fused.onnx"), providers=["CPUExecutionProvider"])
+    names = [o.name for o in reference.get_outputs()]
+    assert names == [o.name for o in fused.get_outputs()]
+    rng = np.random.default_rng(0)
+    for batch, past, seq, pad in [(2, 0, 9, 3), (2, 7, 1, 0), (2, 7, 1, 4), (1, 7, 4, 0), (1, 40, 1, 0)]:
+        feeds = cache_feeds(reference, batch, past, seq, pad, rng)
+        valid = feeds["attention_mask"].astype(bool)
+        for name, want, got in zip(names, reference.run(None, feeds), fused.run(None, feeds)):
+            keep = valid[:, past:] if name == "logits" else valid  # present.*: [B, heads, past + seq, D]
+            want, got = (np.moveaxis(x, 2, 1)[keep] if name != "logits" else x[keep] for x in (want, got))
+            err = np.abs(want.astype(np.float64) - got).max() / np.abs(want).max()
+            assert err < 1e-4, (name, batch, past, seq, pad, err)
+
+
+def test_attention_fusion_leaves_other_attention_alone(tmp_path):
+    """A float16 export computes its attention in float32 (Casts around the scores and V), which
+    GroupQueryAttention cannot express: nothing is touched."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    src = export(small_decoder(LlamaConfig, LlamaForCausalLM, True), tmp_path, "text-generation-with-past", dtype="fp16")
+    model = ir.load(str(src / "model.onnx"))
+    before = len(model.graph)
+    fused = slim_onnx.passes.fuse_attention(model)
+    assert (fused, len(model.graph)) == (0, before)

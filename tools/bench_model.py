@@ -1,7 +1,9 @@
 """End-to-end speed of a decoder export: dense vs onnxruntime's MatMulNBits vs SlimMatMul, one run.
 
 The MatMulNBits model is made here from the dense export with onnxruntime's own MatMulNBitsQuantizer
-(4-bit, block 128, symmetric, accuracy_level 4). For each model: prefill = one run over `--prefill`
+(4-bit, block 128, symmetric, accuracy_level 4). `slim-onnx compress` also fuses the attention into
+GroupQueryAttention (unless --no-fuse-attention); so that the linear layers are compared alone, both
+peers are also run with the same fusion applied ("+GQA" rows), beside the peers as exported. For each model: prefill = one run over `--prefill`
 tokens with an empty past; decode = `--decode` single-token steps feeding the KV cache back (greedy),
 reported as tokens/s. Medians over `--repeats`, the models taking turns; all sessions share one
 global thread pool of `--threads`.
@@ -20,9 +22,11 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import onnxruntime as ort
 
 import slim_onnx
+from slim_onnx.passes import fuse_attention
 from slim_onnx.pipeline import resolve_model_path
 
 
@@ -31,9 +35,20 @@ def matmul_nbits_model(dense: Path, out: Path) -> Path:
 
     q = MatMulNBitsQuantizer(onnx.load(str(dense)), bits=4, block_size=128, is_symmetric=True, accuracy_level=4)
     q.process()
+    out.mkdir()
     path = out / "model.onnx"
     q.model.save_model_to_file(str(path), True)
     return path
+
+
+def attention_fused_model(src: Path, out: Path) -> Path:
+    """`src` with the attention fusion `slim-onnx compress` applies (slim_onnx.passes.fuse_attention)."""
+    model = ir.load(src)
+    if not fuse_attention(model):
+        raise SystemExit(f"{src}: no attention layer matched the GroupQueryAttention fusion")
+    out.mkdir()
+    ir.save(model, out / "model.onnx", external_data="model.onnx_data")
+    return out / "model.onnx"
 
 
 class Decoder:
@@ -84,9 +99,13 @@ def main() -> None:
     ort.capi._pybind_state.set_global_thread_pool_sizes(args.threads, 1)
 
     with tempfile.TemporaryDirectory() as tmp:
+        dense = resolve_model_path(args.dense)
+        nbits = matmul_nbits_model(dense, Path(tmp) / "nbits")
         models = {
-            "dense fp32": Decoder(resolve_model_path(args.dense), False),
-            "MatMulNBits acc4": Decoder(matmul_nbits_model(resolve_model_path(args.dense), Path(tmp)), False),
+            "dense fp32": Decoder(dense, False),
+            "MatMulNBits acc4": Decoder(nbits, False),
+            "dense fp32 +GQA": Decoder(attention_fused_model(dense, Path(tmp) / "dense_gqa"), False),
+            "MatMulNBits acc4 +GQA": Decoder(attention_fused_model(nbits, Path(tmp) / "nbits_gqa"), False),
             "SlimMatMul": Decoder(resolve_model_path(args.slim), True),
         }
         vocab = models["dense fp32"].session.get_outputs()[0].shape[-1] or 1000
@@ -102,13 +121,13 @@ def main() -> None:
         for name, rs in runs.items()
     }
     print(f"prefill {args.prefill} tokens, decode {args.decode} tokens, {args.threads} threads (medians of {args.repeats})")
-    print(f"{'model':<18}{'prefill ms':>12}{'decode tok/s':>14}")
+    print(f"{'model':<24}{'prefill ms':>12}{'decode tok/s':>14}")
     for name, r in results.items():
-        print(f"{name:<18}{r['prefill_ms']:>12.1f}{r['decode_tok_s']:>14.1f}")
+        print(f"{name:<24}{r['prefill_ms']:>12.1f}{r['decode_tok_s']:>14.1f}")
     s = results["SlimMatMul"]
-    for peer in ("dense fp32", "MatMulNBits acc4"):
+    for peer in (name for name in results if name != "SlimMatMul"):
         p = results[peer]
-        print(f"SlimMatMul vs {peer}: prefill {p['prefill_ms'] / s['prefill_ms']:.2f}x, decode {s['decode_tok_s'] / p['decode_tok_s']:.2f}x")
+        print(f"SlimMatMul vs {peer:<22} prefill {p['prefill_ms'] / s['prefill_ms']:.2f}x, decode {s['decode_tok_s'] / p['decode_tok_s']:.2f}x")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 

@@ -100,7 +100,7 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=None, help="default 4096 (cuda: the four issue shapes)")
     parser.add_argument("--n", type=int, default=None)
     parser.add_argument("--m", type=int, nargs="+", default=None, help="default 1 16 128 (cuda: 1 16 128 2048)")
-    parser.add_argument("--rank", type=int, default=None, help="adapter rank (default 0.1 * min(K, N), rounded to 8)")
+    parser.add_argument("--rank", type=int, default=None, help="adapter rank (default 0.1 * min(K, N), rounded up to 8, as SlimConfig)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seconds", type=float, default=1.0, help="minimum timing time per case")
     parser.add_argument("--json", help="also write the results to this JSON file")
@@ -113,7 +113,7 @@ def main() -> None:
         return
 
     args.k, args.n, args.m = args.k or 4096, args.n or 4096, args.m or [1, 16, 128]
-    args.rank = args.rank or 410
+    args.rank = args.rank or slim_onnx.SlimConfig(rank=0.1).resolve_rank(args.k, args.n)
     # Before any session exists: every session runs on one global pool of `threads` threads.
     ort.capi._pybind_state.set_global_thread_pool_sizes(args.threads, 1)
     rng = np.random.default_rng(0)

@@ -1,6 +1,15 @@
-"""onnx-ir graph passes: finding linear layers and rewriting them into SlimMatMul."""
+"""onnx-ir graph passes: finding linear layers and rewriting them into SlimMatMul; fusing attention."""
 
+from slim_onnx.passes.attention import FuseGroupQueryAttentionPass, fuse_attention
 from slim_onnx.passes.linear import LinearLayer, find_linear_layers
 from slim_onnx.passes.rewrite import AddFallbackFunctionsPass, ReplaceLinearLayersPass, compress_graph
 
-__all__ = ["AddFallbackFunctionsPass", "LinearLayer", "ReplaceLinearLayersPass", "compress_graph", "find_linear_layers"]
+__all__ = [
+    "AddFallbackFunctionsPass",
+    "FuseGroupQueryAttentionPass",
+    "LinearLayer",
+    "ReplaceLinearLayersPass",
+    "compress_graph",
+    "find_linear_layers",
+    "fuse_attention",
+]

@@ -1,0 +1,376 @@
+"""Fusing the attention of a decoder export with a KV cache into onnxruntime's GroupQueryAttention.
+
+Why: once the linear layers are SlimMatMul, a decode step of an Optimum export with a long cache
+spends most of its time in the attention's plain ONNX ops (per layer: repeat_kv copies of the whole
+cache to every query head, transposes, mask slicing, dozens of shape nodes).
+com.microsoft::GroupQueryAttention does the same math on the cache in one kernel; it ships with stock
+onnxruntime, so the fused model still runs without our library.
+
+Matched per layer, anchored on the cache (names as Optimum writes them):
+
+  present.i.key   = Concat(past_key_values.i.key,   K, axis=2)      K: [B, Hkv, S, D], rotary applied
+  present.i.value = Concat(past_key_values.i.value, V, axis=2)
+  scores = MatMul(Q [* cq], Transpose(repeat_kv(present.i.key), 0,1,3,2) [* ck])   Q: [B, H, S, D]
+  probs  = Softmax(scores [+ bias])  [NaN -> 0]                      bias: [B|1, 1, S, P+S]
+  out    = Reshape(Transpose(MatMul(probs, repeat_kv(present.i.value)), 0,2,1,3))   -> [B, S, H*D]
+  (repeat_kv = Unsqueeze(axis 2) -> Expand -> Reshape, absent when H == Hkv)
+
+becomes GroupQueryAttention(Q, K, V as [B, S, heads*D], the caches, seqlens_k, total_sequence_length,
+attention_bias=bias) with scale cq*ck and causal masking; its present outputs take the names of the
+old ones. seqlens_k is P+S-1 for every row (the cache holds P entries per row, padded or not), so
+padding is masked by the model's own bias exactly as before. Rotary stays the model's own ops.
+A layer whose attention does not read as above is left as it is: e.g. a float16 export, whose
+attention runs in float32 between Casts.
+
+Limit (onnxruntime's CPU kernel): a batch of more than one row cannot feed several new tokens onto a
+non-empty cache in one call (batched prompts with an empty cache and batched one-token decode steps
+are fine); onnxruntime says so with an error. `slim-onnx compress --no-fuse-attention` keeps the
+export's attention for such use.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import numpy as np
+import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
+
+from slim_onnx.passes.linear import _constant_source, _weight_source
+
+_PAST = re.compile(r"^past_key_values\.(\d+)\.key$")
+
+
+def _producer(value: ir.Value | None, op_type: str) -> ir.Node | None:
+    node = value.producer() if value is not None else None
+    return node if node is not None and node.op_type == op_type and node.domain == "" else None
+
+
+def _scalar(value: ir.Value | None) -> float | None:
+    tensor = ir.convenience.get_const_tensor(value) if value is not None else None
+    if tensor is None or tensor.size != 1:
+        return None
+    return float(tensor.numpy().reshape(()))
+
+
+def _ints(value: ir.Value | None) -> list[int] | None:
+    tensor = ir.convenience.get_const_tensor(value) if value is not None else None
+    return None if tensor is None else [int(x) for x in tensor.numpy().reshape(-1)]
+
+
+def _perm(node: ir.Node | None) -> list[int] | None:
+    attr = node.attributes.get("perm") if node is not None else None
+    return None if attr is None else list(attr.as_ints())
+
+
+def _scaled(value: ir.Value) -> tuple[ir.Value, float]:
+    """(x, c) for value = x * c or x / (1/c) with a constant scalar c; (value, 1) otherwise."""
+    for op in ("Mul", "Div"):
+        node = _producer(value, op)
+        if node is None:
+            continue
+        for i in (1, 0) if op == "Mul" else (1,):
+            c = _scalar(node.inputs[i])
+            if c is not None and c != 0:
+                return node.inputs[1 - i], c if op == "Mul" else 1.0 / c
+    return value, 1.0
+
+
+def _through_repeat_kv(present: ir.Value) -> list[ir.Value]:
+    """The values that hold `present` for the attention MatMuls: itself and its repeat_kv copies."""
+    found = [present]
+    for use in present.uses():
+        unsqueeze = use.node
+        if unsqueeze.op_type != "Unsqueeze" or _ints(unsqueeze.inputs[1] if len(unsqueeze.inputs) > 1 else None) != [2]:
+            continue
+        for expand_use in unsqueeze.outputs[0].uses():
+            if expand_use.node.op_type != "Expand":
+                continue
+            for reshape_use in expand_use.node.outputs[0].uses():
+                if reshape_use.node.op_type == "Reshape" and reshape_use.idx == 0:
+                    found.append(reshape_use.node.outputs[0])
+    return found
+
+
+def _consumers(values: list[ir.Value], op_type: str, index: int) -> list[ir.Node]:
+    return [use.node for v in values for use in v.uses() if use.node.op_type == op_type and use.idx == index]
+
+
+def _projection_width(value: ir.Value) -> int | None:
+    """The last dimension of a projection's output [B, S, N]: from its static shape, or from the
+    layer that made it (MatMul with a constant weight, SlimMatMul or MatMulNBits, under a bias Add)."""
+    while True:
+        if value.shape is not None and len(value.shape) and isinstance(value.shape[-1], int):
+            return value.shape[-1]
+        node = value.producer()
+        if node is None:
+            return None
+        if node.op_type in ("SlimMatMul", "MatMulNBits"):
+            n = node.attributes.get("N")
+            return None if n is None else n.as_int()
+        if node.op_type == "MatMul":
+            weight = _weight_source(node.inputs[1])
+            if weight is None:
+                return None
+            source, transposed, _ = weight
+            return source.const_value.shape[0 if transposed else 1]
+        if node.op_type != "Add":
+            return None
+        value = node.inputs[1] if _constant_source(node.inputs[0]) is not None else node.inputs[0]
+
+
+def _query_heads(query: ir.Value, head_size: int) -> int | None:
+    """H, from the Reshape [B, S, H, D] that made the query before its 0,2,1,3 Transpose (the rotary
+    ops in between are walked through, a few nodes up): its constant H, else its input's width / D."""
+    frontier, seen = [query], set()
+    for _ in range(12):
+        next_frontier = []
+        for value in frontier:
+            node = value.producer() if value is not None else None
+            if node is None or id(node) in seen:
+                continue
+            seen.add(id(node))
+            if node.op_type == "Transpose" and _perm(node) == [0, 2, 1, 3]:
+                reshape = _producer(node.inputs[0], "Reshape")
+                if reshape is None:
+                    continue
+                shape = _reshape_target(reshape.inputs[1])
+                if shape is not None and len(shape) == 4 and shape[2] > 0 and shape[3] in (head_size, -1):
+                    return shape[2]
+                width = _projection_width(reshape.inputs[0])
+                return width // head_size if width is not None and width % head_size == 0 else None
+            next_frontier.extend(node.inputs)
+        frontier = next_frontier
+    return None
+
+
+def _reshape_target(shape: ir.Value) -> list[int] | None:
+    """The constant entries of a Reshape target built by Concat (unknown entries as -1)."""
+    direct = _ints(shape)
+    if direct is not None:
+        return direct
+    concat = _producer(shape, "Concat")
+    if concat is None:
+        return None
+    entries = []
+    for part in concat.inputs:
+        ints = _ints(part)
+        entries.extend(ints if ints is not None else [-1])
+    return entries
+
+
+@dataclasses.dataclass
+class _Attention:
+    """One matched layer: everything GroupQueryAttention needs, and the values it replaces."""
+
+    past_key: ir.Value
+    past_value: ir.Value
+    present_key: ir.Value  # old Concat outputs (graph outputs)
+    present_value: ir.Value
+    key: ir.Value  # [B, Hkv, S, D], rotary applied
+    value: ir.Value
+    query: ir.Value  # [B, H, S, D], rotary applied, unscaled
+    bias: ir.Value | None  # added to the scores: [B|1, 1, S, P+S]
+    scale: float
+    heads: int
+    kv_heads: int
+    output: ir.Value  # [B, S, H*D]
+
+
+def _cache_concat(past: ir.Value) -> ir.Node | None:
+    for use in past.uses():
+        node = use.node
+        axis = node.attributes.get("axis")
+        if node.op_type == "Concat" and use.idx == 0 and len(node.inputs) == 2 and axis is not None and axis.as_int() in (2, -2):
+            if node.outputs[0].is_graph_output():
+                return node
+    return None
+
+
+def match_attention(graph: ir.Graph, past_key: ir.Value, past_value: ir.Value) -> _Attention | None:
+    key_concat, value_concat = _cache_concat(past_key), _cache_concat(past_value)
+    if key_concat is None or value_concat is None or past_key.shape is None or len(past_key.shape) != 4:
+        return None
+    kv_heads, head_size = past_key.shape[1], past_key.shape[3]
+    if not isinstance(kv_heads, int) or not isinstance(head_size, int):
+        return None
+    present_key, present_value = key_concat.outputs[0], value_concat.outputs[0]
+
+    pv = _consumers(_through_repeat_kv(present_value), "MatMul", 1)
+    if len(pv) != 1:
+        return None
+    pv = pv[0]
+    probs = pv.inputs[0]
+    where = _producer(probs, "Where")
+    if where is not None:  # Where(IsNaN(p), 0, p): a fully masked row gives 0, not NaN
+        is_nan = _producer(where.inputs[0], "IsNaN")
+        if is_nan is None or is_nan.inputs[0] is not where.inputs[2] or _scalar(where.inputs[1]) != 0:
+            return None
+        probs = where.inputs[2]
+    softmax = _producer(probs, "Softmax")
+    if softmax is None or softmax.attributes.get_int("axis", -1) not in (-1, 3):
+        return None
+    scores, bias = softmax.inputs[0], None
+    add = _producer(scores, "Add")
+    if add is not None:
+        scores, bias = add.inputs[0], add.inputs[1]
+    scores, post_scale = _scaled(scores)
+    qk = _producer(scores, "MatMul")
+    if qk is None:
+        return None
+    query, q_scale = _scaled(qk.inputs[0])
+    key_t, k_scale = _scaled(qk.inputs[1])
+    transpose = _producer(key_t, "Transpose")
+    if transpose is None or _perm(transpose) != [0, 1, 3, 2] or transpose.inputs[0] not in _through_repeat_kv(present_key):
+        return None
+
+    out_transpose = [u.node for u in pv.outputs[0].uses()]
+    if len(out_transpose) != 1 or out_transpose[0].op_type != "Transpose" or _perm(out_transpose[0]) != [0, 2, 1, 3]:
+        return None
+    out_reshape = [u.node for u in out_transpose[0].outputs[0].uses()]
+    if len(out_reshape) != 1 or out_reshape[0].op_type != "Reshape":
+        return None
+    heads = _query_heads(query, head_size)
+    if heads is None or heads % kv_heads:
+        return None
+    return _Attention(
+        past_key, past_value, present_key, present_value, key_concat.inputs[1], value_concat.inputs[1], query, bias,
+        q_scale * k_scale * post_scale, heads, kv_heads, out_reshape[0].outputs[0],
+    )
+
+
+def _to_bsd(graph: ir.Graph, before: ir.Node, x: ir.Value, flat: ir.Value) -> ir.Value:
+    """[B, heads, S, D] -> [B, S, heads*D]."""
+    t = ir.node("Transpose", [x], {"perm": [0, 2, 1, 3]})
+    r = ir.node("Reshape", [t.outputs[0], flat])
+    graph.insert_before(before, [t, r])
+    return r.outputs[0]
+
+
+def _lengths(graph: ir.Graph, first: _Attention) -> tuple[ir.Value, ir.Value]:
+    """(seqlens_k [B] = P+S-1, total_sequence_length = P+S) as int32, from the first layer's shapes."""
+    one = _const(graph, [1])
+    nodes = [
+        ir.node("Shape", [first.past_key], {"start": 2, "end": 3}),
+        ir.node("Shape", [first.key], {"start": 2, "end": 3}),
+        ir.node("Shape", [first.past_key], {"start": 0, "end": 1}),
+    ]
+    past_len, new_len, batch = (n.outputs[0] for n in nodes)
+    total = ir.node("Add", [past_len, new_len])
+    last = ir.node("Sub", [total.outputs[0], one])
+    seqlens = ir.node("Expand", [last.outputs[0], batch])
+    seqlens32 = ir.node("Cast", [seqlens.outputs[0]], {"to": ir.DataType.INT32})
+    total32 = ir.node("Cast", [total.outputs[0]], {"to": ir.DataType.INT32})
+    nodes += [total, last, seqlens, seqlens32, total32]
+    graph.insert_before(first.output.producer(), nodes)
+    seqlens32.outputs[0].name, total32.outputs[0].name = "gqa/seqlens_k", "gqa/total_sequence_length"
+    return seqlens32.outputs[0], total32.outputs[0]
+
+
+def _cache_shape(graph: ir.Graph, before: ir.Node, past: ir.Value, new: ir.Value, heads: int) -> ir.Value:
+    """[B, heads, P+S, D]: the shape of the old present (heads = Hkv) or of its repeat_kv copy (H),
+    computed from the inputs' shapes. The shape arithmetic of the mask slice read those tensors;
+    reading the fused op's present instead would make a cycle through attention_bias, and keeping
+    them would keep the cache copies alive."""
+    batch = ir.node("Shape", [past], {"start": 0, "end": 1})
+    p = ir.node("Shape", [past], {"start": 2, "end": 3})
+    s = ir.node("Shape", [new], {"start": 2, "end": 3})
+    tail = ir.node("Shape", [past], {"start": 3})
+    length = ir.node("Add", [p.outputs[0], s.outputs[0]])
+    shape = ir.node("Concat", [batch.outputs[0], _const(graph, [heads]), length.outputs[0], tail.outputs[0]], {"axis": 0})
+    graph.insert_before(before, [batch, p, s, tail, length, shape])
+    return shape.outputs[0]
+
+
+def _retarget_shape_reads(graph: ir.Graph, before: ir.Node, a: _Attention) -> None:
+    """Point every Shape node that reads a cache tensor (old present or its repeat_kv copy) at an
+    equivalent shape computed from the inputs; the cache tensors themselves then die."""
+    for present, past, new in ((a.present_key, a.past_key, a.key), (a.present_value, a.past_value, a.value)):
+        for value in _through_repeat_kv(present):
+            readers = [use.node for use in value.uses() if use.node.op_type == "Shape"]
+            if not readers:
+                continue
+            shape = _cache_shape(graph, before, past, new, a.kv_heads if value is present else a.heads)
+            for node in readers:
+                start, end = node.attributes.get_int("start", 0), node.attributes.get_int("end", None)
+                if start == 0 and end is None:
+                    node.outputs[0].replace_all_uses_with(shape)
+                    continue
+                sliced = ir.node("Slice", [shape, _const(graph, [start]), _const(graph, [4 if end is None else end])])
+                graph.insert_before(before, sliced)
+                node.outputs[0].replace_all_uses_with(sliced.outputs[0])
+
+
+def _const(graph: ir.Graph, ints: list[int]) -> ir.Value:
+    name = f"gqa/const_{len(graph.initializers)}"
+    value = ir.Value(name=name, const_value=ir.tensor(np.array(ints, dtype=np.int64), name=name))
+    graph.register_initializer(value)
+    return value
+
+
+def _fuse(graph: ir.Graph, a: _Attention, lengths, index: int) -> None:
+    anchor = a.output.producer()
+    flat = _const(graph, [0, 0, -1])
+    inputs = [
+        _to_bsd(graph, anchor, a.query, flat), _to_bsd(graph, anchor, a.key, flat), _to_bsd(graph, anchor, a.value, flat),
+        a.past_key, a.past_value, *lengths, None, None, None, a.bias,
+    ]
+    while inputs[-1] is None:
+        inputs.pop()
+    gqa = ir.node(
+        "GroupQueryAttention", inputs,
+        {"num_heads": a.heads, "kv_num_heads": a.kv_heads, "scale": float(a.scale)},
+        domain="com.microsoft", num_outputs=3, name=f"GroupQueryAttention_{index}",
+    )
+    graph.insert_before(anchor, gqa)
+    _retarget_shape_reads(graph, anchor, a)
+    for old, new in zip((a.output, a.present_key, a.present_value), gqa.outputs):
+        new.type, new.shape = old.type, old.shape
+        name = old.name
+        if old.is_graph_output():  # the caches: the graph output changes producer, the rest dies
+            graph.outputs[graph.outputs.index(old)] = new
+        else:
+            old.replace_all_uses_with(new)
+        old.name = None
+        new.name = name
+
+
+class FuseGroupQueryAttentionPass(ir.passes.InPlacePass):
+    """Fuse each layer's cached attention into com.microsoft::GroupQueryAttention (see module doc).
+
+    `fused` holds the count after a call; dead nodes are left for RemoveUnusedNodesPass."""
+
+    def __init__(self):
+        super().__init__()
+        self.fused = 0
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        inputs = {v.name: v for v in graph.inputs}
+        matched = []
+        for name, past_key in inputs.items():
+            found = _PAST.match(name)
+            past_value = inputs.get(f"past_key_values.{found.group(1)}.value") if found else None
+            if past_value is not None:
+                attention = match_attention(graph, past_key, past_value)
+                if attention is not None:
+                    matched.append(attention)
+        if matched:
+            lengths = _lengths(graph, matched[0])
+            for index, attention in enumerate(matched):
+                _fuse(graph, attention, lengths, index)
+            model.opset_imports.setdefault("com.microsoft", 1)
+        self.fused = len(matched)
+        return ir.passes.PassResult(model, modified=bool(matched))
+
+
+def fuse_attention(model: ir.Model) -> int:
+    """Fuse every matching attention layer of `model` in place, drop the dead nodes, keep the graph
+    sorted; returns the number of layers fused."""
+    fuse = FuseGroupQueryAttentionPass()
+    ir.passes.Sequential(fuse, common_passes.RemoveUnusedNodesPass(), common_passes.TopologicalSortPass())(model)
+    return fuse.fused
+
+
+__all__ = ["FuseGroupQueryAttentionPass", "fuse_attention", "match_attention"]
