@@ -215,3 +215,34 @@ def test_sequential_calibrates_each_block_on_the_compressed_prefix(tiny_llama, t
     assert seen[1][1] == set(seen[0][0])  # block 0 replaced before block 1 is calibrated
     assert seen[2][1] == set(seen[0][0]) | set(seen[1][0])
     assert all("/layers.1/" in name for name in seen[1][0])
+
+
+def test_fused_attention_generates_like_the_exported_attention_in_a_padded_batch(tiny_llama, tmp_path):
+    """The same compressed weights with the attention fused (default) and as exported
+    (--no-fuse-attention), through ORTModelForCausalLM on a left-padded batch of two prompts: the
+    logits at every non-padding position agree to float rounding (the fused op masks padding with the
+    model's own mask), and greedy generation gives the same tokens."""
+    from optimum.onnxruntime import ORTModelForCausalLM
+    from transformers import AutoTokenizer
+
+    fast = ["--rank", 0, "--pruning", "magnitude", "--quantizer", "absmax", "--accuracy-level", 0, "-q"]  # no calibration
+    fused, plain = tmp_path / "fused", tmp_path / "plain"
+    for out, extra in ((fused, []), (plain, ["--no-fuse-attention"])):
+        res = cli("compress", tiny_llama / "onnx", out, *fast, *extra)
+        assert res.returncode == 0, res.stderr
+    assert json.loads((fused / "slim_report.json").read_text())["attention_fused"] == 2
+    assert json.loads((plain / "slim_report.json").read_text())["attention_fused"] == 0
+    ops = {out: [n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node] for out in (fused, plain)}
+    assert ops[fused].count("GroupQueryAttention") == 2 and ops[plain].count("GroupQueryAttention") == 0
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama / "hf")
+    tok.pad_token, tok.padding_side = tok.eos_token, "left"
+    batch = tok(["The Python language is", "Exceptions"], padding=True, return_tensors="pt", return_token_type_ids=False)
+    assert (batch["attention_mask"] == 0).any()
+    logits, tokens = [], []
+    for out in (fused, plain):
+        model = ORTModelForCausalLM.from_pretrained(out, session_options=slim_onnx.session_options())
+        logits.append(model(**batch).logits.numpy()[batch["attention_mask"].numpy().astype(bool)])
+        tokens.append(model.generate(**batch, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id).tolist())
+    assert np.abs(logits[0] - logits[1]).max() < 1e-4 * np.abs(logits[1]).max()
+    assert tokens[0] == tokens[1]
