@@ -118,7 +118,8 @@ def run_demo(steps: int = 1000, seconds: float = 60.0, workdir: str | None = Non
         totals = report["totals"]
         print(f"3. compressed {totals['layers']} layers with the default SlimConfig (2:4 + 4-bit GPTQ group 128, "
               f"rank-0.1 4-bit adapters) in {totals['seconds']} s: linear weights {totals['bytes_float16'] / 2**10:.0f} KiB "
-              f"(float16) -> {totals['bytes_packed'] / 2**10:.0f} KiB ({totals['bytes_packed'] / totals['bytes_float16']:.2f}x)")
+              f"(float16) -> {totals['bytes_packed'] / 2**10:.0f} KiB ({totals['bytes_packed'] / totals['bytes_float16']:.2f}x); "
+              f"{report['attention_fused']} attention layers fused into GroupQueryAttention")
 
         dense = evaluate(root / "dense", root / "eval.txt", seqlen=SEQ, max_windows=40)
         kernel = evaluate(root / "slim", root / "eval.txt", root / "dense", seqlen=SEQ, max_windows=40)
