@@ -283,21 +283,26 @@ def _cache_shape(graph: ir.Graph, before: ir.Node, past: ir.Value, new: ir.Value
     return shape.outputs[0]
 
 
-def _retarget_shape_reads(graph: ir.Graph, before: ir.Node, a: _Attention) -> None:
+def _retarget_shape_reads(graph: ir.Graph, before: ir.Node, a: _Attention, shapes: dict) -> None:
     """Point every Shape node that reads a cache tensor (old present or its repeat_kv copy) at an
-    equivalent shape computed from the inputs; the cache tensors themselves then die."""
+    equivalent shape computed from the inputs; the cache tensors themselves then die. `shapes` keeps
+    one value per (heads, head size) for all layers (their caches share batch and length), so the
+    layers' identical mask slices can be merged by onnxruntime's common-subexpression elimination."""
     for present, past, new in ((a.present_key, a.past_key, a.key), (a.present_value, a.past_value, a.value)):
         for value in _through_repeat_kv(present):
             readers = [use.node for use in value.uses() if use.node.op_type == "Shape"]
             if not readers:
                 continue
-            shape = _cache_shape(graph, before, past, new, a.kv_heads if value is present else a.heads)
+            heads = a.kv_heads if value is present else a.heads
+            key = (heads, past.shape[3])
+            if key not in shapes:
+                shapes[key] = _cache_shape(graph, before, past, new, heads)
             for node in readers:
                 start, end = node.attributes.get_int("start", 0), node.attributes.get_int("end", None)
                 if start == 0 and end is None:
-                    node.outputs[0].replace_all_uses_with(shape)
+                    node.outputs[0].replace_all_uses_with(shapes[key])
                     continue
-                sliced = ir.node("Slice", [shape, _const(graph, [start]), _const(graph, [4 if end is None else end])])
+                sliced = ir.node("Slice", [shapes[key], _const(graph, [start]), _const(graph, [4 if end is None else end])])
                 graph.insert_before(before, sliced)
                 node.outputs[0].replace_all_uses_with(sliced.outputs[0])
 
@@ -309,7 +314,7 @@ def _const(graph: ir.Graph, ints: list[int]) -> ir.Value:
     return value
 
 
-def _fuse(graph: ir.Graph, a: _Attention, lengths, index: int) -> None:
+def _fuse(graph: ir.Graph, a: _Attention, lengths, shapes: dict, index: int) -> None:
     anchor = a.output.producer()
     flat = _const(graph, [0, 0, -1])
     inputs = [
@@ -324,7 +329,7 @@ def _fuse(graph: ir.Graph, a: _Attention, lengths, index: int) -> None:
         domain="com.microsoft", num_outputs=3, name=f"GroupQueryAttention_{index}",
     )
     graph.insert_before(anchor, gqa)
-    _retarget_shape_reads(graph, anchor, a)
+    _retarget_shape_reads(graph, anchor, a, shapes)
     for old, new in zip((a.output, a.present_key, a.present_value), gqa.outputs):
         new.type, new.shape = old.type, old.shape
         name = old.name
@@ -357,9 +362,9 @@ class FuseGroupQueryAttentionPass(ir.passes.InPlacePass):
                 if attention is not None:
                     matched.append(attention)
         if matched:
-            lengths = _lengths(graph, matched[0])
+            lengths, shapes = _lengths(graph, matched[0]), {}
             for index, attention in enumerate(matched):
-                _fuse(graph, attention, lengths, index)
+                _fuse(graph, attention, lengths, shapes, index)
             model.opset_imports.setdefault("com.microsoft", 1)
         self.fused = len(matched)
         return ir.passes.PassResult(model, modified=bool(matched))
@@ -369,7 +374,9 @@ def fuse_attention(model: ir.Model) -> int:
     """Fuse every matching attention layer of `model` in place, drop the dead nodes, keep the graph
     sorted; returns the number of layers fused."""
     fuse = FuseGroupQueryAttentionPass()
-    ir.passes.Sequential(fuse, common_passes.RemoveUnusedNodesPass(), common_passes.TopologicalSortPass())(model)
+    # Sorted before the clean-up: the new shape nodes sit after some of their (soon dead) readers,
+    # and the removal sweeps the graph once in reverse order.
+    ir.passes.Sequential(fuse, common_passes.TopologicalSortPass(), common_passes.RemoveUnusedNodesPass())(model)
     return fuse.fused
 
 
