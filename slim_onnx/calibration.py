@@ -109,6 +109,39 @@ def npz_feeds(path: str | os.PathLike) -> list[dict[str, np.ndarray]]:
     return [{n: data[n][i] for n in names} for i in range(count.pop())]
 
 
+def _reads(node: onnx.NodeProto) -> set[str]:
+    """The names a node reads, its subgraphs' outer-scope reads included (over-approximated)."""
+    names = set(node.input)
+    for attr in node.attribute:
+        for graph in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+            for inner in graph.node:
+                names |= _reads(inner)
+    return names
+
+
+def keep_only_outputs(graph: onnx.GraphProto, outputs: list[str]) -> None:
+    """Make `outputs` the graph's only outputs and drop every node and initializer they do not
+    depend on. Calibration reads layer inputs only: no logits (lm_head is the largest product of a
+    small LLM) and, in sequential mode, no block after the one being calibrated."""
+    producer = {name: node for node in graph.node for name in node.output}
+    needed, kept, stack = set(), set(), list(outputs)
+    while stack:
+        name = stack.pop()
+        if name in needed:
+            continue
+        needed.add(name)
+        node = producer.get(name)
+        if node is not None and id(node) not in kept:
+            kept.add(id(node))
+            stack.extend(_reads(node))
+    nodes = [n for n in graph.node if id(n) in kept]
+    initializers = [t for t in graph.initializer if t.name in needed]
+    del graph.node[:], graph.initializer[:], graph.output[:]
+    graph.node.extend(nodes)
+    graph.initializer.extend(initializers)
+    graph.output.extend(helper.make_empty_tensor_value_info(n) for n in outputs)
+
+
 def collect_statistics(
     model: ir.Model, layers: list[LinearLayer], feeds: Iterable[dict[str, np.ndarray]], hessian: bool = True,
     progress=None,
@@ -126,9 +159,7 @@ def collect_statistics(
     if not shared:
         return stats
     proto = ir.to_proto(model)
-    extra = [n for n in shared if n not in {o.name for o in proto.graph.output}]
-    for n in extra:
-        proto.graph.output.append(helper.make_empty_tensor_value_info(n))
+    keep_only_outputs(proto.graph, list(shared))
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "calibration.onnx")
         onnx.save(proto, path, save_as_external_data=True, location="calibration.onnx.data", size_threshold=1024)

@@ -246,3 +246,39 @@ def test_fused_attention_generates_like_the_exported_attention_in_a_padded_batch
         tokens.append(model.generate(**batch, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id).tolist())
     assert np.abs(logits[0] - logits[1]).max() < 1e-4 * np.abs(logits[1]).max()
     assert tokens[0] == tokens[1]
+
+
+def test_calibration_runs_only_what_the_layer_inputs_need(tiny_llama):
+    """The calibration graph keeps only the nodes the requested layer inputs depend on (no lm_head,
+    no later block), and the statistics equal those read from the whole model's outputs."""
+    import onnx_ir as ir
+    from onnx import helper
+
+    from slim_onnx.calibration import collect_statistics, keep_only_outputs, model_feeds
+    from slim_onnx.passes import find_linear_layers
+
+    model = ir.load(tiny_llama / "onnx" / "model.onnx")
+    layers = find_linear_layers(model)
+    block0 = [layer for layer in layers if "/layers.0/" in layer.name]
+    proto = ir.to_proto(model)
+    keep_only_outputs(proto.graph, sorted({layer.node.inputs[0].name for layer in block0}))
+    names = {n.name for n in proto.graph.node}
+    assert not any("/layers.1/" in n or "lm_head" in n for n in names) and any("/layers.0/" in n for n in names)
+    assert len(proto.graph.initializer) < len(ir.to_proto(model).graph.initializer)
+
+    feeds = list(model_feeds(model, np.arange(5, 69).reshape(2, 32)))
+    stats = collect_statistics(model, layers, feeds)
+    whole = ir.to_proto(model)
+    inputs = sorted({layer.node.inputs[0].name for layer in layers})
+    whole.graph.output.extend(helper.make_empty_tensor_value_info(n) for n in inputs)
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(whole.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    xtx = {n: 0.0 for n in inputs}
+    for feed in feeds:
+        for n, x in zip(inputs, session.run(inputs, feed)):
+            x = x.reshape(-1, x.shape[-1]).astype(np.float64)
+            xtx[n] = xtx[n] + x.T @ x
+    for layer in layers:
+        want = xtx[layer.node.inputs[0].name]
+        np.testing.assert_allclose(stats[layer.name].xtx.numpy(), want, rtol=1e-9, atol=1e-9 * np.abs(want).max())
