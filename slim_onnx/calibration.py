@@ -123,18 +123,18 @@ def keep_only_outputs(graph: onnx.GraphProto, outputs: list[str]) -> None:
     """Make `outputs` the graph's only outputs and drop every node and initializer they do not
     depend on. Calibration reads layer inputs only: no logits (lm_head is the largest product of a
     small LLM) and, in sequential mode, no block after the one being calibrated."""
-    producer = {name: node for node in graph.node for name in node.output}
+    producer = {name: i for i, node in enumerate(graph.node) for name in node.output}
     needed, kept, stack = set(), set(), list(outputs)
     while stack:
         name = stack.pop()
         if name in needed:
             continue
         needed.add(name)
-        node = producer.get(name)
-        if node is not None and id(node) not in kept:
-            kept.add(id(node))
-            stack.extend(_reads(node))
-    nodes = [n for n in graph.node if id(n) in kept]
+        i = producer.get(name)
+        if i is not None and i not in kept:
+            kept.add(i)
+            stack.extend(_reads(graph.node[i]))
+    nodes = [graph.node[i] for i in sorted(kept)]
     initializers = [t for t in graph.initializer if t.name in needed]
     del graph.node[:], graph.initializer[:], graph.output[:]
     graph.node.extend(nodes)
