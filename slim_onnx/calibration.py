@@ -135,11 +135,12 @@ def keep_only_outputs(graph: onnx.GraphProto, outputs: list[str]) -> None:
             kept.add(i)
             stack.extend(_reads(graph.node[i]))
     nodes = [graph.node[i] for i in sorted(kept)]
-    initializers = [t for t in graph.initializer if t.name in needed]
-    del graph.node[:], graph.initializer[:], graph.output[:]
+    del graph.node[:], graph.output[:]
     graph.node.extend(nodes)
-    graph.initializer.extend(initializers)
     graph.output.extend(helper.make_empty_tensor_value_info(n) for n in outputs)
+    for i in reversed(range(len(graph.initializer))):  # in place: extend() would copy every weight
+        if graph.initializer[i].name not in needed:
+            del graph.initializer[i]
 
 
 def collect_statistics(
