@@ -65,7 +65,8 @@ def _compress(args) -> int:
     report = compress(
         args.input, args.output, config, calibration, include=args.include, exclude=args.exclude,
         compress_lm_head=not args.no_lm_head, accuracy_level=args.accuracy_level, overwrite=args.overwrite,
-        sequential=args.sequential, fuse_attention=not args.no_fuse_attention, log=log, progress=progress_factory(not args.quiet and not args.verbose),
+        sequential=args.sequential, fuse_attention=not args.no_fuse_attention, log=log,
+        progress=progress_factory(not args.quiet and not args.verbose),
     )
     t = report["totals"]
     print(f"compressed {t['layers']} layers: {t['bytes_float16'] / 2**20:.1f} MiB (float16) -> "
