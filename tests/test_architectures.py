@@ -186,6 +186,10 @@ def test_attention_fusion_reproduces_the_export(tmp_path, family):
     onnx.checker.check_model(fused_proto)
     assert op_count(fused_proto, "GroupQueryAttention") == 2 and op_count(fused_proto, "Softmax") == 0
     assert op_count(fused_proto, "Expand") < op_count(onnx.load(str(src / "model.onnx")), "Expand")  # no repeat_kv copies
+    # q and k rotary of both layers folded into RotaryEmbedding; no head split or merge is left
+    assert op_count(fused_proto, "RotaryEmbedding") == 4
+    perms = [list(a.ints) for n in fused_proto.graph.node if n.op_type == "Transpose" for a in n.attribute]
+    assert [0, 2, 1, 3] not in perms
 
     reference = ort.InferenceSession(str(src / "model.onnx"), providers=["CPUExecutionProvider"])
     fused = ort.InferenceSession(str(tmp_path / "fused.onnx"), providers=["CPUExecutionProvider"])

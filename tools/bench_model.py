@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import statistics
 import tempfile
 import time
@@ -33,6 +34,7 @@ from slim_onnx.pipeline import resolve_model_path
 def matmul_nbits_model(dense: Path, out: Path) -> Path:
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
+    logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)  # a line per node otherwise
     q = MatMulNBitsQuantizer(onnx.load(str(dense)), bits=4, block_size=128, is_symmetric=True, accuracy_level=4)
     q.process()
     out.mkdir()

@@ -18,9 +18,20 @@ Matched per layer, anchored on the cache (names as Optimum writes them):
 becomes GroupQueryAttention(Q, K, V as [B, S, heads*D], the caches, seqlens_k, total_sequence_length,
 attention_bias=bias) with scale cq*ck and causal masking; its present outputs take the names of the
 old ones. seqlens_k is P+S-1 for every row (the cache holds P entries per row, padded or not), so
-padding is masked by the model's own bias exactly as before. Rotary stays the model's own ops.
+padding is masked by the model's own bias exactly as before.
 A layer whose attention does not read as above is left as it is: e.g. a float16 export, whose
 attention runs in float32 between Casts.
+
+GroupQueryAttention reads Q, K, V as [B, S, heads*D], which is what the projections produce before
+the export splits them into heads (Reshape [B, S, -1, D] -> Transpose 0,2,1,3). So Q, K, V are taken
+from the projection p itself (Reshape(p, [0, 0, -1]): a view, checked to have the Reshape's leading
+dimensions) instead of transposing the heads back. Where Q or K is the export's rotary embedding of
+the split heads (rotate_half: x*cos + Concat(-x[..., D/2:], x[..., :D/2])*sin with cos, sin of shape
+[B, S, D] unsqueezed at axis 1 and built as Cos/Sin of Concat(f, f), so both halves agree), it becomes
+com.microsoft::RotaryEmbedding on [B, S, heads*D], reading the model's own cos/sin: the first halves,
+flattened to a [B*S, D/2] cache, indexed by position b*S + s. Positions stay exactly the model's
+(left padding included), and any rope scaling the export computes carries over. Per layer this
+removes about 30 nodes (head splits, slices, concats, shape arithmetic).
 
 Limit (onnxruntime's CPU kernel): a batch of more than one row cannot feed several new tokens onto a
 non-empty cache in one call (batched prompts with an empty cache and batched one-token decode steps
@@ -160,6 +171,143 @@ def _reshape_target(shape: ir.Value) -> list[int] | None:
     return entries
 
 
+def _linear_input(value: ir.Value) -> ir.Value | None:
+    """The activation input of the linear layer (under an optional bias Add) that made `value`."""
+    node = value.producer()
+    if node is not None and node.op_type == "Add":
+        constant = [_constant_source(v) is not None for v in node.inputs]
+        if constant.count(True) != 1:
+            return None
+        node = node.inputs[constant.index(False)].producer()
+    if node is None:
+        return None
+    if node.op_type in ("SlimMatMul", "MatMulNBits") or (node.op_type == "MatMul" and _weight_source(node.inputs[1])):
+        return node.inputs[0]
+    return None
+
+
+def _is_dim(entry: ir.Value, index: int, sources: tuple) -> bool:
+    """`entry` (a Reshape target's entry) is dimension `index` of one of `sources`, or 0 (copy)."""
+    if _ints(entry) == [0]:
+        return True
+    unsqueeze = _producer(entry, "Unsqueeze")
+    gather = _producer(unsqueeze.inputs[0], "Gather") if unsqueeze is not None else None
+    shape = _producer(gather.inputs[0], "Shape") if gather is not None else None
+    return (
+        shape is not None and not shape.attributes and _ints(gather.inputs[1]) == [index]
+        and any(shape.inputs[0] is s for s in sources)
+    )
+
+
+def _split_heads_source(x: ir.Value, head_size: int) -> ir.Value | None:
+    """p, when x [B, heads, S, D] = Transpose(Reshape(p, [B, S, -1|heads, D]), 0,2,1,3) and B, S are
+    p's own first dimensions (read from p or from its linear layer's input, or copied by a 0)."""
+    transpose = _producer(x, "Transpose")
+    if transpose is None or _perm(transpose) != [0, 2, 1, 3]:
+        return None
+    reshape = _producer(transpose.inputs[0], "Reshape")
+    if reshape is None or reshape.attributes.get_int("allowzero", 0):
+        return None
+    p, target = reshape.inputs[0], reshape.inputs[1]
+    entries = _producer(target, "Concat")
+    entries = list(entries.inputs) if entries is not None else None
+    constant = _ints(target)
+    if constant is not None:  # a fully constant target: only 0 (copy) can be a leading dimension
+        if len(constant) != 4 or constant[:2] != [0, 0] or constant[3] != head_size:
+            return None
+        return p
+    if entries is None or len(entries) != 4 or _ints(entries[3]) != [head_size]:
+        return None
+    sources = (p, _linear_input(p))
+    return p if all(_is_dim(entries[i], i, sources) for i in (0, 1)) else None
+
+
+def _operands(value: ir.Value | None, op_type: str) -> tuple[ir.Value, ir.Value] | None:
+    node = _producer(value, op_type)
+    return None if node is None or len(node.inputs) != 2 else (node.inputs[0], node.inputs[1])
+
+
+def _last_axis_slice(value: ir.Value, head_size: int) -> tuple[ir.Value, ir.Value, ir.Value] | None:
+    """(input, start, end) of a Slice along the last axis with step 1."""
+    node = _producer(value, "Slice")
+    if node is None or len(node.inputs) < 4 or _ints(node.inputs[3]) not in ([-1], [3]):
+        return None
+    if len(node.inputs) > 4 and node.inputs[4] is not None and _ints(node.inputs[4]) != [1]:
+        return None
+    return node.inputs[0], node.inputs[1], node.inputs[2]
+
+
+def _is_half_head(value: ir.Value, head_size: int) -> bool:
+    """value is [D/2]: a constant, or Unsqueeze(Cast*(Div(Cast*(Gather(Shape(x), 3|-1)), 2)))."""
+    if _ints(value) == [head_size // 2]:
+        return True
+    node = _producer(value, "Unsqueeze")
+    value = node.inputs[0] if node is not None else None
+    while _producer(value, "Cast") is not None:
+        value = value.producer().inputs[0]
+    div = _producer(value, "Div")
+    if div is None or _scalar(div.inputs[1]) != 2:
+        return False
+    value = div.inputs[0]
+    while _producer(value, "Cast") is not None:
+        value = value.producer().inputs[0]
+    gather = _producer(value, "Gather")
+    return gather is not None and _producer(gather.inputs[0], "Shape") is not None and _ints(gather.inputs[1]) in ([3], [-1])
+
+
+def _rotate_half_input(value: ir.Value, head_size: int) -> ir.Value | None:
+    """x, when value = Concat(Neg(x[..., D/2:]), x[..., :D/2], axis=-1)."""
+    concat = _producer(value, "Concat")
+    if concat is None or len(concat.inputs) != 2 or concat.attributes.get_int("axis", 0) not in (-1, 3):
+        return None
+    neg = _producer(concat.inputs[0], "Neg")
+    upper = _last_axis_slice(neg.inputs[0], head_size) if neg is not None else None
+    lower = _last_axis_slice(concat.inputs[1], head_size)
+    if upper is None or lower is None or upper[0] is not lower[0]:
+        return None
+    if _ints(lower[1]) != [0] or not (_is_half_head(lower[2], head_size) and _is_half_head(upper[1], head_size)):
+        return None
+    end = _ints(upper[2])
+    return lower[0] if end is not None and len(end) == 1 and end[0] >= head_size else None
+
+
+def _cos_sin_source(value: ir.Value, op_type: str) -> ir.Value | None:
+    """t [B, S, D], when value = Unsqueeze(t, 1) and t = Cast*(Cos|Sin(Concat(f, f, axis=-1)) [* c])."""
+    unsqueeze = _producer(value, "Unsqueeze")
+    if unsqueeze is None or len(unsqueeze.inputs) != 2 or _ints(unsqueeze.inputs[1]) != [1]:
+        return None
+    table = walk = unsqueeze.inputs[0]
+    while True:
+        node = walk.producer() if walk is not None else None
+        if node is None or node.domain != "":
+            return None
+        if node.op_type == "Cast":
+            walk = node.inputs[0]
+        elif node.op_type == "Mul" and _scalar(node.inputs[1]) is not None:
+            walk = node.inputs[0]
+        elif node.op_type == op_type:
+            concat = _producer(node.inputs[0], "Concat")
+            ok = concat is not None and len(concat.inputs) == 2 and concat.inputs[0] is concat.inputs[1]
+            return table if ok and concat.attributes.get_int("axis", 0) in (-1, 2) else None
+        else:
+            return None
+
+
+def _rotary(x: ir.Value, head_size: int) -> tuple[ir.Value, ir.Value, ir.Value] | None:
+    """(input, cos [B, S, D], sin [B, S, D]) when x is the export's rotate_half rotary embedding."""
+    terms = _operands(x, "Add")
+    for plain, rotated in (terms, terms[::-1]) if terms is not None else ():
+        a, b = _operands(plain, "Mul") or (None, None), _operands(rotated, "Mul") or (None, None)
+        for inner, cos in (a, a[::-1]):
+            for half, sin in (b, b[::-1]):
+                if inner is None or half is None or _rotate_half_input(half, head_size) is not inner:
+                    continue
+                cos_table, sin_table = _cos_sin_source(cos, "Cos"), _cos_sin_source(sin, "Sin")
+                if cos_table is not None and sin_table is not None:
+                    return inner, cos_table, sin_table
+    return None
+
+
 @dataclasses.dataclass
 class _Attention:
     """One matched layer: everything GroupQueryAttention needs, and the values it replaces."""
@@ -240,21 +388,71 @@ def match_attention(graph: ir.Graph, past_key: ir.Value, past_value: ir.Value) -
     )
 
 
-def _to_bsd(graph: ir.Graph, before: ir.Node, x: ir.Value, flat: ir.Value) -> ir.Value:
-    """[B, heads, S, D] -> [B, S, heads*D]."""
-    t = ir.node("Transpose", [x], {"perm": [0, 2, 1, 3]})
-    r = ir.node("Reshape", [t.outputs[0], flat])
-    graph.insert_before(before, [t, r])
-    return r.outputs[0]
+class _InputBuilder:
+    """Builds GroupQueryAttention's [B, S, heads*D] inputs from the export's [B, heads, S, D] ones,
+    sharing one flat shape, and one rotary cache per cos/sin pair, across all layers."""
+
+    def __init__(self, graph: ir.Graph, head_size: int):
+        self.graph, self.head_size = graph, head_size
+        self.flat = _const(graph, [0, 0, -1])
+        self.caches: dict[tuple[int, int], tuple[ir.Value, ir.Value, ir.Value]] = {}
+        self.rotaries = 0
+
+    def __call__(self, before: ir.Node, x: ir.Value, heads: int) -> ir.Value:
+        rotary = _rotary(x, self.head_size)
+        source = _split_heads_source(rotary[0] if rotary else x, self.head_size)
+        if source is None:  # transpose the heads back
+            t = ir.node("Transpose", [x], {"perm": [0, 2, 1, 3]})
+            nodes = [t, ir.node("Reshape", [t.outputs[0], self.flat])]
+        else:
+            nodes = [ir.node("Reshape", [source, self.flat])]
+            if rotary is not None:
+                positions, cos, sin = self._cache(before, rotary[1], rotary[2])
+                nodes.append(ir.node(
+                    "RotaryEmbedding", [nodes[0].outputs[0], positions, cos, sin],
+                    {"interleaved": 0, "num_heads": heads}, domain="com.microsoft",
+                ))
+                self.rotaries += 1
+        self.graph.insert_before(before, nodes)
+        return nodes[-1].outputs[0]
+
+    def _cache(self, before: ir.Node, cos: ir.Value, sin: ir.Value) -> tuple[ir.Value, ir.Value, ir.Value]:
+        """(positions [B, S] = b*S + s, cos and sin caches [B*S, D/2]) from the model's cos/sin tables."""
+        key = (id(cos), id(sin))
+        if key not in self.caches:
+            half = self.head_size // 2
+            graph, zero = self.graph, _const(self.graph, [0])
+            rows = _const(graph, [-1, half])
+            nodes, tables = [], []
+            for table in (cos, sin):
+                first_half = ir.node("Slice", [table, zero, _const(graph, [half]), _const(graph, [-1])])
+                tables.append(ir.node("Reshape", [first_half.outputs[0], rows]))
+                nodes += [first_half, tables[-1]]
+            batch_seq = ir.node("Shape", [cos], {"start": 0, "end": 2})
+            count = ir.node("ReduceProd", [batch_seq.outputs[0]], {"keepdims": 0})
+            flat = ir.node("Range", [_const(graph, 0), count.outputs[0], _const(graph, 1)])
+            positions = ir.node("Reshape", [flat.outputs[0], batch_seq.outputs[0]])
+            nodes += [batch_seq, count, flat, positions]
+            graph.insert_before(before, nodes)
+            self.caches[key] = (positions.outputs[0], tables[0].outputs[0], tables[1].outputs[0])
+        return self.caches[key]
 
 
-def _lengths(graph: ir.Graph, first: _Attention) -> tuple[ir.Value, ir.Value]:
-    """(seqlens_k [B] = P+S-1, total_sequence_length = P+S) as int32, from the first layer's shapes."""
+@dataclasses.dataclass
+class _Lengths:
+    seqlens_k: ir.Value  # int32 [B] = P+S-1
+    total_sequence_length: ir.Value  # int32 scalar-like [1] = P+S
+    total: ir.Value  # int64 [1] = P+S
+
+
+def _lengths(graph: ir.Graph, before: ir.Node, past_key: ir.Value, key: ir.Value) -> _Lengths:
+    """The lengths GroupQueryAttention takes, from the first layer's past [B, Hkv, P, D] and its new
+    key as fed to the fused op ([B, S, Hkv*D]: reading the export's key would keep its ops alive)."""
     one = _const(graph, [1])
     nodes = [
-        ir.node("Shape", [first.past_key], {"start": 2, "end": 3}),
-        ir.node("Shape", [first.key], {"start": 2, "end": 3}),
-        ir.node("Shape", [first.past_key], {"start": 0, "end": 1}),
+        ir.node("Shape", [past_key], {"start": 2, "end": 3}),
+        ir.node("Shape", [key], {"start": 1, "end": 2}),
+        ir.node("Shape", [past_key], {"start": 0, "end": 1}),
     ]
     past_len, new_len, batch = (n.outputs[0] for n in nodes)
     total = ir.node("Add", [past_len, new_len])
@@ -263,32 +461,29 @@ def _lengths(graph: ir.Graph, first: _Attention) -> tuple[ir.Value, ir.Value]:
     seqlens32 = ir.node("Cast", [seqlens.outputs[0]], {"to": ir.DataType.INT32})
     total32 = ir.node("Cast", [total.outputs[0]], {"to": ir.DataType.INT32})
     nodes += [total, last, seqlens, seqlens32, total32]
-    graph.insert_before(first.output.producer(), nodes)
+    graph.insert_before(before, nodes)
     seqlens32.outputs[0].name, total32.outputs[0].name = "gqa/seqlens_k", "gqa/total_sequence_length"
-    return seqlens32.outputs[0], total32.outputs[0]
+    return _Lengths(seqlens32.outputs[0], total32.outputs[0], total.outputs[0])
 
 
-def _cache_shape(graph: ir.Graph, before: ir.Node, past: ir.Value, new: ir.Value, heads: int) -> ir.Value:
+def _cache_shape(graph: ir.Graph, before: ir.Node, past: ir.Value, total: ir.Value, heads: int) -> ir.Value:
     """[B, heads, P+S, D]: the shape of the old present (heads = Hkv) or of its repeat_kv copy (H),
     computed from the inputs' shapes. The shape arithmetic of the mask slice read those tensors;
     reading the fused op's present instead would make a cycle through attention_bias, and keeping
     them would keep the cache copies alive."""
     batch = ir.node("Shape", [past], {"start": 0, "end": 1})
-    p = ir.node("Shape", [past], {"start": 2, "end": 3})
-    s = ir.node("Shape", [new], {"start": 2, "end": 3})
     tail = ir.node("Shape", [past], {"start": 3})
-    length = ir.node("Add", [p.outputs[0], s.outputs[0]])
-    shape = ir.node("Concat", [batch.outputs[0], _const(graph, [heads]), length.outputs[0], tail.outputs[0]], {"axis": 0})
-    graph.insert_before(before, [batch, p, s, tail, length, shape])
+    shape = ir.node("Concat", [batch.outputs[0], _const(graph, [heads]), total, tail.outputs[0]], {"axis": 0})
+    graph.insert_before(before, [batch, tail, shape])
     return shape.outputs[0]
 
 
-def _retarget_shape_reads(graph: ir.Graph, before: ir.Node, a: _Attention, shapes: dict) -> None:
+def _retarget_shape_reads(graph: ir.Graph, before: ir.Node, a: _Attention, total: ir.Value, shapes: dict) -> None:
     """Point every Shape node that reads a cache tensor (old present or its repeat_kv copy) at an
     equivalent shape computed from the inputs; the cache tensors themselves then die. `shapes` keeps
     one value per (heads, head size) for all layers (their caches share batch and length), so the
     layers' identical mask slices can be merged by onnxruntime's common-subexpression elimination."""
-    for present, past, new in ((a.present_key, a.past_key, a.key), (a.present_value, a.past_value, a.value)):
+    for present, past in ((a.present_key, a.past_key), (a.present_value, a.past_value)):
         for value in _through_repeat_kv(present):
             readers = [use.node for use in value.uses() if use.node.op_type == "Shape"]
             if not readers:
@@ -296,7 +491,7 @@ def _retarget_shape_reads(graph: ir.Graph, before: ir.Node, a: _Attention, shape
             heads = a.kv_heads if value is present else a.heads
             key = (heads, past.shape[3])
             if key not in shapes:
-                shapes[key] = _cache_shape(graph, before, past, new, heads)
+                shapes[key] = _cache_shape(graph, before, past, total, heads)
             for node in readers:
                 start, end = node.attributes.get_int("start", 0), node.attributes.get_int("end", None)
                 if start == 0 and end is None:
@@ -307,20 +502,18 @@ def _retarget_shape_reads(graph: ir.Graph, before: ir.Node, a: _Attention, shape
                 node.outputs[0].replace_all_uses_with(sliced.outputs[0])
 
 
-def _const(graph: ir.Graph, ints: list[int]) -> ir.Value:
+def _const(graph: ir.Graph, ints: list[int] | int) -> ir.Value:
+    """An int64 initializer: 1-D from a list, a scalar from an int."""
     name = f"gqa/const_{len(graph.initializers)}"
     value = ir.Value(name=name, const_value=ir.tensor(np.array(ints, dtype=np.int64), name=name))
     graph.register_initializer(value)
     return value
 
 
-def _fuse(graph: ir.Graph, a: _Attention, lengths, shapes: dict, index: int) -> None:
+def _fuse(graph: ir.Graph, a: _Attention, qkv: list[ir.Value], lengths: _Lengths, shapes: dict, index: int) -> None:
+    """Replace layer `a` by GroupQueryAttention over qkv ([B, S, heads*D] each)."""
     anchor = a.output.producer()
-    flat = _const(graph, [0, 0, -1])
-    inputs = [
-        _to_bsd(graph, anchor, a.query, flat), _to_bsd(graph, anchor, a.key, flat), _to_bsd(graph, anchor, a.value, flat),
-        a.past_key, a.past_value, *lengths, None, None, None, a.bias,
-    ]
+    inputs = [*qkv, a.past_key, a.past_value, lengths.seqlens_k, lengths.total_sequence_length, None, None, None, a.bias]
     while inputs[-1] is None:
         inputs.pop()
     gqa = ir.node(
@@ -329,7 +522,7 @@ def _fuse(graph: ir.Graph, a: _Attention, lengths, shapes: dict, index: int) -> 
         domain="com.microsoft", num_outputs=3, name=f"GroupQueryAttention_{index}",
     )
     graph.insert_before(anchor, gqa)
-    _retarget_shape_reads(graph, anchor, a, shapes)
+    _retarget_shape_reads(graph, anchor, a, lengths.total, shapes)
     for old, new in zip((a.output, a.present_key, a.present_value), gqa.outputs):
         new.type, new.shape = old.type, old.shape
         name = old.name
@@ -344,11 +537,12 @@ def _fuse(graph: ir.Graph, a: _Attention, lengths, shapes: dict, index: int) -> 
 class FuseGroupQueryAttentionPass(ir.passes.InPlacePass):
     """Fuse each layer's cached attention into com.microsoft::GroupQueryAttention (see module doc).
 
-    `fused` holds the count after a call; dead nodes are left for RemoveUnusedNodesPass."""
+    `fused` holds the count of layers after a call, `rotaries` that of rotary embeddings folded into
+    RotaryEmbedding; dead nodes are left for RemoveUnusedNodesPass."""
 
     def __init__(self):
         super().__init__()
-        self.fused = 0
+        self.fused = self.rotaries = 0
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
@@ -361,10 +555,16 @@ class FuseGroupQueryAttentionPass(ir.passes.InPlacePass):
                 attention = match_attention(graph, past_key, past_value)
                 if attention is not None:
                     matched.append(attention)
+        self.rotaries = 0
         if matched:
-            lengths, shapes = _lengths(graph, matched[0]), {}
-            for index, attention in enumerate(matched):
-                _fuse(graph, attention, lengths, shapes, index)
+            lengths, shapes = None, {}
+            to_bsd = _InputBuilder(graph, matched[0].past_key.shape[3])
+            for index, a in enumerate(matched):
+                anchor = a.output.producer()
+                qkv = [to_bsd(anchor, a.query, a.heads), to_bsd(anchor, a.key, a.kv_heads), to_bsd(anchor, a.value, a.kv_heads)]
+                lengths = lengths or _lengths(graph, anchor, a.past_key, qkv[1])
+                _fuse(graph, a, qkv, lengths, shapes, index)
+            self.rotaries = to_bsd.rotaries
             model.opset_imports.setdefault("com.microsoft", 1)
         self.fused = len(matched)
         return ir.passes.PassResult(model, modified=bool(matched))
