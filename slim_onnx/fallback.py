@@ -1,4 +1,4 @@
-"""Model-local ONNX functions that compute SlimMatMul with standard ops (opset 18).
+"""Model-local ONNX functions that compute our ops with standard ops (opset 18) and onnxruntime's own.
 
 Stock onnxruntime has no kernel for ``slim_onnx::SlimMatMul``, so it inlines the function whose
 domain, name and overload match the node. Everything that unpacks the weights depends only on
@@ -8,6 +8,10 @@ kernel runs instead and the function is ignored.
 
 One overload per variant (``SlimWeights.variant``): sparse or dense W, adapters none / float16 / int4,
 with or without bias. Sizes come from the node's attributes through attribute references.
+
+``slim_onnx::GroupQueryAttention`` (slim_onnx/passes/attention.py, kernel in csrc/attention_op.cc)
+falls back to onnxruntime's ``com.microsoft::GroupQueryAttention``, which computes the same thing:
+one overload with and one without ``attention_bias``.
 """
 
 from __future__ import annotations
@@ -26,6 +30,10 @@ OPSET = 18
 # Function overloads (NodeProto.overload) need IR version 10; onnxruntime 1.20 reads IR 10.
 IR_VERSION = 10
 FUNCTION_ATTRIBUTES = ("K", "N", "group_size", "rank", "adapter_group_size")
+ATTENTION_OP_TYPE = "GroupQueryAttention"
+ATTENTION_ATTRIBUTES = ("num_heads", "kv_num_heads", "scale")
+ATTENTION_INPUTS = ("query", "key", "value", "past_key", "past_value", "seqlens_k", "total_sequence_length", "attention_bias")
+ATTENTION_VARIANTS = ("bias", "nobias")
 VARIANTS = tuple(
     f"{w}_{a}_{b}"
     for w, a, b in itertools.product(("sparse", "dense"), ("noadapter", "f16adapter", "int4adapter"), ("bias", "nobias"))
@@ -158,6 +166,26 @@ def fallback_function(variant: str) -> onnx.FunctionProto:
         formal.pop()
     fn = helper.make_function(
         DOMAIN, OP_TYPE, formal, ["Y"], body.nodes, [helper.make_opsetid("", OPSET)], attributes=list(FUNCTION_ATTRIBUTES)
+    )
+    fn.overload = variant
+    return fn
+
+
+def attention_fallback_function(variant: str) -> onnx.FunctionProto:
+    """slim_onnx::GroupQueryAttention (overload = "bias" or "nobias") as com.microsoft's op."""
+    if variant not in ATTENTION_VARIANTS:
+        raise ValueError(f"unknown GroupQueryAttention variant {variant!r}; expected one of {ATTENTION_VARIANTS}")
+    formal = list(ATTENTION_INPUTS if variant == "bias" else ATTENTION_INPUTS[:-1])
+    # com.microsoft's inputs 7..9 (cos/sin caches, position ids) stay absent; attention_bias is input 10.
+    actual = formal[:7] + (["", "", "", "attention_bias"] if variant == "bias" else [])
+    outputs = ["output", "present_key", "present_value"]
+    node = helper.make_node(ATTENTION_OP_TYPE, actual, outputs, domain="com.microsoft")
+    for name in ATTENTION_ATTRIBUTES:
+        kind = onnx.AttributeProto.FLOAT if name == "scale" else onnx.AttributeProto.INT
+        node.attribute.append(onnx.AttributeProto(name=name, ref_attr_name=name, type=kind))
+    fn = helper.make_function(
+        DOMAIN, ATTENTION_OP_TYPE, formal, outputs, [node],
+        [helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", 1)], attributes=list(ATTENTION_ATTRIBUTES),
     )
     fn.overload = variant
     return fn

@@ -192,18 +192,28 @@ def test_attention_fusion_reproduces_the_export(tmp_path, family):
     assert [0, 2, 1, 3] not in perms
 
     reference = ort.InferenceSession(str(src / "model.onnx"), providers=["CPUExecutionProvider"])
-    fused = ort.InferenceSession(str(tmp_path / "fused.onnx"), providers=["CPUExecutionProvider"])
+    # our kernel (slim_onnx::GroupQueryAttention) and, without the library, its fallback function
+    # (onnxruntime's com.microsoft::GroupQueryAttention)
+    paths = {
+        "kernel": ort.InferenceSession(str(tmp_path / "fused.onnx"), slim_onnx.session_options(), providers=["CPUExecutionProvider"]),
+        "fallback": ort.InferenceSession(str(tmp_path / "fused.onnx"), providers=["CPUExecutionProvider"]),
+    }
     names = [o.name for o in reference.get_outputs()]
-    assert names == [o.name for o in fused.get_outputs()]
+    assert all(names == [o.name for o in fused.get_outputs()] for fused in paths.values())
     rng = np.random.default_rng(0)
-    for batch, past, seq, pad in [(2, 0, 9, 3), (2, 7, 1, 0), (2, 7, 1, 4), (1, 7, 4, 0), (1, 40, 1, 0)]:
+    cases = [(2, 0, 9, 3), (2, 7, 1, 0), (2, 7, 1, 4), (1, 7, 4, 0), (1, 40, 1, 0), (2, 7, 4, 2)]
+    for batch, past, seq, pad in cases:
         feeds = cache_feeds(reference, batch, past, seq, pad, rng)
         valid = feeds["attention_mask"].astype(bool)
-        for name, want, got in zip(names, reference.run(None, feeds), fused.run(None, feeds)):
-            keep = valid[:, past:] if name == "logits" else valid  # present.*: [B, heads, past + seq, D]
-            want, got = (np.moveaxis(x, 2, 1)[keep] if name != "logits" else x[keep] for x in (want, got))
-            err = np.abs(want.astype(np.float64) - got).max() / np.abs(want).max()
-            assert err < 1e-4, (name, batch, past, seq, pad, err)
+        expected = reference.run(None, feeds)
+        for path, fused in paths.items():
+            if path == "fallback" and batch > 1 and past > 0 and seq > 1:
+                continue  # onnxruntime's CPU kernel refuses this shape (module doc of passes/attention.py)
+            for name, want, got in zip(names, expected, fused.run(None, feeds)):
+                keep = valid[:, past:] if name == "logits" else valid  # present.*: [B, heads, past + seq, D]
+                want, got = (np.moveaxis(x, 2, 1)[keep] if name != "logits" else x[keep] for x in (want, got))
+                err = np.abs(want.astype(np.float64) - got).max() / np.abs(want).max()
+                assert err < 1e-4, (path, name, batch, past, seq, pad, err)
 
 
 def test_attention_fusion_leaves_other_attention_alone(tmp_path):

@@ -399,10 +399,112 @@ void GemmRowMajorF32(const float* a, int64_t M, int64_t lda, const float* b, int
   }
 }
 
+// ---- attention rows --------------------------------------------------------------------------------
+
+float HorizontalSum(__m256 v) {
+  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 h = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps(h, h, 1)));
+}
+
+// e^x for x <= 0 (softmax arguments): x = n ln2 + r with |r| <= ln2/2 (ln2 split in two for exact
+// n ln2), e^r by its degree-6 Taylor polynomial (relative error < 2e-7), times 2^n built in the
+// exponent bits; below -87 (where 2^n would leave the normal range) the result is 0.
+__m256 ExpNonPositive(__m256 x) {
+  const __m256 tiny = _mm256_cmp_ps(x, _mm256_set1_ps(-87.f), _CMP_LT_OQ);
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187e-06f), r);
+  __m256 p = _mm256_set1_ps(1.f / 720);
+  for (const float c : {1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f}) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+  const __m256i pow2 = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_andnot_ps(tiny, _mm256_mul_ps(p, _mm256_castsi256_ps(pow2)));
+}
+
+// Sums of each of four vectors: {sum a, sum b, sum c, sum d}.
+__m128 HorizontalSums4(__m256 a, __m256 b, __m256 c, __m256 d) {
+  const __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+  return _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+}
+
+// out[0 .. 8R) = inv * sum_t w[t] * values[t * ld + (0 .. 8R)], the sums held in R registers.
+template <int R>
+void WeightedSum(const float* w, const float* values, int64_t n, int64_t ld, float inv, float* out) {
+  __m256 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t t = 0; t < n; ++t) {
+    const __m256 p = _mm256_set1_ps(w[t]);
+    for (int r = 0; r < R; ++r) acc[r] = _mm256_fmadd_ps(p, _mm256_loadu_ps(values + t * ld + 8 * r), acc[r]);
+  }
+  for (int r = 0; r < R; ++r) _mm256_storeu_ps(out + 8 * r, _mm256_mul_ps(acc[r], _mm256_set1_ps(inv)));
+}
+
+void AttendRow(const float* q, const float* keys, const float* values, int64_t n, int64_t d, float scale,
+               const float* bias, float* scores, float* out) {
+  const int64_t dv = d / 8 * 8;
+  // q . k_t for four keys at a time: four independent FMA chains share each load of q.
+  int64_t t = 0;
+  for (; t + 4 <= n; t += 4) {
+    const float* k = keys + t * d;
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int64_t i = 0; i < dv; i += 8) {
+      const __m256 qv = _mm256_loadu_ps(q + i);
+      for (int j = 0; j < 4; ++j) acc[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + j * d + i), acc[j]);
+    }
+    _mm_storeu_ps(scores + t, HorizontalSums4(acc[0], acc[1], acc[2], acc[3]));
+    for (int64_t i = dv; i < d; ++i)
+      for (int j = 0; j < 4; ++j) scores[t + j] += q[i] * k[j * d + i];
+  }
+  for (; t < n; ++t) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t i = 0; i < dv; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), _mm256_loadu_ps(keys + t * d + i), acc);
+    scores[t] = HorizontalSum(acc);
+    for (int64_t i = dv; i < d; ++i) scores[t] += q[i] * keys[t * d + i];
+  }
+  float top = -INFINITY;
+  for (t = 0; t < n; ++t) {
+    scores[t] = scores[t] * scale + (bias ? bias[t] : 0.f);
+    top = std::max(top, scores[t]);
+  }
+  if (top == -INFINITY) {  // every position masked: no weights (the export turns softmax's NaN into 0)
+    std::fill(out, out + d, 0.f);
+    return;
+  }
+  const __m256 vtop = _mm256_set1_ps(top);
+  __m256 vsum = _mm256_setzero_ps();
+  for (t = 0; t + 8 <= n; t += 8) {
+    const __m256 e = ExpNonPositive(_mm256_sub_ps(_mm256_loadu_ps(scores + t), vtop));
+    _mm256_storeu_ps(scores + t, e);
+    vsum = _mm256_add_ps(vsum, e);
+  }
+  float sum = HorizontalSum(vsum);
+  for (; t < n; ++t) sum += scores[t] = std::exp(scores[t] - top);
+  const float inv = 1.f / sum;
+  // out = sum_t p_t v_t, 64 values of d at a time in eight registers.
+  for (int64_t i0 = 0; i0 < dv; i0 += 64) {
+    switch (std::min<int64_t>(8, (dv - i0) / 8)) {
+      case 8: WeightedSum<8>(scores, values + i0, n, d, inv, out + i0); break;
+      case 7: WeightedSum<7>(scores, values + i0, n, d, inv, out + i0); break;
+      case 6: WeightedSum<6>(scores, values + i0, n, d, inv, out + i0); break;
+      case 5: WeightedSum<5>(scores, values + i0, n, d, inv, out + i0); break;
+      case 4: WeightedSum<4>(scores, values + i0, n, d, inv, out + i0); break;
+      case 3: WeightedSum<3>(scores, values + i0, n, d, inv, out + i0); break;
+      case 2: WeightedSum<2>(scores, values + i0, n, d, inv, out + i0); break;
+      default: WeightedSum<1>(scores, values + i0, n, d, inv, out + i0); break;
+    }
+  }
+  for (int64_t i = dv; i < d; ++i) {
+    float s = 0.f;
+    for (t = 0; t < n; ++t) s += scores[t] * values[t * d + i];
+    out[i] = s * inv;
+  }
+}
+
 }  // namespace
 
 const KernelTable* Avx2Kernels() {
-  static const KernelTable table{"avx2", GemmF32, GemmI8, QuantizeRows, GemmRowMajorF32};
+  static const KernelTable table{"avx2", GemmF32, GemmI8, QuantizeRows, GemmRowMajorF32, AttendRow};
   return &table;
 }
 

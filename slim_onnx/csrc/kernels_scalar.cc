@@ -99,10 +99,29 @@ void QuantizeRows(const float* a, int64_t M, int64_t lda, int64_t K, int64_t gro
     }
 }
 
+void AttendRow(const float* q, const float* keys, const float* values, int64_t n, int64_t d, float scale,
+               const float* bias, float* scores, float* out) {
+  float top = -INFINITY;
+  for (int64_t t = 0; t < n; ++t) {
+    float s = 0.f;
+    for (int64_t i = 0; i < d; ++i) s += q[i] * keys[t * d + i];
+    scores[t] = s * scale + (bias ? bias[t] : 0.f);
+    top = std::max(top, scores[t]);
+  }
+  std::fill(out, out + d, 0.f);
+  if (top == -INFINITY) return;  // every position masked: no weights (the export turns softmax's NaN into 0)
+  float sum = 0.f;
+  for (int64_t t = 0; t < n; ++t) sum += scores[t] = std::exp(scores[t] - top);
+  for (int64_t t = 0; t < n; ++t) {
+    const float p = scores[t] / sum;
+    for (int64_t i = 0; i < d; ++i) out[i] += p * values[t * d + i];
+  }
+}
+
 }  // namespace
 
 const KernelTable& ScalarKernels() {
-  static const KernelTable table{"scalar", GemmF32, GemmI8, QuantizeRows, GemmRowMajorF32};
+  static const KernelTable table{"scalar", GemmF32, GemmI8, QuantizeRows, GemmRowMajorF32, AttendRow};
   return table;
 }
 

@@ -77,6 +77,11 @@ struct KernelTable {
   // Row-major float B [K][N] (float16 adapters), columns [n0, n1).
   void (*gemm_rowmajor_f32)(const float* a, int64_t M, int64_t lda, const float* b, int64_t K,
                             int64_t N, float* y, int64_t ldy, int64_t n0, int64_t n1, bool accumulate);
+  // One query row of attention over n cached positions (keys, values: [n][d] rows): s_t = scale *
+  // q.k_t (+ bias[t] when bias is not null), p = softmax(s), out[d] = sum_t p_t v_t; out = 0 when
+  // every s_t is -inf. `scores` is scratch of n floats.
+  void (*attend_row)(const float* q, const float* keys, const float* values, int64_t n, int64_t d, float scale,
+                     const float* bias, float* scores, float* out);
 };
 
 // Write (or add) the [M][8] accumulator of tile t into y, skipping padding columns.

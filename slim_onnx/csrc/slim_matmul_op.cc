@@ -21,7 +21,7 @@
 #include <string>
 #include <vector>
 
-#include "ort_api.h"
+#include "op_common.h"
 #include "slim_kernels.h"
 #ifdef SLIM_ONNX_HAVE_CUDA
 #include "cuda/slim_cuda.h"
@@ -30,18 +30,6 @@
 namespace slim {
 namespace {
 
-const OrtApi* g_api = nullptr;
-
-struct OpError : std::runtime_error {
-  using std::runtime_error::runtime_error;
-};
-
-void ThrowOnError(OrtStatus* status) {
-  if (status == nullptr) return;
-  std::string msg = g_api->GetErrorMessage(status);
-  g_api->ReleaseStatus(status);
-  throw OpError(msg);
-}
 
 // ---- float16 <-> float32 (IEEE binary16, round to nearest even) -----------------------------------
 
@@ -161,54 +149,9 @@ Attributes ReadAttributes(const OrtKernelInfo* info) {
 enum Input { kA = 0, kW, kWScales, kBias, kL, kLScales, kR, kRScales, kNumInputs };
 const char* const kInputNames[kNumInputs] = {"A", "W", "W_scales", "bias", "L", "L_scales", "R", "R_scales"};
 
-struct TensorView {
-  bool present = false;
-  ONNXTensorElementDataType type = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
-  std::vector<int64_t> shape;
-  const void* data = nullptr;
-  int64_t numel() const {
-    int64_t n = 1;
-    for (int64_t d : shape) n *= d;
-    return n;
-  }
-};
 
-TensorView View(const OrtValue* value) {
-  TensorView v;
-  if (value == nullptr) return v;
-  v.present = true;
-  OrtTensorTypeAndShapeInfo* info = nullptr;
-  ThrowOnError(g_api->GetTensorTypeAndShape(value, &info));
-  size_t rank = 0;
-  OrtStatus* st = g_api->GetTensorElementType(info, &v.type);
-  if (st == nullptr) st = g_api->GetDimensionsCount(info, &rank);
-  if (st == nullptr) {
-    v.shape.resize(rank);
-    st = g_api->GetDimensions(info, v.shape.data(), rank);
-  }
-  g_api->ReleaseTensorTypeAndShapeInfo(info);
-  ThrowOnError(st);
-  void* data = nullptr;
-  ThrowOnError(g_api->GetTensorMutableData(const_cast<OrtValue*>(value), &data));
-  v.data = data;
-  return v;
-}
 
-std::string ShapeString(const std::vector<int64_t>& s) {
-  std::string out = "[";
-  for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
-  return out + "]";
-}
 
-const char* TypeName(ONNXTensorElementDataType t) {
-  switch (t) {
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT: return "float32";
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16: return "float16";
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8: return "uint8";
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED: return "absent";
-    default: return "another type";
-  }
-}
 
 void Expect(const TensorView& v, Input which, ONNXTensorElementDataType type, const std::vector<int64_t>& shape) {
   if (!v.present)
@@ -477,22 +420,6 @@ struct SlimMatMulCpuKernel {
   }
 };
 
-std::string NodeName(const OrtKernelInfo* info) {
-  size_t size = 0;
-  OrtStatus* st = g_api->KernelInfo_GetNodeName(info, nullptr, &size);
-  if (st != nullptr) {
-    g_api->ReleaseStatus(st);
-    return "?";
-  }
-  std::string name(size, '\0');
-  st = g_api->KernelInfo_GetNodeName(info, &name[0], &size);
-  if (st != nullptr) {
-    g_api->ReleaseStatus(st);
-    return "?";
-  }
-  name.resize(size > 0 ? size - 1 : 0);
-  return name;
-}
 
 // Reads the weight inputs when all are constant initializers, for one-time prepacking.
 bool ConstantWeights(const OrtKernelInfo* info, TensorView* in) {
@@ -523,9 +450,6 @@ bool ConstantWeights(const OrtKernelInfo* info, TensorView* in) {
   return true;
 }
 
-OrtStatus* ToStatus(const std::string& node, const std::exception& e) {
-  return g_api->CreateStatus(ORT_INVALID_ARGUMENT, ("SlimMatMul node '" + node + "': " + e.what()).c_str());
-}
 
 // Output type and shape for onnxruntime's graph resolution: Y = A's type, A's shape with the last
 // dimension replaced by N (symbolic dimensions kept).
@@ -675,10 +599,6 @@ SlimMatMulCpuKernel::SlimMatMulCpuKernel(const OrtKernelInfo* info, const std::s
 
 // ---- the OrtCustomOp ---------------------------------------------------------------------------------
 
-// The oldest onnxruntime this library loads in is 1.20 (C API version 20): the op is stamped with it
-// and only API functions of that version or older are used.
-constexpr uint32_t kOrtApiVersion = 20;
-
 // Registered twice per execution provider under one name, once per adapter element type (uint8 for
 // int4-packed adapters, float16 for float16 ones): onnxruntime merges the two into one schema whose L
 // and R accept either type, and picks the kernel whose types match the node.
@@ -719,7 +639,7 @@ struct SlimMatMulOp : OrtCustomOp {
         *out = new Kernel(info, node);
         return nullptr;
       } catch (const std::exception& e) {
-        return ToStatus(node, e);
+        return ToStatus("SlimMatMul", node, e);
       }
     };
     KernelComputeV2 = [](void* k, OrtKernelContext* ctx) -> OrtStatus* {
@@ -728,7 +648,7 @@ struct SlimMatMulOp : OrtCustomOp {
         kernel->Compute(ctx);
         return nullptr;
       } catch (const std::exception& e) {
-        return ToStatus(kernel->node, e);
+        return ToStatus("SlimMatMul", kernel->node, e);
       }
     };
     KernelDestroy = [](void* k) { delete static_cast<Kernel*>(k); };
@@ -773,6 +693,7 @@ extern "C" SLIM_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptio
     if (OrtStatus* st = api->CreateCustomOpDomain("slim_onnx", &d)) return st;
     for (OrtCustomOp* op : ops)
       if (OrtStatus* st = api->CustomOpDomain_Add(d, op)) return st;
+    if (OrtStatus* st = api->CustomOpDomain_Add(d, AttentionCpuOp())) return st;
     domain = d;
   }
   return api->AddCustomOpDomain(options, domain);

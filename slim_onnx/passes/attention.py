@@ -1,10 +1,12 @@
-"""Fusing the attention of a decoder export with a KV cache into onnxruntime's GroupQueryAttention.
+"""Fusing the attention of a decoder export with a KV cache into one GroupQueryAttention node.
 
 Why: once the linear layers are SlimMatMul, a decode step of an Optimum export with a long cache
 spends most of its time in the attention's plain ONNX ops (per layer: repeat_kv copies of the whole
 cache to every query head, transposes, mask slicing, dozens of shape nodes).
-com.microsoft::GroupQueryAttention does the same math on the cache in one kernel; it ships with stock
-onnxruntime, so the fused model still runs without our library.
+The fused node is slim_onnx::GroupQueryAttention: our CPU kernel (csrc/attention_op.cc, which copies
+the cache once per key/value head), with a model-local fallback function that is onnxruntime's own
+com.microsoft::GroupQueryAttention (same contract, docs/op-spec.md), so the fused model still runs on
+stock onnxruntime.
 
 Matched per layer, anchored on the cache (names as Optimum writes them):
 
@@ -33,10 +35,11 @@ flattened to a [B*S, D/2] cache, indexed by position b*S + s. Positions stay exa
 (left padding included), and any rope scaling the export computes carries over. Per layer this
 removes about 30 nodes (head splits, slices, concats, shape arithmetic).
 
-Limit (onnxruntime's CPU kernel): a batch of more than one row cannot feed several new tokens onto a
-non-empty cache in one call (batched prompts with an empty cache and batched one-token decode steps
-are fine); onnxruntime says so with an error. `slim-onnx compress --no-fuse-attention` keeps the
-export's attention for such use.
+Limits of the fallback (onnxruntime's CPU kernel; our kernel has neither): a batch of more than one
+row cannot feed several new tokens onto a non-empty cache in one call (batched prompts with an empty
+cache and batched one-token decode steps are fine), onnxruntime says so with an error; and the head
+size must be a multiple of 8, so other layers are not fused. `slim-onnx compress --no-fuse-attention`
+keeps the export's attention.
 """
 
 from __future__ import annotations
@@ -48,7 +51,9 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
+from slim_onnx.fallback import ATTENTION_OP_TYPE, DOMAIN
 from slim_onnx.passes.linear import _constant_source, _weight_source
+from slim_onnx.passes.rewrite import AddFallbackFunctionsPass
 
 _PAST = re.compile(r"^past_key_values\.(\d+)\.key$")
 
@@ -341,8 +346,8 @@ def match_attention(graph: ir.Graph, past_key: ir.Value, past_value: ir.Value) -
     if key_concat is None or value_concat is None or past_key.shape is None or len(past_key.shape) != 4:
         return None
     kv_heads, head_size = past_key.shape[1], past_key.shape[3]
-    if not isinstance(kv_heads, int) or not isinstance(head_size, int):
-        return None
+    if not isinstance(kv_heads, int) or not isinstance(head_size, int) or head_size % 8:
+        return None  # onnxruntime's GroupQueryAttention (the fallback) needs D % 8 == 0
     present_key, present_value = key_concat.outputs[0], value_concat.outputs[0]
 
     pv = _consumers(_through_repeat_kv(present_value), "MatMul", 1)
@@ -513,13 +518,14 @@ def _const(graph: ir.Graph, ints: list[int] | int) -> ir.Value:
 def _fuse(graph: ir.Graph, a: _Attention, qkv: list[ir.Value], lengths: _Lengths, shapes: dict, index: int) -> None:
     """Replace layer `a` by GroupQueryAttention over qkv ([B, S, heads*D] each)."""
     anchor = a.output.producer()
-    inputs = [*qkv, a.past_key, a.past_value, lengths.seqlens_k, lengths.total_sequence_length, None, None, None, a.bias]
-    while inputs[-1] is None:
-        inputs.pop()
+    inputs = [*qkv, a.past_key, a.past_value, lengths.seqlens_k, lengths.total_sequence_length]
+    if a.bias is not None:
+        inputs.append(a.bias)
     gqa = ir.node(
-        "GroupQueryAttention", inputs,
+        ATTENTION_OP_TYPE, inputs,
         {"num_heads": a.heads, "kv_num_heads": a.kv_heads, "scale": float(a.scale)},
-        domain="com.microsoft", num_outputs=3, name=f"GroupQueryAttention_{index}",
+        domain=DOMAIN, overload="bias" if a.bias is not None else "nobias", num_outputs=3,
+        name=f"GroupQueryAttention_{index}",
     )
     graph.insert_before(anchor, gqa)
     _retarget_shape_reads(graph, anchor, a, lengths.total, shapes)
@@ -535,7 +541,7 @@ def _fuse(graph: ir.Graph, a: _Attention, qkv: list[ir.Value], lengths: _Lengths
 
 
 class FuseGroupQueryAttentionPass(ir.passes.InPlacePass):
-    """Fuse each layer's cached attention into com.microsoft::GroupQueryAttention (see module doc).
+    """Fuse each layer's cached attention into slim_onnx::GroupQueryAttention (see module doc).
 
     `fused` holds the count of layers after a call, `rotaries` that of rotary embeddings folded into
     RotaryEmbedding; dead nodes are left for RemoveUnusedNodesPass."""
@@ -576,7 +582,9 @@ def fuse_attention(model: ir.Model) -> int:
     fuse = FuseGroupQueryAttentionPass()
     # Sorted before the clean-up: the new shape nodes sit after some of their (soon dead) readers,
     # and the removal sweeps the graph once in reverse order.
-    ir.passes.Sequential(fuse, common_passes.TopologicalSortPass(), common_passes.RemoveUnusedNodesPass())(model)
+    ir.passes.Sequential(
+        fuse, AddFallbackFunctionsPass(), common_passes.TopologicalSortPass(), common_passes.RemoveUnusedNodesPass()
+    )(model)
     return fuse.fused
 
 

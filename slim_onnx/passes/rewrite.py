@@ -3,8 +3,8 @@
   ReplaceLinearLayersPass(weights)  each layer named in `weights` becomes one SlimMatMul node with its
                                     packed initializers; a folded bias Add disappears; the old weight
                                     is removed unless something else still reads it (tied embeddings)
-  AddFallbackFunctionsPass()        the model-local function of every SlimMatMul variant in use, the
-                                    custom opset import, IR version 10
+  AddFallbackFunctionsPass()        the model-local function of every variant of our ops in use
+                                    (SlimMatMul, GroupQueryAttention), the custom opset import, IR 10
 compress_graph() composes them with onnx-ir's clean-up passes.
 """
 
@@ -14,7 +14,15 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
-from slim_onnx.fallback import DOMAIN, IR_VERSION, OP_TYPE, OPSET, fallback_function
+from slim_onnx.fallback import (
+    ATTENTION_OP_TYPE,
+    DOMAIN,
+    IR_VERSION,
+    OP_TYPE,
+    OPSET,
+    attention_fallback_function,
+    fallback_function,
+)
 from slim_onnx.format import SlimWeights
 from slim_onnx.passes.linear import LinearLayer, find_linear_layers
 
@@ -76,19 +84,22 @@ class ReplaceLinearLayersPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified=bool(self.weights))
 
 
+_FALLBACKS = {OP_TYPE: fallback_function, ATTENTION_OP_TYPE: attention_fallback_function}
+
+
 class AddFallbackFunctionsPass(ir.passes.InPlacePass):
-    """Add the fallback function of each SlimMatMul variant the model uses (and the opset import)."""
+    """Add the fallback function of each variant of our ops the model uses (and the opset import)."""
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         variants = {
-            node.overload
+            (node.op_type, node.overload)
             for node in ir.traversal.RecursiveGraphIterator(model.graph)
-            if node.domain == DOMAIN and node.op_type == OP_TYPE
+            if node.domain == DOMAIN and node.op_type in _FALLBACKS
         }
         modified = False
-        for variant in sorted(variants):
-            if (DOMAIN, OP_TYPE, variant) not in model.functions:
-                function = ir.serde.deserialize_function(fallback_function(variant))
+        for op_type, variant in sorted(variants):
+            if (DOMAIN, op_type, variant) not in model.functions:
+                function = ir.serde.deserialize_function(_FALLBACKS[op_type](variant))
                 model.functions[function.identifier()] = function
                 modified = True
         if variants:

@@ -1,0 +1,204 @@
+// slim_onnx::GroupQueryAttention on the CPU: the cached decoder attention that
+// slim_onnx/passes/attention.py fuses, computed as com.microsoft::GroupQueryAttention does (its
+// fallback function in the model is that op), with the cache copied once per key/value head.
+//
+// Why: onnxruntime's CPU kernel zeroes each present buffer, then copies the past into it once per
+// *query* head (H/Hkv times for grouped-query attention), and runs a one-row GEMM per head; at one new
+// token and a few hundred cached positions that copying is most of a decoder layer's attention time.
+//
+// Inputs: query [B, S, H*D], key and value [B, S, Hkv*D], past_key and past_value [B, Hkv, P, D],
+// seqlens_k int32 [B], total_sequence_length int32 [1], attention_bias [B|1, H|1, S, >= L] (optional).
+// Outputs: output [B, S, H*D], present_key and present_value [B, Hkv, L, D] with L = max(T, P).
+// Attributes: num_heads H, kv_num_heads Hkv, scale (0: 1/sqrt(D)). float32 only.
+//
+// Row b holds total_b = seqlens_k[b] + 1 positions, past_b = total_b - S of them from the past:
+//   present[b, g, t] = past[b, g, t] (t < past_b), new[b, t - past_b, g] (t < total_b), 0 after;
+//   query s of head h attends to t < past_b + s + 1 (causal) with
+//   s_t = scale * q . k_t + bias[b, h, s, t], output = softmax(s) @ v,  g = h / (H / Hkv).
+// Loop structure: one parallel pass copies the caches (a task per row and kv head, keys and values
+// apart), a second runs the rows of attention (a task per row, head and chunk of queries) through
+// KernelTable::attend_row, reading the present buffers just written.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "op_common.h"
+#include "slim_kernels.h"
+
+namespace slim {
+namespace {
+
+enum AttentionInput { kQuery = 0, kKey, kValue, kPastKey, kPastValue, kSeqlensK, kTotalLength, kBias, kNumAttentionInputs };
+const char* const kAttentionInputNames[kNumAttentionInputs] = {
+    "query", "key", "value", "past_key", "past_value", "seqlens_k", "total_sequence_length", "attention_bias"};
+
+template <typename Fn>
+void ParallelTasks(OrtKernelContext* ctx, int64_t tasks, Fn fn) {
+  if (tasks <= 1) {
+    for (int64_t i = 0; i < tasks; ++i) fn(i);
+    return;
+  }
+  auto run = [](void* data, size_t i) { (*static_cast<Fn*>(data))(int64_t(i)); };
+  ThrowOnError(g_api->KernelContext_ParallelFor(ctx, run, size_t(tasks), 0, &fn));
+}
+
+struct AttentionKernel {
+  std::string node;
+  int64_t heads = 0, kv_heads = 0;
+  float scale = 0.f;
+  const KernelTable* kernels = nullptr;
+
+  AttentionKernel(const OrtKernelInfo* info, const std::string& name) : node(name), kernels(&SelectKernels()) {
+    ThrowOnError(g_api->KernelInfoGetAttribute_int64(info, "num_heads", &heads));
+    ThrowOnError(g_api->KernelInfoGetAttribute_int64(info, "kv_num_heads", &kv_heads));
+    OrtStatus* st = g_api->KernelInfoGetAttribute_float(info, "scale", &scale);
+    if (st != nullptr) g_api->ReleaseStatus(st), scale = 0.f;
+    if (heads < 1 || kv_heads < 1 || heads % kv_heads != 0)
+      throw OpError("num_heads=" + std::to_string(heads) + " must be a positive multiple of kv_num_heads=" +
+                    std::to_string(kv_heads));
+  }
+
+  void Compute(OrtKernelContext* ctx) const {
+    TensorView in[kNumAttentionInputs];
+    size_t count = 0;
+    ThrowOnError(g_api->KernelContext_GetInputCount(ctx, &count));
+    for (size_t i = 0; i < std::min<size_t>(count, kNumAttentionInputs); ++i) {
+      const OrtValue* v = nullptr;
+      ThrowOnError(g_api->KernelContext_GetInput(ctx, i, &v));
+      in[i] = View(v);
+    }
+    for (int i = 0; i < kBias; ++i)
+      if (!in[i].present) throw OpError(std::string("input '") + kAttentionInputNames[i] + "' is missing");
+    for (int i : {kQuery, kKey, kValue, kPastKey, kPastValue, kBias})
+      if (in[i].present && in[i].type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT)
+        throw OpError(std::string("input '") + kAttentionInputNames[i] + "' must be float32, got " + TypeName(in[i].type));
+    const TensorView &q = in[kQuery], &past_k = in[kPastKey];
+    if (q.shape.size() != 3 || past_k.shape.size() != 4)
+      throw OpError("query must be [B, S, H*D] and past_key [B, Hkv, P, D], got " + ShapeString(q.shape) + " and " +
+                    ShapeString(past_k.shape));
+    const int64_t B = q.shape[0], S = q.shape[1], P = past_k.shape[2], D = past_k.shape[3];
+    const std::vector<int64_t> kv_shape{B, S, kv_heads * D}, past_shape{B, kv_heads, P, D};
+    if (q.shape[2] != heads * D || in[kKey].shape != kv_shape || in[kValue].shape != kv_shape ||
+        past_k.shape != past_shape || in[kPastValue].shape != past_shape)
+      throw OpError("inputs disagree with num_heads=" + std::to_string(heads) + ", kv_num_heads=" +
+                    std::to_string(kv_heads) + ": query " + ShapeString(q.shape) + ", key " + ShapeString(in[kKey].shape) +
+                    ", value " + ShapeString(in[kValue].shape) + ", past_key " + ShapeString(past_k.shape) +
+                    ", past_value " + ShapeString(in[kPastValue].shape));
+    if (in[kSeqlensK].type != ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32 || in[kSeqlensK].numel() != B ||
+        in[kTotalLength].type != ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32 || in[kTotalLength].numel() != 1)
+      throw OpError("seqlens_k must be int32 [B] and total_sequence_length int32 [1]");
+    const int32_t* seqlens = static_cast<const int32_t*>(in[kSeqlensK].data);
+    const int64_t L = std::max<int64_t>(*static_cast<const int32_t*>(in[kTotalLength].data), P);
+    std::vector<int64_t> past_len(B);
+    for (int64_t b = 0; b < B; ++b) {
+      past_len[b] = int64_t(seqlens[b]) + 1 - S;
+      if (past_len[b] < 0 || past_len[b] > P || past_len[b] + S > L)
+        throw OpError("seqlens_k[" + std::to_string(b) + "]=" + std::to_string(seqlens[b]) + " does not fit S=" +
+                      std::to_string(S) + ", P=" + std::to_string(P) + ", total_sequence_length=" + std::to_string(L));
+    }
+    const TensorView& bias = in[kBias];
+    if (bias.present && (bias.shape.size() != 4 || (bias.shape[0] != 1 && bias.shape[0] != B) ||
+                         (bias.shape[1] != 1 && bias.shape[1] != heads) || bias.shape[2] != S ||
+                         bias.shape[3] < *std::max_element(past_len.begin(), past_len.end()) + S))
+      throw OpError("attention_bias must be [B|1, H|1, S, >= past + S], got " + ShapeString(bias.shape));
+
+    const std::vector<int64_t> out_shape{B, S, heads * D}, present_shape{B, kv_heads, L, D};
+    float* out[3];
+    for (int i = 0; i < 3; ++i) {
+      const std::vector<int64_t>& shape = i == 0 ? out_shape : present_shape;
+      OrtValue* value = nullptr;
+      ThrowOnError(g_api->KernelContext_GetOutput(ctx, i, shape.data(), shape.size(), &value));
+      void* data = nullptr;
+      ThrowOnError(g_api->GetTensorMutableData(value, &data));
+      out[i] = static_cast<float*>(data);
+    }
+    if (B * S == 0) return;
+
+    // 1. present = past rows, then the new rows, then zeros; a task per (row, kv head, key|value).
+    const float* news[2] = {static_cast<const float*>(in[kKey].data), static_cast<const float*>(in[kValue].data)};
+    const float* pasts[2] = {static_cast<const float*>(past_k.data), static_cast<const float*>(in[kPastValue].data)};
+    ParallelTasks(ctx, B * kv_heads * 2, [&](int64_t task) {
+      const int64_t which = task % 2, bg = task / 2, b = bg / kv_heads, g = bg % kv_heads;
+      float* dst = out[1 + which] + bg * L * D;
+      std::memcpy(dst, pasts[which] + bg * P * D, past_len[b] * D * sizeof(float));
+      for (int64_t s = 0; s < S; ++s)
+        std::memcpy(dst + (past_len[b] + s) * D, news[which] + ((b * S + s) * kv_heads + g) * D, D * sizeof(float));
+      std::fill(dst + (past_len[b] + S) * D, dst + L * D, 0.f);
+    });
+
+    // 2. attention rows; queries in chunks so that prompts spread over the threads.
+    const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(S, 16)), chunks = (S + chunk - 1) / chunk;
+    const float alpha = scale != 0.f ? scale : 1.f / std::sqrt(float(D));
+    const float* query = static_cast<const float*>(q.data);
+    const float* bias_data = static_cast<const float*>(bias.data);
+    const int64_t group = heads / kv_heads;
+    ParallelTasks(ctx, B * heads * chunks, [&](int64_t task) {
+      const int64_t bh = task / chunks, b = bh / heads, h = bh % heads, s0 = (task % chunks) * chunk;
+      const int64_t bg = b * kv_heads + h / group;
+      std::vector<float> scores(past_len[b] + S);
+      for (int64_t s = s0; s < std::min(S, s0 + chunk); ++s) {
+        const int64_t row = (b * S + s) * heads + h;
+        const float* row_bias = nullptr;
+        if (bias.present) {
+          const int64_t bb = bias.shape[0] == 1 ? 0 : b, hh = bias.shape[1] == 1 ? 0 : h;
+          row_bias = bias_data + ((bb * bias.shape[1] + hh) * S + s) * bias.shape[3];
+        }
+        kernels->attend_row(query + row * D, out[1] + bg * L * D, out[2] + bg * L * D, past_len[b] + s + 1, D, alpha,
+                            row_bias, scores.data(), out[0] + row * D);
+      }
+    });
+  }
+};
+
+struct AttentionOp : OrtCustomOp {
+  AttentionOp() {
+    std::memset(static_cast<OrtCustomOp*>(this), 0, sizeof(OrtCustomOp));
+    version = kOrtApiVersion;
+    GetName = [](const OrtCustomOp*) { return "GroupQueryAttention"; };
+    GetExecutionProviderType = [](const OrtCustomOp*) { return "CPUExecutionProvider"; };
+    GetInputTypeCount = [](const OrtCustomOp*) -> size_t { return kNumAttentionInputs; };
+    GetInputType = [](const OrtCustomOp*, size_t i) {
+      return i == kSeqlensK || i == kTotalLength ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+    };
+    GetInputCharacteristic = [](const OrtCustomOp*, size_t i) {
+      return i == kBias ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+    };
+    GetOutputTypeCount = [](const OrtCustomOp*) -> size_t { return 3; };
+    GetOutputType = [](const OrtCustomOp*, size_t) { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; };
+    GetOutputCharacteristic = [](const OrtCustomOp*, size_t) { return INPUT_OUTPUT_REQUIRED; };
+    GetInputMemoryType = [](const OrtCustomOp*, size_t) { return OrtMemTypeDefault; };
+    CreateKernel = [](const OrtCustomOp*, const OrtApi*, const OrtKernelInfo*) -> void* { return nullptr; };
+    KernelCompute = [](void*, OrtKernelContext*) {};
+    CreateKernelV2 = [](const OrtCustomOp*, const OrtApi*, const OrtKernelInfo* info, void** out) -> OrtStatus* {
+      std::string node = "?";
+      try {
+        node = NodeName(info);
+        *out = new AttentionKernel(info, node);
+        return nullptr;
+      } catch (const std::exception& e) {
+        return ToStatus("GroupQueryAttention", node, e);
+      }
+    };
+    KernelComputeV2 = [](void* k, OrtKernelContext* ctx) -> OrtStatus* {
+      auto* kernel = static_cast<AttentionKernel*>(k);
+      try {
+        kernel->Compute(ctx);
+        return nullptr;
+      } catch (const std::exception& e) {
+        return ToStatus("GroupQueryAttention", kernel->node, e);
+      }
+    };
+    KernelDestroy = [](void* k) { delete static_cast<AttentionKernel*>(k); };
+  }
+};
+
+}  // namespace
+
+OrtCustomOp* AttentionCpuOp() {
+  static AttentionOp op;
+  return &op;
+}
+
+}  // namespace slim
