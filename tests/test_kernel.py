@@ -123,16 +123,16 @@ def test_concurrent_runs_share_one_session(rng):
     assert set(results.values()) == {"ok"}
 
 
-SCALAR_CHECK = """
+CAPPED_CHECK = """
 import numpy as np, onnxruntime as ort, sys
 sys.path.insert(0, {tests!r})
 from conftest import random_weights
 import slim_onnx
-assert slim_onnx.kernel_name() == "scalar", slim_onnx.kernel_name()
+assert slim_onnx.kernel_name() == {kernel!r}, slim_onnx.kernel_name()
 rng = np.random.default_rng(7)
 worst = 0.0
 for k, n, m, sparse, fmt, lvl in [(20, 13, 3, True, "none", 0), (64, 40, 6, True, "int4", 4), (100, 17, 2, False, "float16", 0),
-                                  (96, 24, 9, False, "int4", 4), (36, 8, 1, True, "none", 4)]:
+                                  (96, 24, 9, False, "int4", 4), (36, 8, 1, True, "none", 4), (200, 40, 4, True, "int4", 4)]:
     w = random_weights(rng, k, n, sparse=sparse, group_size=32, adapter_format=fmt, rank=7, bias=True)
     a = rng.standard_normal((m, k)).astype(np.float32)
     s = ort.InferenceSession(slim_onnx.make_slim_matmul_model(w, accuracy_level=lvl).SerializeToString(), slim_onnx.session_options())
@@ -143,20 +143,30 @@ print(worst)
 """
 
 
-def test_portable_scalar_kernels_match_reference(tmp_path):
+def cpu_flags() -> set[str]:
+    return set(open("/proc/cpuinfo").read().split())
+
+
+@pytest.mark.parametrize("kernel", ["scalar", "avx2"])
+def test_capped_kernels_match_reference(tmp_path, kernel):
+    """SLIM_ONNX_KERNEL caps the choice: the portable kernels, and the AVX2 ones on an AVX-512 CPU."""
     import os
     from pathlib import Path
 
-    env = dict(os.environ, SLIM_ONNX_KERNEL="scalar")
-    code = SCALAR_CHECK.format(tests=str(Path(__file__).parent))
+    if kernel == "avx2" and not {"avx2", "fma", "f16c"} <= cpu_flags():
+        pytest.skip("this CPU has no AVX2")
+    env = dict(os.environ, SLIM_ONNX_KERNEL=kernel)
+    code = CAPPED_CHECK.format(tests=str(Path(__file__).parent), kernel=kernel)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert float(out.stdout.strip()) < 2e-5
 
 
-def test_avx2_kernels_are_chosen_on_this_machine():
-    flags = open("/proc/cpuinfo").read()
-    expected = "avx2" if all(f" {x}" in flags for x in ("avx2", "fma", "f16c")) else "scalar"
+def test_best_kernels_are_chosen_on_this_machine():
+    flags = cpu_flags()
+    expected = "scalar"
+    if {"avx2", "fma", "f16c"} <= flags:
+        expected = "avx512" if {"avx512f", "avx512bw", "avx512_vnni"} <= flags else "avx2"
     assert slim_onnx.kernel_name() == expected
 
 

@@ -4,6 +4,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <algorithm>
+#include <string>
 #include <vector>
 
 #include "slim_kernels.h"
@@ -128,17 +129,22 @@ const KernelTable& ScalarKernels() {
 #ifndef SLIM_ONNX_HAVE_AVX2
 const KernelTable* Avx2Kernels() { return nullptr; }
 #endif
+#ifndef SLIM_ONNX_HAVE_AVX512
+const KernelTable* Avx512Kernels(const KernelTable&) { return nullptr; }
+#endif
 
 const KernelTable& SelectKernels() {
   static const KernelTable* chosen = [] {
     const char* env = std::getenv("SLIM_ONNX_KERNEL");
-    const bool force_scalar = env != nullptr && std::strcmp(env, "scalar") == 0;
+    const std::string cap = env != nullptr ? env : "";
 #if defined(__x86_64__) || defined(_M_X64)
-    if (!force_scalar && Avx2Kernels() != nullptr && __builtin_cpu_supports("avx2") &&
-        __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
-      return Avx2Kernels();
+    const bool avx2 = Avx2Kernels() != nullptr && cap != "scalar" && __builtin_cpu_supports("avx2") &&
+                      __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+    const bool avx512 = avx2 && cap != "avx2" && __builtin_cpu_supports("avx512f") &&
+                        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vnni");
+    if (avx512 && Avx512Kernels(*Avx2Kernels()) != nullptr) return Avx512Kernels(*Avx2Kernels());
+    if (avx2) return Avx2Kernels();
 #endif
-    (void)force_scalar;
     return &ScalarKernels();
   }();
   return *chosen;

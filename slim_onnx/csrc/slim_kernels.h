@@ -99,6 +99,10 @@ void QuantizeGroupScalar(const float* a, int64_t n, float inv, uint8_t* aq);
 
 const KernelTable& ScalarKernels();
 const KernelTable* Avx2Kernels();  // nullptr when not compiled in
-const KernelTable& SelectKernels();  // AVX2+FMA+F16C when the CPU has it, unless SLIM_ONNX_KERNEL=scalar
+// The AVX2 table with AVX-512 VNNI int8 products for M <= 4 rows; nullptr when not compiled in.
+const KernelTable* Avx512Kernels(const KernelTable& avx2);
+// The best table the CPU runs: avx512 (AVX-512 F+BW+VNNI), else avx2 (AVX2+FMA+F16C), else scalar.
+// SLIM_ONNX_KERNEL=avx2 or =scalar caps the choice.
+const KernelTable& SelectKernels();
 
 }  // namespace slim
