@@ -40,6 +40,8 @@ def _add_compress(sub) -> None:
                    help="calibrate each block on the model whose earlier blocks are compressed (one pass per block)")
     p.add_argument("--no-fuse-attention", action="store_true",
                    help="keep the export's attention ops (default: fuse cached decoder attention into GroupQueryAttention)")
+    p.add_argument("--no-quantize-embeddings", action="store_true",
+                   help="keep embedding tables float (default: int8 rows with group scales when nothing else reads them)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or messages")
     p.add_argument("-v", "--verbose", action="store_true", help="a line per layer (with its error) instead of progress bars")
@@ -65,13 +67,16 @@ def _compress(args) -> int:
     report = compress(
         args.input, args.output, config, calibration, include=args.include, exclude=args.exclude,
         compress_lm_head=not args.no_lm_head, accuracy_level=args.accuracy_level, overwrite=args.overwrite,
-        sequential=args.sequential, fuse_attention=not args.no_fuse_attention, log=log,
+        sequential=args.sequential, fuse_attention=not args.no_fuse_attention,
+        quantize_embeddings=not args.no_quantize_embeddings, log=log,
         progress=progress_factory(not args.quiet and not args.verbose),
     )
     t = report["totals"]
     print(f"compressed {t['layers']} layers: {t['bytes_float16'] / 2**20:.1f} MiB (float16) -> "
           f"{t['bytes_packed'] / 2**20:.1f} MiB ({t['bytes_packed'] / t['bytes_float16']:.3f}x) in {t['seconds']} s; "
           f"report: {Path(args.output) / 'slim_report.json'}")
+    print(f"model weights: {t['model_bytes_before'] / 2**20:.1f} MiB -> {t['model_bytes_after'] / 2**20:.1f} MiB "
+          f"({t['model_bytes_before'] / max(t['model_bytes_after'], 1):.1f}x smaller)")
     return 0
 
 

@@ -8,6 +8,8 @@ The input is never modified and the output folder appears only when complete.
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import os
 import re
@@ -26,6 +28,7 @@ from slim_onnx.config import SlimConfig
 from slim_onnx.fallback import DOMAIN, OP_TYPE
 from slim_onnx.passes import compress_graph, find_linear_layers
 from slim_onnx.passes import fuse_attention as fuse_attention_layers
+from slim_onnx.passes import quantize_embeddings as quantize_embedding_tables
 from slim_onnx.passes.linear import LinearLayer
 
 MODEL_FILE_NAMES = ("model.onnx", "decoder_model_merged.onnx", "decoder_model.onnx")
@@ -104,6 +107,7 @@ def compress(
     overwrite: bool = False,
     sequential: bool = False,
     fuse_attention: bool = True,
+    quantize_embeddings: bool = True,
     log=None,
     progress=None,
 ) -> dict:
@@ -113,8 +117,10 @@ def compress(
     iterable of feed dicts, or None (only for configurations that need no statistics).
     sequential: calibrate each transformer block on the model whose earlier blocks are already
     compressed (as SparseGPT and SLiM do); one calibration pass per block.
-    fuse_attention: afterwards, fuse each cached decoder attention layer into onnxruntime's
-    GroupQueryAttention (passes/attention.py); layers that do not match stay as exported.
+    fuse_attention: afterwards, fuse each cached decoder attention layer into one
+    GroupQueryAttention node (passes/attention.py); layers that do not match stay as exported.
+    quantize_embeddings: store token-embedding tables that nothing else reads as int8 rows with
+    group scales (passes/embedding.py).
     log: called with each message (default: print to stderr); progress: an optional factory
     `progress(label, total)` returning a callable advanced once per calibration batch and per layer,
     which replaces the per-layer messages.
@@ -128,6 +134,7 @@ def compress(
     if out.resolve() == src.parent.resolve():
         raise InputError("the output folder must differ from the input folder (the input is never modified)")
     model = load_model(src)
+    bytes_before = _initializer_bytes(model)
     if any(n.domain == DOMAIN and n.op_type == OP_TYPE for n in ir.traversal.RecursiveGraphIterator(model.graph)):
         raise InputError(f"{src} is already compressed (it holds SlimMatMul nodes)")
     layers = find_linear_layers(model)
@@ -179,6 +186,10 @@ def compress(
         del stats  # bounded memory: one block's statistics at a time in sequential mode
         model = compress_graph(model, block_weights, accuracy_level)
         weights.update(block_weights)
+    embeddings = quantize_embedding_tables(model) if quantize_embeddings else []
+    for e in embeddings:
+        log(f"embedding {e.name} {e.rows}x{e.hidden}: int8, group {e.group_size} "
+            f"({e.bytes_before / 2**20:.1f} -> {e.bytes_after / 2**20:.1f} MiB)")
     fused = fuse_attention_layers(model) if fuse_attention else 0
     if fused:
         log(f"fused {fused} attention layers into GroupQueryAttention")
@@ -190,10 +201,13 @@ def compress(
         "layers": reports,
         "kept_dense": [l.name for l in layers if l.name not in weights],
         "attention_fused": fused,
+        "embeddings": [dataclasses.asdict(e) for e in embeddings],
         "totals": {
             "layers": len(reports),
             "bytes_float16": sum(r["bytes_float16"] for r in reports),
             "bytes_packed": sum(r["bytes_packed"] for r in reports),
+            "model_bytes_before": bytes_before,
+            "model_bytes_after": _initializer_bytes(model),
             "seconds": round(time.perf_counter() - start, 1),
         },
     }
@@ -219,6 +233,10 @@ def transformer_blocks(layers: list[LinearLayer]) -> list[list[LinearLayer]]:
     return groups
 
 
+def _initializer_bytes(model: ir.Model) -> int:
+    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+
+
 def _write_output(model: ir.Model, src: Path, out: Path, report: dict, had_external: bool, overwrite: bool) -> None:
     parent = out.resolve().parent
     parent.mkdir(parents=True, exist_ok=True)
@@ -228,9 +246,8 @@ def _write_output(model: ir.Model, src: Path, out: Path, report: dict, had_exter
             for item in src.parent.iterdir():  # tokenizer, config, generation config, ...
                 if item.is_file() and item.suffix != ".onnx" and not item.name.endswith((".onnx_data", ".onnx.data")) and item.name != "slim_report.json":
                     shutil.copy2(item, tmp / item.name)
-        size = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
         target = tmp / src.name
-        if had_external or size > LARGE_MODEL_BYTES:
+        if had_external or report["totals"]["model_bytes_after"] > LARGE_MODEL_BYTES:
             ir.save(model, target, external_data=src.name + "_data")
         else:
             ir.save(model, target)
