@@ -190,6 +190,10 @@ def compress(
     for e in embeddings:
         log(f"embedding {e.name} {e.rows}x{e.hidden}: int8, group {e.group_size} "
             f"({e.bytes_before / 2**20:.1f} -> {e.bytes_after / 2**20:.1f} MiB)")
+    if fuse_attention and not _runtime_takes_fused_attention():
+        log(f"warning: not fusing attention: onnxruntime {_onnxruntime_version()} cannot load the fused model's "
+            f"fallback (GroupQueryAttention with attention_bias needs onnxruntime >= 1.22)")
+        fuse_attention = False
     fused = fuse_attention_layers(model) if fuse_attention else 0
     if fused:
         log(f"fused {fused} attention layers into GroupQueryAttention")
@@ -231,6 +235,18 @@ def transformer_blocks(layers: list[LinearLayer]) -> list[list[LinearLayer]]:
         groups[-1].append(layer)
         previous = key
     return groups
+
+
+def _onnxruntime_version() -> str:
+    import onnxruntime
+
+    return onnxruntime.__version__
+
+
+def _runtime_takes_fused_attention() -> bool:
+    """onnxruntime >= 1.22: the first whose GroupQueryAttention takes attention_bias (input 10)."""
+    major, minor = (int(x) for x in _onnxruntime_version().split(".")[:2])
+    return (major, minor) >= (1, 22)
 
 
 def _initializer_bytes(model: ir.Model) -> int:

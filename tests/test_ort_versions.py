@@ -72,3 +72,30 @@ def test_library_runs_in_onnxruntime(version, tmp_path):
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode == 0, out.stdout + out.stderr
     assert out.stdout.strip() == f"ok {version}"
+
+
+ATTENTION_CHECK = """
+import sys
+import onnxruntime as ort
+sys.path.insert(0, {tests!r})
+import test_attention
+assert ort.__version__ == {version!r}, ort.__version__
+assert test_attention.worst_error(with_library=True) < 1e-5
+assert test_attention.worst_error(with_library=False) < 1e-5
+print("ok", ort.__version__)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("version", ["1.22.0", NEWEST])
+def test_fused_attention_runs_in_onnxruntime(version, tmp_path):
+    """The fused attention's kernel and its fallback (com.microsoft::GroupQueryAttention with
+    attention_bias, which onnxruntime has since 1.22; compress does not fuse on older ones)."""
+    site = onnxruntime_site(version)
+    env = dict(os.environ)
+    if site is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(site), env.get("PYTHONPATH", "")])
+    code = ATTENTION_CHECK.format(tests=str(Path(__file__).parent), version=version)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.strip() == f"ok {version}"
