@@ -61,17 +61,22 @@ def onnxruntime_site(version: str) -> Path | None:
     return site
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("version", [OLDEST, NEWEST])
-def test_library_runs_in_onnxruntime(version, tmp_path):
+def run_in_onnxruntime(version: str, check: str, cwd: Path) -> None:
+    """Run `check` (formatted with tests and version) in a subprocess that imports onnxruntime==version."""
     site = onnxruntime_site(version)
     env = dict(os.environ)
     if site is not None:
         env["PYTHONPATH"] = os.pathsep.join([str(site), env.get("PYTHONPATH", "")])
-    code = CHECK.format(tests=str(Path(__file__).parent), version=version)
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path)
+    code = check.format(tests=str(Path(__file__).parent), version=version)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=cwd)
     assert out.returncode == 0, out.stdout + out.stderr
     assert out.stdout.strip() == f"ok {version}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("version", [OLDEST, NEWEST])
+def test_library_runs_in_onnxruntime(version, tmp_path):
+    run_in_onnxruntime(version, CHECK, tmp_path)
 
 
 ATTENTION_CHECK = """
@@ -91,11 +96,4 @@ print("ok", ort.__version__)
 def test_fused_attention_runs_in_onnxruntime(version, tmp_path):
     """The fused attention's kernel and its fallback (com.microsoft::GroupQueryAttention with
     attention_bias, which onnxruntime has since 1.22; compress does not fuse on older ones)."""
-    site = onnxruntime_site(version)
-    env = dict(os.environ)
-    if site is not None:
-        env["PYTHONPATH"] = os.pathsep.join([str(site), env.get("PYTHONPATH", "")])
-    code = ATTENTION_CHECK.format(tests=str(Path(__file__).parent), version=version)
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path)
-    assert out.returncode == 0, out.stdout + out.stderr
-    assert out.stdout.strip() == f"ok {version}"
+    run_in_onnxruntime(version, ATTENTION_CHECK, tmp_path)

@@ -45,6 +45,7 @@ void ParallelTasks(OrtKernelContext* ctx, int64_t tasks, Fn fn) {
 }
 
 struct AttentionKernel {
+  static constexpr const char* kOpName = "GroupQueryAttention";
   std::string node;
   int64_t heads = 0, kv_heads = 0;
   float scale = 0.f;
@@ -62,13 +63,7 @@ struct AttentionKernel {
 
   void Compute(OrtKernelContext* ctx) const {
     TensorView in[kNumAttentionInputs];
-    size_t count = 0;
-    ThrowOnError(g_api->KernelContext_GetInputCount(ctx, &count));
-    for (size_t i = 0; i < std::min<size_t>(count, kNumAttentionInputs); ++i) {
-      const OrtValue* v = nullptr;
-      ThrowOnError(g_api->KernelContext_GetInput(ctx, i, &v));
-      in[i] = View(v);
-    }
+    ReadInputs(ctx, in, kNumAttentionInputs);
     for (int i = 0; i < kBias; ++i)
       if (!in[i].present) throw OpError(std::string("input '") + kAttentionInputNames[i] + "' is missing");
     for (int i : {kQuery, kKey, kValue, kPastKey, kPastValue, kBias})
@@ -156,7 +151,7 @@ struct AttentionOp : OrtCustomOp {
   AttentionOp() {
     std::memset(static_cast<OrtCustomOp*>(this), 0, sizeof(OrtCustomOp));
     version = kOrtApiVersion;
-    GetName = [](const OrtCustomOp*) { return "GroupQueryAttention"; };
+    GetName = [](const OrtCustomOp*) { return AttentionKernel::kOpName; };
     GetExecutionProviderType = [](const OrtCustomOp*) { return "CPUExecutionProvider"; };
     GetInputTypeCount = [](const OrtCustomOp*) -> size_t { return kNumAttentionInputs; };
     GetInputType = [](const OrtCustomOp*, size_t i) {
@@ -169,28 +164,7 @@ struct AttentionOp : OrtCustomOp {
     GetOutputType = [](const OrtCustomOp*, size_t) { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; };
     GetOutputCharacteristic = [](const OrtCustomOp*, size_t) { return INPUT_OUTPUT_REQUIRED; };
     GetInputMemoryType = [](const OrtCustomOp*, size_t) { return OrtMemTypeDefault; };
-    CreateKernel = [](const OrtCustomOp*, const OrtApi*, const OrtKernelInfo*) -> void* { return nullptr; };
-    KernelCompute = [](void*, OrtKernelContext*) {};
-    CreateKernelV2 = [](const OrtCustomOp*, const OrtApi*, const OrtKernelInfo* info, void** out) -> OrtStatus* {
-      std::string node = "?";
-      try {
-        node = NodeName(info);
-        *out = new AttentionKernel(info, node);
-        return nullptr;
-      } catch (const std::exception& e) {
-        return ToStatus("GroupQueryAttention", node, e);
-      }
-    };
-    KernelComputeV2 = [](void* k, OrtKernelContext* ctx) -> OrtStatus* {
-      auto* kernel = static_cast<AttentionKernel*>(k);
-      try {
-        kernel->Compute(ctx);
-        return nullptr;
-      } catch (const std::exception& e) {
-        return ToStatus("GroupQueryAttention", kernel->node, e);
-      }
-    };
-    KernelDestroy = [](void* k) { delete static_cast<AttentionKernel*>(k); };
+    SetKernelLifecycle<AttentionKernel>(*this);
   }
 };
 

@@ -1,6 +1,8 @@
 // Definitions of the helpers every custom op of the library uses (op_common.h).
 #include "op_common.h"
 
+#include <algorithm>
+
 namespace slim {
 
 const OrtApi* g_api = nullptr;
@@ -31,6 +33,16 @@ TensorView View(const OrtValue* value) {
   ThrowOnError(g_api->GetTensorMutableData(const_cast<OrtValue*>(value), &data));
   v.data = data;
   return v;
+}
+
+void ReadInputs(OrtKernelContext* ctx, TensorView* in, size_t n) {
+  size_t count = 0;
+  ThrowOnError(g_api->KernelContext_GetInputCount(ctx, &count));
+  for (size_t i = 0; i < std::min(count, n); ++i) {
+    const OrtValue* v = nullptr;
+    ThrowOnError(g_api->KernelContext_GetInput(ctx, i, &v));
+    in[i] = View(v);
+  }
 }
 
 std::string ShapeString(const std::vector<int64_t>& s) {

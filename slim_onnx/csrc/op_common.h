@@ -36,10 +36,39 @@ struct TensorView {
 };
 
 TensorView View(const OrtValue* value);  // an absent input (nullptr) gives present = false
+void ReadInputs(OrtKernelContext* ctx, TensorView* in, size_t n);  // views of the first n inputs
 std::string ShapeString(const std::vector<int64_t>& s);
 const char* TypeName(ONNXTensorElementDataType t);
 std::string NodeName(const OrtKernelInfo* info);
 OrtStatus* ToStatus(const char* op, const std::string& node, const std::exception& e);  // "<op> node '<node>': <what>"
+
+// Fills the kernel life cycle of `op` for Kernel: constructed from (info, node name), with
+// Compute(ctx) and a static kOpName; exceptions become statuses that name the op and the node.
+template <typename Kernel>
+void SetKernelLifecycle(OrtCustomOp& op) {
+  op.CreateKernel = [](const OrtCustomOp*, const OrtApi*, const OrtKernelInfo*) -> void* { return nullptr; };
+  op.KernelCompute = [](void*, OrtKernelContext*) {};
+  op.CreateKernelV2 = [](const OrtCustomOp*, const OrtApi*, const OrtKernelInfo* info, void** out) -> OrtStatus* {
+    std::string node = "?";
+    try {
+      node = NodeName(info);
+      *out = new Kernel(info, node);
+      return nullptr;
+    } catch (const std::exception& e) {
+      return ToStatus(Kernel::kOpName, node, e);
+    }
+  };
+  op.KernelComputeV2 = [](void* k, OrtKernelContext* ctx) -> OrtStatus* {
+    auto* kernel = static_cast<Kernel*>(k);
+    try {
+      kernel->Compute(ctx);
+      return nullptr;
+    } catch (const std::exception& e) {
+      return ToStatus(Kernel::kOpName, kernel->node, e);
+    }
+  };
+  op.KernelDestroy = [](void* k) { delete static_cast<Kernel*>(k); };
+}
 
 // The CPU GroupQueryAttention op (attention_op.cc).
 OrtCustomOp* AttentionCpuOp();

@@ -307,13 +307,7 @@ struct Call {
 };
 
 Call BeginCall(OrtKernelContext* ctx, const Attributes& attr, TensorView (&in)[kNumInputs]) {
-  size_t count = 0;
-  ThrowOnError(g_api->KernelContext_GetInputCount(ctx, &count));
-  for (size_t i = 0; i < std::min<size_t>(count, kNumInputs); ++i) {
-    const OrtValue* v = nullptr;
-    ThrowOnError(g_api->KernelContext_GetInput(ctx, i, &v));
-    in[i] = View(v);
-  }
+  ReadInputs(ctx, in, kNumInputs);
   const TensorView& A = in[kA];
   if (!A.present) throw OpError("input 'A' is missing");
   Call call;
@@ -331,6 +325,7 @@ Call BeginCall(OrtKernelContext* ctx, const Attributes& attr, TensorView (&in)[k
 }
 
 struct SlimMatMulCpuKernel {
+  static constexpr const char* kOpName = "SlimMatMul";
   static constexpr const char* kProvider = "CPUExecutionProvider";
   static OrtMemType InputMemoryType(size_t) { return OrtMemTypeDefault; }
 
@@ -524,6 +519,7 @@ cuda::DeviceWeights* UploadCudaWeights(const Attributes& a, const TensorView* in
 // memory from the provider's allocator. A and Y live on the device; a run launches on onnxruntime's
 // stream and takes its scratch from the provider's allocator.
 struct SlimMatMulCudaKernel {
+  static constexpr const char* kOpName = "SlimMatMul";
   static constexpr const char* kProvider = "CUDAExecutionProvider";
   static OrtMemType InputMemoryType(size_t i) { return i == kA ? OrtMemTypeDefault : OrtMemTypeCPUInput; }
 
@@ -610,7 +606,7 @@ struct SlimMatMulOp : OrtCustomOp {
     std::memset(static_cast<OrtCustomOp*>(this), 0, sizeof(OrtCustomOp));
     adapter_type = adapter_elem_type;
     version = kOrtApiVersion;
-    GetName = [](const OrtCustomOp*) { return "SlimMatMul"; };
+    GetName = [](const OrtCustomOp*) { return Kernel::kOpName; };
     GetExecutionProviderType = [](const OrtCustomOp*) { return Kernel::kProvider; };
     GetInputTypeCount = [](const OrtCustomOp*) -> size_t { return kNumInputs; };
     GetInputType = [](const OrtCustomOp* self, size_t i) {
@@ -630,28 +626,7 @@ struct SlimMatMulOp : OrtCustomOp {
     GetOutputType = [](const OrtCustomOp*, size_t) { return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED; };
     GetOutputCharacteristic = [](const OrtCustomOp*, size_t) { return INPUT_OUTPUT_REQUIRED; };
     GetInputMemoryType = [](const OrtCustomOp*, size_t i) { return Kernel::InputMemoryType(i); };
-    CreateKernel = [](const OrtCustomOp*, const OrtApi*, const OrtKernelInfo*) -> void* { return nullptr; };
-    KernelCompute = [](void*, OrtKernelContext*) {};
-    CreateKernelV2 = [](const OrtCustomOp*, const OrtApi*, const OrtKernelInfo* info, void** out) -> OrtStatus* {
-      std::string node = "?";
-      try {
-        node = NodeName(info);
-        *out = new Kernel(info, node);
-        return nullptr;
-      } catch (const std::exception& e) {
-        return ToStatus("SlimMatMul", node, e);
-      }
-    };
-    KernelComputeV2 = [](void* k, OrtKernelContext* ctx) -> OrtStatus* {
-      auto* kernel = static_cast<Kernel*>(k);
-      try {
-        kernel->Compute(ctx);
-        return nullptr;
-      } catch (const std::exception& e) {
-        return ToStatus("SlimMatMul", kernel->node, e);
-      }
-    };
-    KernelDestroy = [](void* k) { delete static_cast<Kernel*>(k); };
+    SetKernelLifecycle<Kernel>(*this);
   }
 };
 
