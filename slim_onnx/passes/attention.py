@@ -232,7 +232,7 @@ def _operands(value: ir.Value | None, op_type: str) -> tuple[ir.Value, ir.Value]
     return None if node is None or len(node.inputs) != 2 else (node.inputs[0], node.inputs[1])
 
 
-def _last_axis_slice(value: ir.Value, head_size: int) -> tuple[ir.Value, ir.Value, ir.Value] | None:
+def _last_axis_slice(value: ir.Value) -> tuple[ir.Value, ir.Value, ir.Value] | None:
     """(input, start, end) of a Slice along the last axis with step 1."""
     node = _producer(value, "Slice")
     if node is None or len(node.inputs) < 4 or _ints(node.inputs[3]) not in ([-1], [3]):
@@ -242,8 +242,8 @@ def _last_axis_slice(value: ir.Value, head_size: int) -> tuple[ir.Value, ir.Valu
     return node.inputs[0], node.inputs[1], node.inputs[2]
 
 
-def _is_half_head(value: ir.Value, head_size: int) -> bool:
-    """value is [D/2]: a constant, or Unsqueeze(Cast*(Div(Cast*(Gather(Shape(x), 3|-1)), 2)))."""
+def _is_half_head(value: ir.Value, x: ir.Value, head_size: int) -> bool:
+    """value is [D/2] for x [B, H, S, D]: a constant, or Unsqueeze(Cast*(Div(Cast*(Gather(Shape(x), 3|-1)), 2)))."""
     if _ints(value) == [head_size // 2]:
         return True
     node = _producer(value, "Unsqueeze")
@@ -257,7 +257,8 @@ def _is_half_head(value: ir.Value, head_size: int) -> bool:
     while _producer(value, "Cast") is not None:
         value = value.producer().inputs[0]
     gather = _producer(value, "Gather")
-    return gather is not None and _producer(gather.inputs[0], "Shape") is not None and _ints(gather.inputs[1]) in ([3], [-1])
+    shape = _producer(gather.inputs[0], "Shape") if gather is not None else None
+    return shape is not None and shape.inputs[0] is x and not shape.attributes and _ints(gather.inputs[1]) in ([3], [-1])
 
 
 def _rotate_half_input(value: ir.Value, head_size: int) -> ir.Value | None:
@@ -266,11 +267,12 @@ def _rotate_half_input(value: ir.Value, head_size: int) -> ir.Value | None:
     if concat is None or len(concat.inputs) != 2 or concat.attributes.get_int("axis", 0) not in (-1, 3):
         return None
     neg = _producer(concat.inputs[0], "Neg")
-    upper = _last_axis_slice(neg.inputs[0], head_size) if neg is not None else None
-    lower = _last_axis_slice(concat.inputs[1], head_size)
+    upper = _last_axis_slice(neg.inputs[0]) if neg is not None else None
+    lower = _last_axis_slice(concat.inputs[1])
     if upper is None or lower is None or upper[0] is not lower[0]:
         return None
-    if _ints(lower[1]) != [0] or not (_is_half_head(lower[2], head_size) and _is_half_head(upper[1], head_size)):
+    x = lower[0]
+    if _ints(lower[1]) != [0] or not (_is_half_head(lower[2], x, head_size) and _is_half_head(upper[1], x, head_size)):
         return None
     end = _ints(upper[2])
     return lower[0] if end is not None and len(end) == 1 and end[0] >= head_size else None
