@@ -42,6 +42,8 @@ def _add_compress(sub) -> None:
                    help="keep the export's attention ops (default: fuse cached decoder attention into GroupQueryAttention)")
     p.add_argument("--no-quantize-embeddings", action="store_true",
                    help="keep embedding tables float (default: int8 rows with group scales when nothing else reads them)")
+    p.add_argument("--no-merge-siblings", action="store_true",
+                   help="one SlimMatMul per layer (default: layers reading the same input, like q/k/v, share one node)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or messages")
     p.add_argument("-v", "--verbose", action="store_true", help="a line per layer (with its error) instead of progress bars")
@@ -68,7 +70,7 @@ def _compress(args) -> int:
         args.input, args.output, config, calibration, include=args.include, exclude=args.exclude,
         compress_lm_head=not args.no_lm_head, accuracy_level=args.accuracy_level, overwrite=args.overwrite,
         sequential=args.sequential, fuse_attention=not args.no_fuse_attention,
-        quantize_embeddings=not args.no_quantize_embeddings, log=log,
+        quantize_embeddings=not args.no_quantize_embeddings, merge_siblings=not args.no_merge_siblings, log=log,
         progress=progress_factory(not args.quiet and not args.verbose),
     )
     t = report["totals"]

@@ -252,6 +252,48 @@ class SlimWeights:
         return sum(a.nbytes for a in self.input_tensors().values() if a is not None)
 
 
+def concatenate_columns(parts: list[SlimWeights]) -> SlimWeights | None:
+    """One SlimWeights computing [A @ W_1 | A @ W_2 | ...] for layers that read the same A, or None
+    when their formats differ (sparsity, groups, adapter kind) or, for int4 adapters, when the joint
+    rank would span several adapter groups (one group keeps each part's scales as they are).
+
+    W, its scales and the biases concatenate along N; adapters as L = [L_1 | L_2 | ...] and R block
+    diagonal (zeros off the blocks), so A @ L @ R is each part's own product in its columns. At
+    accuracy_level 0 the result equals the parts' to float rounding; at 4 the adapter input T = A @ L
+    is quantized to int8 once over the joint rank instead of per part."""
+    first = parts[0]
+    same = ("k", "group_size", "sparse", "adapter_format", "adapter_group_size")
+    if len(parts) < 2 or any(getattr(p, f) != getattr(first, f) for p in parts for f in same):
+        return None
+    rank, n = sum(p.rank for p in parts), sum(p.n for p in parts)
+    int4 = first.adapter_format == "int4"
+    if int4 and num_groups(rank, first.adapter_group_size) != 1:
+        return None
+    pack = pack_2of4_int4 if first.sparse else pack_dense_int4
+    bias = None
+    if any(p.bias is not None for p in parts):
+        bias = np.concatenate([p.bias if p.bias is not None else np.zeros(p.n, np.float32) for p in parts])
+    adapters = {}
+    if first.adapter_format != "none":
+        ls = [unpack_dense_int4(p.adapter_l, p.k, p.rank) if int4 else p.adapter_l for p in parts]
+        rs = [unpack_dense_int4(p.adapter_r, p.rank, p.n) if int4 else p.adapter_r for p in parts]
+        r = np.zeros((rank, n), dtype=rs[0].dtype)
+        row = col = 0
+        for part, block in zip(parts, rs):
+            r[row:row + part.rank, col:col + part.n] = block
+            row, col = row + part.rank, col + part.n
+        l = np.concatenate(ls, axis=1)
+        adapters = dict(adapter_l=pack_dense_int4(l) if int4 else l, adapter_r=pack_dense_int4(r) if int4 else r)
+        if int4:
+            adapters["adapter_l_scales"] = np.concatenate([p.adapter_l_scales for p in parts], axis=1)
+            adapters["adapter_r_scales"] = np.concatenate([p.adapter_r_scales for p in parts], axis=1)
+    return SlimWeights(
+        first.k, n, pack(np.concatenate([p.quantized_weight() for p in parts], axis=1)),
+        np.concatenate([p.w_scales for p in parts], axis=1), first.group_size, first.sparse, bias,
+        first.adapter_format, rank, adapter_group_size=first.adapter_group_size, **adapters,
+    )
+
+
 def quantize_activations_int8(a: np.ndarray, group_size: int) -> tuple[np.ndarray, np.ndarray]:
     """Per row and K-group symmetric int8: returns (q int32 [M, K], scale float32 [M, G]).
 

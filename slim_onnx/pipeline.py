@@ -28,6 +28,7 @@ from slim_onnx.config import SlimConfig
 from slim_onnx.fallback import DOMAIN, OP_TYPE
 from slim_onnx.passes import compress_graph, find_linear_layers
 from slim_onnx.passes import fuse_attention as fuse_attention_layers
+from slim_onnx.passes import merge_sibling_layers
 from slim_onnx.passes import quantize_embeddings as quantize_embedding_tables
 from slim_onnx.passes.linear import LinearLayer
 
@@ -108,6 +109,7 @@ def compress(
     sequential: bool = False,
     fuse_attention: bool = True,
     quantize_embeddings: bool = True,
+    merge_siblings: bool = True,
     log=None,
     progress=None,
 ) -> dict:
@@ -121,6 +123,8 @@ def compress(
     GroupQueryAttention node (passes/attention.py); layers that do not match stay as exported.
     quantize_embeddings: store token-embedding tables that nothing else reads as int8 rows with
     group scales (passes/embedding.py).
+    merge_siblings: one SlimMatMul node (and a Split) for layers that read the same activation, such
+    as q/k/v and gate/up (passes/siblings.py).
     log: called with each message (default: print to stderr); progress: an optional factory
     `progress(label, total)` returning a callable advanced once per calibration batch and per layer,
     which replaces the per-layer messages.
@@ -197,6 +201,9 @@ def compress(
     fused = fuse_attention_layers(model) if fuse_attention else 0
     if fused:
         log(f"fused {fused} attention layers into GroupQueryAttention")
+    merged = merge_sibling_layers(model) if merge_siblings else []
+    if merged:
+        log(f"merged {sum(map(len, merged))} layers that share their input into {len(merged)} SlimMatMul nodes")
 
     report = {
         "model": str(src),
@@ -206,6 +213,7 @@ def compress(
         "kept_dense": [l.name for l in layers if l.name not in weights],
         "attention_fused": fused,
         "embeddings": [dataclasses.asdict(e) for e in embeddings],
+        "merged_siblings": merged,
         "totals": {
             "layers": len(reports),
             "bytes_float16": sum(r["bytes_float16"] for r in reports),

@@ -88,10 +88,14 @@ def test_qwen2_folds_qkv_biases(tmp_path):
 
     src = export(small_decoder(Qwen2Config, Qwen2ForCausalLM, False), tmp_path, "text-generation-with-past")
     original = onnx.load(str(src / "model.onnx"))
-    model = compress_and_compare(src, tmp_path / "slim", 128, fuse_attention=False)  # only the layers change
+    # only the layers change; one SlimMatMul per layer
+    model = compress_and_compare(src, tmp_path / "slim", 128, fuse_attention=False, merge_siblings=False)
     assert op_count(model, "SlimMatMul") == 2 * 7 + 1
     biased = [n for n in model.graph.node if n.op_type == "SlimMatMul" and len(n.input) > 3 and n.input[3]]
     assert len(biased) == 2 * 3  # q, k, v of each block carry their bias (most reach it through Identity aliases)
+    # merged: q/k/v and gate/up of each block share one node, the biases side by side
+    merged = compress_and_compare(src, tmp_path / "merged", 128, fuse_attention=False)
+    assert op_count(merged, "SlimMatMul") == 2 * 4 + 1 and op_count(merged, "Split") == 2 * 2
     assert op_count(model, "Add") == op_count(original, "Add") - 2 * 3
 
 
@@ -117,8 +121,9 @@ def test_bert_encoder(tmp_path):
                         num_attention_heads=4, max_position_embeddings=64)
     src = export(BertModel(config), tmp_path, "feature-extraction")
     model = compress_and_compare(src, tmp_path / "slim", 128)
-    # q, k, v, attention output, intermediate, output per block (the export keeps last_hidden_state only)
-    assert op_count(model, "SlimMatMul") == 2 * 6
+    # q/k/v (merged into one node), attention output, intermediate, output per block (the export keeps
+    # last_hidden_state only)
+    assert op_count(model, "SlimMatMul") == 2 * 4 and op_count(model, "Split") == 2
 
 
 def test_untied_llama_with_external_data(tmp_path):
@@ -134,7 +139,7 @@ def test_untied_llama_with_external_data(tmp_path):
     model = compress_and_compare(src, tmp_path / "slim", 128)
     assert {p.name: p.stat().st_mtime_ns for p in src.iterdir()} == before
     assert (tmp_path / "slim" / "model.onnx_data").is_file()  # the output keeps external data, like its input
-    assert op_count(model, "SlimMatMul") == 2 * 7 + 1
+    assert op_count(model, "SlimMatMul") == 2 * 4 + 1  # q/k/v and gate/up merged per block
     assert any(i.name == "model.embed_tokens.weight" for i in model.graph.initializer)
     assert any(n.name == "/model/rotary_emb/MatMul" and n.op_type == "MatMul" for n in model.graph.node)
 
@@ -146,7 +151,7 @@ def test_float16_export(tmp_path):
     src = export(small_decoder(LlamaConfig, LlamaForCausalLM, True), tmp_path, "text-generation-with-past", dtype="fp16")
     assert onnx.load(str(src / "model.onnx")).graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
     model = compress_and_compare(src, tmp_path / "slim", 128)
-    assert op_count(model, "SlimMatMul") == 2 * 7 + 1
+    assert op_count(model, "SlimMatMul") == 2 * 4 + 1  # q/k/v and gate/up merged per block
 
 
 def cache_feeds(session: ort.InferenceSession, batch: int, past: int, seq: int, pad: int, rng) -> dict:

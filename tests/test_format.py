@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from conftest import random_2of4
+from conftest import random_2of4, random_weights
 
 from slim_onnx.format import (
     FormatError,
@@ -102,3 +102,30 @@ def test_weights_validation_names_the_problem(rng):
         SlimWeights(k=16, n=8, w=packed, w_scales=np.ones((2, 8), np.float16), group_size=12)
     with pytest.raises(FormatError, match="rank must be 0"):
         SlimWeights(k=16, n=8, w=packed, w_scales=np.ones((2, 8), np.float16), group_size=8, rank=4)
+
+
+@pytest.mark.parametrize("adapter_format,rank", [("none", 0), ("float16", 8), ("int4", 8)])
+def test_concatenate_columns_matches_the_parts(rng, adapter_format, rank):
+    """The merged weights compute the parts' outputs side by side: to float rounding in float32, and
+    within the int8 activations' rounding at accuracy_level 4 (the adapter input is quantized over
+    the joint rank there)."""
+    from slim_onnx.format import concatenate_columns, reference_slim_matmul
+
+    parts = [random_weights(rng, 64, n, group_size=32, adapter_format=adapter_format, rank=rank, bias=b)
+             for n, b in [(24, True), (13, False), (40, True)]]
+    merged = concatenate_columns(parts)
+    assert (merged.n, merged.rank) == (77, 3 * rank)
+    a = rng.standard_normal((5, 64)).astype(np.float32)
+    for level, tol in ((0, 1e-6), (4, 5e-3)):
+        want = np.concatenate([reference_slim_matmul(a, p, level) for p in parts], axis=1)
+        got = reference_slim_matmul(a, merged, level)
+        assert np.abs(got - want).max() / np.abs(want).max() < tol, level
+
+
+def test_concatenate_columns_refuses_what_it_cannot_merge(rng):
+    from slim_onnx.format import concatenate_columns
+
+    sparse, dense = random_weights(rng, 64, 16, sparse=True), random_weights(rng, 64, 16, sparse=False)
+    assert concatenate_columns([sparse, dense]) is None  # different formats
+    wide = [random_weights(rng, 64, 16, adapter_format="int4", rank=24) for _ in range(2)]
+    assert concatenate_columns(wide) is None  # joint rank 48 spans two adapter groups of 32

@@ -102,3 +102,40 @@ def test_unknown_layer_name_is_an_error(rng):
     model = ir.from_proto(build_model(rng))
     with pytest.raises(Exception, match="no linear layer named 'nope'"):
         compress_graph(model, {"nope": slim_onnx.pack_weight(np.ones((8, 8), np.float32), 8, sparse=False)})
+
+
+def test_merge_siblings_keeps_every_output(rng):
+    """Three SlimMatMul nodes reading one input (int4 adapters) and one reading another: the three
+    become one node and a Split whose outputs equal the separate nodes' (kernel and fallback, float32
+    activations); the fourth stays."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from conftest import random_weights
+
+    from slim_onnx.op import add_fallback_functions, make_slim_matmul_node
+    from slim_onnx.passes import merge_sibling_layers
+
+    parts = [random_weights(rng, K, n, group_size=32, adapter_format="int4", rank=8, bias=True) for n in (N, 8, 16)]
+    nodes, inits = [], []
+    for i, (w, a) in enumerate(zip(parts + [parts[0]], ["x", "x", "x", "x2"])):
+        node, tensors = make_slim_matmul_node(w, a, f"y{i}", f"layer{i}", accuracy_level=0)
+        nodes.append(node)
+        inits += tensors
+    outputs = [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, ["b", w.n]) for i, w in enumerate(parts + [parts[0]])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["b", K]) for x in ("x", "x2")],
+                              outputs, inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+    add_fallback_functions(proto)
+    model = ir.serde.deserialize_model(proto)
+    assert merge_sibling_layers(model) == [["layer0", "layer1", "layer2"]]
+    merged = ir.serde.serialize_model(model)
+    onnx.checker.check_model(merged)
+    assert [n.op_type for n in merged.graph.node].count("SlimMatMul") == 2
+    feeds = {"x": rng.standard_normal((3, K)).astype(np.float32), "x2": rng.standard_normal((3, K)).astype(np.float32)}
+    want = ort.InferenceSession(proto.SerializeToString(), slim_onnx.session_options()).run(None, feeds)
+    for so in (slim_onnx.session_options(), ort.SessionOptions()):
+        got = ort.InferenceSession(merged.SerializeToString(), so).run(None, feeds)
+        for w, g in zip(want, got):
+            assert np.abs(g - w).max() / np.abs(w).max() < 1e-5

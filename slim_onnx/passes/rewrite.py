@@ -27,22 +27,22 @@ from slim_onnx.format import SlimWeights
 from slim_onnx.passes.linear import LinearLayer, find_linear_layers
 
 
-def _slim_node(layer: LinearLayer, weights: SlimWeights, accuracy_level: int) -> ir.Node:
-    graph = layer.graph
-    inputs: list[ir.Value | None] = [layer.node.inputs[0]]  # current: an earlier rewrite may have replaced it
+def slim_matmul_node(graph: ir.Graph, a: ir.Value, weights: SlimWeights, accuracy_level: int, name: str) -> ir.Node:
+    """A SlimMatMul node named `name` computing a @ weights, its initializers ("name/W", ...)
+    registered in `graph`; the caller inserts it."""
+    inputs: list[ir.Value | None] = [a]
     for key, array in weights.input_tensors().items():
         if array is None:
             inputs.append(None)
             continue
-        name = f"{layer.name}/{key}"
-        value = ir.Value(name=name, const_value=ir.tensor(np.ascontiguousarray(array), name=name))
+        value = ir.Value(name=f"{name}/{key}", const_value=ir.tensor(np.ascontiguousarray(array), name=f"{name}/{key}"))
         graph.register_initializer(value)
         inputs.append(value)
     while inputs[-1] is None:
         inputs.pop()
     return ir.node(
         OP_TYPE, inputs, attributes=weights.attributes(accuracy_level), domain=DOMAIN, overload=weights.variant,
-        name=layer.name,
+        name=name,
     )
 
 
@@ -51,7 +51,8 @@ def _replace(layer: LinearLayer, weights: SlimWeights, accuracy_level: int) -> N
         raise ValueError(f"layer {layer.name}: packed weights are {weights.k}x{weights.n}, the layer is {layer.k}x{layer.n}")
     graph = layer.graph
     old_out = layer.output
-    new = _slim_node(layer, weights, accuracy_level)
+    # the node's current input: an earlier rewrite may have replaced it
+    new = slim_matmul_node(graph, layer.node.inputs[0], weights, accuracy_level, layer.name)
     new.outputs[0].type = old_out.type
     new.outputs[0].shape = old_out.shape
     graph.insert_before(layer.node, new)

@@ -1,0 +1,99 @@
+"""Merging SlimMatMul nodes that read the same activation (q/k/v, gate/up) into one node and a Split.
+
+Why: at one token per step, a SlimMatMul on a small layer costs about as much in per-call work
+(activation quantization, thread dispatch, the adapter product's own pass) as in weights; SmolLM2's
+k and v projections (576 x 192) take as long as its q projection (576 x 576). One node per group of
+siblings does that work once. The merged weights are `format.concatenate_columns` of the parts
+(W and biases side by side, adapters [L_1 | L_2 | ...] with a block-diagonal R), so the merged
+node computes exactly the parts' outputs at accuracy_level 0; at 4 the adapter input is quantized
+once over the joint rank. Groups whose formats differ, or whose joint int4-adapter rank would span
+several adapter groups, are left as they are.
+
+  y_i = SlimMatMul_i(x)  for i = 1..n   ->   y_1, ..., y_n = Split(SlimMatMul(x), [N_1, ..., N_n], axis=-1)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from slim_onnx.fallback import DOMAIN, OP_TYPE
+from slim_onnx.format import SlimWeights, concatenate_columns
+from slim_onnx.passes.rewrite import slim_matmul_node
+
+_INPUTS = ("W", "W_scales", "bias", "L", "L_scales", "R", "R_scales")
+_FIELDS = ("w", "w_scales", "bias", "adapter_l", "adapter_l_scales", "adapter_r", "adapter_r_scales")
+
+
+def node_weights(node: ir.Node) -> SlimWeights | None:
+    """The SlimWeights a SlimMatMul node holds, or None when a weight input is not a constant."""
+    arrays = {}
+    for field, value in zip(_FIELDS, node.inputs[1:]):
+        if value is None:
+            continue
+        if value.const_value is None:
+            return None
+        arrays[field] = value.const_value.numpy()
+    a = node.attributes
+    return SlimWeights(
+        a["K"].as_int(), a["N"].as_int(), group_size=a["group_size"].as_int(), sparse=bool(a.get_int("sparse", 1)),
+        adapter_format=a.get_string("adapter_format", "none"), rank=a.get_int("rank", 0),
+        adapter_group_size=a.get_int("adapter_group_size", 128), **arrays,
+    )
+
+
+def _siblings(graph: ir.Graph) -> list[list[ir.Node]]:
+    by_input: dict[int, list[ir.Node]] = {}
+    for node in graph:
+        if node.domain == DOMAIN and node.op_type == OP_TYPE:
+            by_input.setdefault(id(node.inputs[0]), []).append(node)
+    return [group for group in by_input.values() if len(group) > 1]
+
+
+def _merge(graph: ir.Graph, group: list[ir.Node], weights: SlimWeights) -> None:
+    name = group[0].name + "/siblings"
+    merged = slim_matmul_node(graph, group[0].inputs[0], weights, group[0].attributes.get_int("accuracy_level", 0), name)
+    sizes = ir.Value(name=f"{name}/split", const_value=ir.tensor(np.array([n.attributes["N"].as_int() for n in group], np.int64)))
+    graph.register_initializer(sizes)
+    split = ir.node("Split", [merged.outputs[0], sizes], {"axis": -1}, num_outputs=len(group), name=f"{name}/Split")
+    graph.insert_before(group[0], [merged, split])
+    for node, out in zip(group, split.outputs):
+        old = node.outputs[0]
+        out.type, out.shape, label = old.type, old.shape, old.name
+        ir.convenience.replace_all_uses_with(old, out, replace_graph_outputs=True)
+        weight_inputs = [v for v in node.inputs[1:] if v is not None]
+        graph.remove(node, safe=True)
+        for value in weight_inputs:
+            if value.is_initializer() and not any(True for _ in value.uses()):
+                graph.initializers.pop(value.name)
+        out.name = label
+
+
+class MergeSiblingLayersPass(ir.passes.InPlacePass):
+    """Merge each group of SlimMatMul nodes of the main graph that read the same value (see module
+    doc); `merged` holds the groups' node names after a call."""
+
+    def __init__(self):
+        super().__init__()
+        self.merged: list[list[str]] = []
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        self.merged = []
+        for group in _siblings(model.graph):
+            parts = [node_weights(node) for node in group]
+            levels = {node.attributes.get_int("accuracy_level", 0) for node in group}
+            weights = concatenate_columns(parts) if None not in parts and len(levels) == 1 else None
+            if weights is not None:
+                _merge(model.graph, group, weights)
+                self.merged.append([node.name for node in group])
+        return ir.passes.PassResult(model, modified=bool(self.merged))
+
+
+def merge_sibling_layers(model: ir.Model) -> list[list[str]]:
+    """Apply MergeSiblingLayersPass to `model` in place; returns the merged groups' node names."""
+    merge = MergeSiblingLayersPass()
+    merge(model)
+    return merge.merged
+
+
+__all__ = ["MergeSiblingLayersPass", "merge_sibling_layers", "node_weights"]
