@@ -39,7 +39,8 @@ def _add_compress(sub) -> None:
     p.add_argument("--sequential", action="store_true",
                    help="calibrate each block on the model whose earlier blocks are compressed (one pass per block)")
     p.add_argument("--no-fuse-attention", action="store_true",
-                   help="keep the export's attention ops (default: fuse cached decoder attention into GroupQueryAttention)")
+                   help="keep the export's attention and RMSNorm ops (default: fuse cached decoder attention into "
+                        "GroupQueryAttention, and residual Add + RMSNorm into SkipSimplifiedLayerNormalization)")
     p.add_argument("--no-quantize-embeddings", action="store_true",
                    help="keep embedding tables float (default: int8 rows with group scales when nothing else reads them)")
     p.add_argument("--no-merge-siblings", action="store_true",

@@ -28,7 +28,7 @@ from slim_onnx.config import SlimConfig
 from slim_onnx.fallback import DOMAIN, OP_TYPE
 from slim_onnx.passes import compress_graph, find_linear_layers
 from slim_onnx.passes import fuse_attention as fuse_attention_layers
-from slim_onnx.passes import merge_sibling_layers
+from slim_onnx.passes import fuse_skip_rms_norm, merge_sibling_layers
 from slim_onnx.passes import quantize_embeddings as quantize_embedding_tables
 from slim_onnx.passes.linear import LinearLayer
 
@@ -120,7 +120,8 @@ def compress(
     sequential: calibrate each transformer block on the model whose earlier blocks are already
     compressed (as SparseGPT and SLiM do); one calibration pass per block.
     fuse_attention: afterwards, fuse each cached decoder attention layer into one
-    GroupQueryAttention node (passes/attention.py); layers that do not match stay as exported.
+    GroupQueryAttention node (passes/attention.py), and each residual Add with the RMSNorm after it
+    (passes/norm.py); what does not match stays as exported.
     quantize_embeddings: store token-embedding tables that nothing else reads as int8 rows with
     group scales (passes/embedding.py).
     merge_siblings: one SlimMatMul node (and a Split) for layers that read the same activation, such
@@ -201,6 +202,7 @@ def compress(
     fused = fuse_attention_layers(model) if fuse_attention else 0
     if fused:
         log(f"fused {fused} attention layers into GroupQueryAttention")
+    norms = fuse_skip_rms_norm(model) if fuse_attention else 0
     merged = merge_sibling_layers(model) if merge_siblings else []
     if merged:
         log(f"merged {sum(map(len, merged))} layers that share their input into {len(merged)} SlimMatMul nodes")
@@ -212,6 +214,7 @@ def compress(
         "layers": reports,
         "kept_dense": [l.name for l in layers if l.name not in weights],
         "attention_fused": fused,
+        "skip_norms_fused": norms,
         "embeddings": [dataclasses.asdict(e) for e in embeddings],
         "merged_siblings": merged,
         "totals": {

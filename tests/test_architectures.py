@@ -186,6 +186,8 @@ def test_attention_fusion_reproduces_the_export(tmp_path, family):
     src = export(small_decoder(*classes, True), tmp_path, "text-generation-with-past")
     model = ir.load(str(src / "model.onnx"))
     assert slim_onnx.passes.fuse_attention(model) == 2
+    # every RMSNorm after a residual Add: both of layer 1, layer 0's second, the final one
+    assert slim_onnx.passes.fuse_skip_rms_norm(model) == 4
     ir.save(model, tmp_path / "fused.onnx")
     fused_proto = onnx.load(str(tmp_path / "fused.onnx"))
     onnx.checker.check_model(fused_proto)
@@ -222,12 +224,13 @@ def test_attention_fusion_reproduces_the_export(tmp_path, family):
 
 
 def test_attention_fusion_leaves_other_attention_alone(tmp_path):
-    """A float16 export computes its attention in float32 (Casts around the scores and V), which
-    GroupQueryAttention cannot express: nothing is touched."""
+    """A float16 export computes its attention and RMSNorms in float32 (Casts around the scores and V,
+    around each norm), which the fused ops cannot express: nothing is touched."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     src = export(small_decoder(LlamaConfig, LlamaForCausalLM, True), tmp_path, "text-generation-with-past", dtype="fp16")
     model = ir.load(str(src / "model.onnx"))
     before = len(model.graph)
     fused = slim_onnx.passes.fuse_attention(model)
-    assert (fused, len(model.graph)) == (0, before)
+    norms = slim_onnx.passes.fuse_skip_rms_norm(model)  # float16 gammas: SkipSimplifiedLayerNorm would change the math
+    assert (fused, norms, len(model.graph)) == (0, 0, before)

@@ -27,7 +27,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 import slim_onnx
-from slim_onnx.passes import fuse_attention
+from slim_onnx.passes import fuse_attention, fuse_skip_rms_norm
 from slim_onnx.pipeline import resolve_model_path
 
 
@@ -44,10 +44,12 @@ def matmul_nbits_model(dense: Path, out: Path) -> Path:
 
 
 def attention_fused_model(src: Path, out: Path) -> Path:
-    """`src` with the attention fusion `slim-onnx compress` applies (slim_onnx.passes.fuse_attention)."""
+    """`src` with the graph fusions `slim-onnx compress` applies (slim_onnx.passes.fuse_attention and
+    fuse_skip_rms_norm)."""
     model = ir.load(src)
     if not fuse_attention(model):
         raise SystemExit(f"{src}: no attention layer matched the GroupQueryAttention fusion")
+    fuse_skip_rms_norm(model)
     out.mkdir()
     ir.save(model, out / "model.onnx", external_data="model.onnx_data")
     return out / "model.onnx"

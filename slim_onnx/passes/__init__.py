@@ -1,15 +1,18 @@
-"""onnx-ir graph passes: finding linear layers and rewriting them into SlimMatMul; fusing attention;
+"""onnx-ir graph passes: finding linear layers and rewriting them into SlimMatMul; fusing attention
+and residual RMSNorms;
 quantizing embedding tables; merging layers that share their input."""
 
 from slim_onnx.passes.attention import FuseGroupQueryAttentionPass, fuse_attention
 from slim_onnx.passes.embedding import QuantizeEmbeddingsPass, quantize_embeddings
 from slim_onnx.passes.linear import LinearLayer, find_linear_layers
+from slim_onnx.passes.norm import FuseSkipRmsNormPass, fuse_skip_rms_norm
 from slim_onnx.passes.rewrite import AddFallbackFunctionsPass, ReplaceLinearLayersPass, compress_graph
 from slim_onnx.passes.siblings import MergeSiblingLayersPass, merge_sibling_layers
 
 __all__ = [
     "AddFallbackFunctionsPass",
     "FuseGroupQueryAttentionPass",
+    "FuseSkipRmsNormPass",
     "LinearLayer",
     "MergeSiblingLayersPass",
     "QuantizeEmbeddingsPass",
@@ -17,6 +20,7 @@ __all__ = [
     "compress_graph",
     "find_linear_layers",
     "fuse_attention",
+    "fuse_skip_rms_norm",
     "merge_sibling_layers",
     "quantize_embeddings",
 ]

@@ -1,0 +1,119 @@
+"""Fusing each residual Add and the RMSNorm that reads it into com.microsoft::SkipSimplifiedLayerNormalization.
+
+Why: onnxruntime fuses an export's RMSNorm into SimplifiedLayerNormalization by itself, but leaves
+the residual Add before it: per decoder layer two extra nodes at one token per step, each a pass over
+the hidden state. The fused op (stock onnxruntime) adds and normalises in one pass and also returns
+the sum for the next residual.
+
+Matched (float32, as Optimum exports Llama-family RMSNorm):
+
+  h = Add(a, b)
+  c = Cast(h, float) | h                                                    (others may read c as h')
+  y = Mul(c, Div(1, Sqrt(Add(ReduceMean(Pow(c, 2), axes=[-1]), eps))))     (either operand order)
+  out = Mul(Cast(y, float) | y, gamma)                                      gamma: float32 [hidden]
+becomes
+  out, _, _, h' = SkipSimplifiedLayerNormalization(a, b, gamma, epsilon=eps),   h' replacing h elsewhere
+"""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+
+from slim_onnx.passes.attention import _ints, _scalar
+from slim_onnx.passes.linear import _constant_source
+
+
+def _only_use(value: ir.Value, op_type: str) -> ir.Node | None:
+    uses = list(value.uses())
+    if len(uses) != 1 or value.is_graph_output() or uses[0].node.op_type != op_type or uses[0].node.domain != "":
+        return None
+    return uses[0].node
+
+
+def _uses(value: ir.Value, op_type: str) -> list[ir.Node]:
+    return [u.node for u in value.uses() if u.node.op_type == op_type and u.node.domain == ""]
+
+
+def _float_cast(node: ir.Node | None) -> bool:
+    return node is not None and node.op_type == "Cast" and node.attributes.get_int("to", 0) == ir.DataType.FLOAT
+
+
+def _rms_norm(h: ir.Value) -> tuple[ir.Node, float, ir.Value, ir.Value] | None:
+    """(the norm's last Mul, eps, gamma, c) when the RMSNorm above reads h (and only it reads its
+    inner values; c, the float32 Cast of h, may have other readers: exports read the residual there)."""
+    casts = [n for n in _uses(h, "Cast") if _float_cast(n)]
+    for c in [h] + [n.outputs[0] for n in casts]:
+        for pow_node in _uses(c, "Pow"):
+            if _scalar(pow_node.inputs[1]) != 2:
+                continue
+            mean = _only_use(pow_node.outputs[0], "ReduceMean")
+            if mean is None or len(mean.inputs) < 2 or _ints(mean.inputs[1]) != [-1] or not mean.attributes.get_int("keepdims", 1):
+                continue
+            add = _only_use(mean.outputs[0], "Add")
+            eps = _scalar(add.inputs[1]) if add is not None else None
+            sqrt = _only_use(add.outputs[0], "Sqrt") if eps is not None else None
+            div = _only_use(sqrt.outputs[0], "Div") if sqrt is not None else None
+            if div is None or div.inputs[1] is not sqrt.outputs[0] or _scalar(div.inputs[0]) != 1:
+                continue
+            scale = _only_use(div.outputs[0], "Mul")
+            if scale is None or c not in scale.inputs:
+                continue
+            y = scale.outputs[0]
+            cast = _only_use(y, "Cast")
+            if cast is not None:
+                if not _float_cast(cast):
+                    continue
+                y = cast.outputs[0]
+            last = _only_use(y, "Mul")
+            gamma = next((v for v in last.inputs if v is not y), None) if last is not None else None
+            gamma = _constant_source(gamma)  # exporters alias equal tensors (all-ones gammas) through Identity
+            tensor = gamma.const_value if gamma is not None else None
+            if tensor is None or tensor.dtype != ir.DataType.FLOAT or len(tensor.shape) != 1:
+                continue
+            return last, eps, gamma, c
+    return None
+
+
+class FuseSkipRmsNormPass(ir.passes.InPlacePass):
+    """Fuse residual Add + RMSNorm pairs of the main graph (see module doc); `fused` counts them
+    after a call. Dead nodes are left for RemoveUnusedNodesPass."""
+
+    def __init__(self):
+        super().__init__()
+        self.fused = 0
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        self.fused = 0
+        for add in [n for n in graph if n.op_type == "Add" and n.domain == ""]:
+            h = add.outputs[0]
+            found = _rms_norm(h) if len(add.inputs) == 2 and not h.is_graph_output() else None
+            if found is None or any(_constant_source(v) is not None for v in add.inputs):
+                continue
+            last, eps, gamma, c = found
+            skip = ir.node("SkipSimplifiedLayerNormalization", [add.inputs[0], add.inputs[1], gamma],
+                           {"epsilon": float(eps)}, domain="com.microsoft", num_outputs=4, name=f"{add.name}/SkipRmsNorm")
+            graph.insert_before(last, skip)
+            out, total = skip.outputs[0], skip.outputs[3]
+            out.type, out.shape, total.type, total.shape = last.outputs[0].type, last.outputs[0].shape, h.type, h.shape
+            ir.convenience.replace_all_uses_with(last.outputs[0], out, replace_graph_outputs=True)
+            h.replace_all_uses_with(total)
+            if c is not h:  # a Cast to float32 of a float32 sum (gamma is float32): the same values
+                c.replace_all_uses_with(total)
+            self.fused += 1
+        if self.fused:
+            model.opset_imports.setdefault("com.microsoft", 1)
+        return ir.passes.PassResult(model, modified=bool(self.fused))
+
+
+__all__ = ["FuseSkipRmsNormPass", "fuse_skip_rms_norm"]
+
+
+def fuse_skip_rms_norm(model: ir.Model) -> int:
+    """Apply FuseSkipRmsNormPass to `model` in place, drop the dead nodes, keep the graph sorted;
+    returns the number of pairs fused."""
+    import onnx_ir.passes.common as common_passes
+
+    fuse = FuseSkipRmsNormPass()
+    ir.passes.Sequential(fuse, common_passes.TopologicalSortPass(), common_passes.RemoveUnusedNodesPass())(model)
+    return fuse.fused
