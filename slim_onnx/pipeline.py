@@ -9,7 +9,6 @@ The input is never modified and the output folder appears only when complete.
 from __future__ import annotations
 
 import dataclasses
-
 import json
 import os
 import re

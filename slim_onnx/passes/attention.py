@@ -53,7 +53,7 @@ import onnx_ir.passes.common as common_passes
 
 from slim_onnx.fallback import ATTENTION_OP_TYPE, DOMAIN
 from slim_onnx.passes.linear import _constant_source, _weight_source
-from slim_onnx.passes.rewrite import AddFallbackFunctionsPass
+from slim_onnx.passes.rewrite import AddFallbackFunctionsPass, register_constant
 
 _PAST = re.compile(r"^past_key_values\.(\d+)\.key$")
 
@@ -511,10 +511,7 @@ def _retarget_shape_reads(graph: ir.Graph, before: ir.Node, a: _Attention, total
 
 def _const(graph: ir.Graph, ints: list[int] | int) -> ir.Value:
     """An int64 initializer: 1-D from a list, a scalar from an int."""
-    name = f"gqa/const_{len(graph.initializers)}"
-    value = ir.Value(name=name, const_value=ir.tensor(np.array(ints, dtype=np.int64), name=name))
-    graph.register_initializer(value)
-    return value
+    return register_constant(graph, f"gqa/const_{len(graph.initializers)}", np.array(ints, dtype=np.int64))
 
 
 def _fuse(graph: ir.Graph, a: _Attention, qkv: list[ir.Value], lengths: _Lengths, shapes: dict, index: int) -> None:

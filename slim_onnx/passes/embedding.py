@@ -23,6 +23,8 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
+from slim_onnx.passes.rewrite import register_constant
+
 MIN_ROWS = 1024  # smaller tables (position or token-type embeddings) are not worth it
 
 
@@ -76,12 +78,6 @@ def _embedding_gathers(graph: ir.Graph) -> list[ir.Node]:
     return found
 
 
-def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
-    graph.register_initializer(value)
-    return value
-
-
 def _rewrite(graph: ir.Graph, gather: ir.Node) -> QuantizedEmbedding:
     table, ids = gather.inputs
     array = table.const_value.numpy()
@@ -89,8 +85,8 @@ def _rewrite(graph: ir.Graph, gather: ir.Node) -> QuantizedEmbedding:
     group = group_size(hidden)
     q, scales = quantize_rows_int8(array, group)
     base = table.name
-    q_value = _initializer(graph, f"{base}/int8", q)
-    s_value = _initializer(graph, f"{base}/scales", scales)
+    q_value = register_constant(graph, f"{base}/int8", q)
+    s_value = register_constant(graph, f"{base}/scales", scales)
     rows_q = ir.node("Gather", [q_value, ids], {"axis": 0})
     rows_s = ir.node("Gather", [s_value, ids], {"axis": 0})
     to = ir.DataType.FLOAT16 if table.const_value.dtype == ir.DataType.FLOAT16 else ir.DataType.FLOAT
@@ -98,7 +94,7 @@ def _rewrite(graph: ir.Graph, gather: ir.Node) -> QuantizedEmbedding:
     cast_s = ir.node("Cast", [rows_s.outputs[0]], {"to": to})
     values = ir.node("Mul", [cast_q.outputs[0], cast_s.outputs[0]])
     ids_shape = ir.node("Shape", [ids])
-    width = _initializer(graph, f"{base}/width", np.array([hidden], dtype=np.int64))
+    width = register_constant(graph, f"{base}/width", np.array([hidden], dtype=np.int64))
     shape = ir.node("Concat", [ids_shape.outputs[0], width], {"axis": 0})
     out = ir.node("Reshape", [values.outputs[0], shape.outputs[0]], name=gather.name)
     graph.insert_before(gather, [rows_q, rows_s, cast_q, cast_s, values, ids_shape, shape, out])

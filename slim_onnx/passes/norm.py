@@ -18,6 +18,7 @@ becomes
 from __future__ import annotations
 
 import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
 
 from slim_onnx.passes.attention import _ints, _scalar
 from slim_onnx.passes.linear import _constant_source
@@ -106,14 +107,12 @@ class FuseSkipRmsNormPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified=bool(self.fused))
 
 
-__all__ = ["FuseSkipRmsNormPass", "fuse_skip_rms_norm"]
-
-
 def fuse_skip_rms_norm(model: ir.Model) -> int:
     """Apply FuseSkipRmsNormPass to `model` in place, drop the dead nodes, keep the graph sorted;
     returns the number of pairs fused."""
-    import onnx_ir.passes.common as common_passes
-
     fuse = FuseSkipRmsNormPass()
     ir.passes.Sequential(fuse, common_passes.TopologicalSortPass(), common_passes.RemoveUnusedNodesPass())(model)
     return fuse.fused
+
+
+__all__ = ["FuseSkipRmsNormPass", "fuse_skip_rms_norm"]

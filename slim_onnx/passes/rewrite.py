@@ -27,6 +27,15 @@ from slim_onnx.format import SlimWeights
 from slim_onnx.passes.linear import LinearLayer, find_linear_layers
 
 
+def register_constant(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    """An initializer `name` holding `array`, registered in `graph` (0-d arrays stay scalars, which
+    np.ascontiguousarray would make 1-d)."""
+    array = array if array.flags.c_contiguous else np.ascontiguousarray(array)
+    value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
+    graph.register_initializer(value)
+    return value
+
+
 def slim_matmul_node(graph: ir.Graph, a: ir.Value, weights: SlimWeights, accuracy_level: int, name: str) -> ir.Node:
     """A SlimMatMul node named `name` computing a @ weights, its initializers ("name/W", ...)
     registered in `graph`; the caller inserts it."""
@@ -35,9 +44,7 @@ def slim_matmul_node(graph: ir.Graph, a: ir.Value, weights: SlimWeights, accurac
         if array is None:
             inputs.append(None)
             continue
-        value = ir.Value(name=f"{name}/{key}", const_value=ir.tensor(np.ascontiguousarray(array), name=f"{name}/{key}"))
-        graph.register_initializer(value)
-        inputs.append(value)
+        inputs.append(register_constant(graph, f"{name}/{key}", array))
     while inputs[-1] is None:
         inputs.pop()
     return ir.node(

@@ -19,9 +19,9 @@ import onnx_ir as ir
 
 from slim_onnx.fallback import DOMAIN, OP_TYPE
 from slim_onnx.format import SlimWeights, concatenate_columns
-from slim_onnx.passes.rewrite import slim_matmul_node
+from slim_onnx.passes.rewrite import register_constant, slim_matmul_node
 
-_INPUTS = ("W", "W_scales", "bias", "L", "L_scales", "R", "R_scales")
+# SlimWeights fields in the order of the op's inputs 1..7 (SlimWeights.input_tensors)
 _FIELDS = ("w", "w_scales", "bias", "adapter_l", "adapter_l_scales", "adapter_r", "adapter_r_scales")
 
 
@@ -53,8 +53,7 @@ def _siblings(graph: ir.Graph) -> list[list[ir.Node]]:
 def _merge(graph: ir.Graph, group: list[ir.Node], weights: SlimWeights) -> None:
     name = group[0].name + "/siblings"
     merged = slim_matmul_node(graph, group[0].inputs[0], weights, group[0].attributes.get_int("accuracy_level", 0), name)
-    sizes = ir.Value(name=f"{name}/split", const_value=ir.tensor(np.array([n.attributes["N"].as_int() for n in group], np.int64)))
-    graph.register_initializer(sizes)
+    sizes = register_constant(graph, f"{name}/split", np.array([n.attributes["N"].as_int() for n in group], np.int64))
     split = ir.node("Split", [merged.outputs[0], sizes], {"axis": -1}, num_outputs=len(group), name=f"{name}/Split")
     graph.insert_before(group[0], [merged, split])
     for node, out in zip(group, split.outputs):
