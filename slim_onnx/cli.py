@@ -44,7 +44,8 @@ def _add_compress(sub) -> None:
     p.add_argument("--no-quantize-embeddings", action="store_true",
                    help="keep embedding tables float (default: int8 rows with group scales when nothing else reads them)")
     p.add_argument("--no-merge-siblings", action="store_true",
-                   help="one SlimMatMul per layer (default: layers reading the same input, like q/k/v, share one node)")
+                   help="one SlimMatMul per layer (default: layers reading the same input, like q/k/v, share one "
+                        "node, and a SwiGLU after a merged gate/up is folded into it)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or messages")
     p.add_argument("-v", "--verbose", action="store_true", help="a line per layer (with its error) instead of progress bars")

@@ -7,7 +7,8 @@ as a plain float MatMul (dense, slower, same result). With the slim_onnx library
 kernel runs instead and the function is ignored.
 
 One overload per variant (``SlimWeights.variant``): sparse or dense W, adapters none / float16 / int4,
-with or without bias. Sizes come from the node's attributes through attribute references.
+with or without bias, and with or without the gated activation (``activation="swiglu"``, suffix
+``_swiglu``). Sizes come from the node's attributes through attribute references.
 
 ``slim_onnx::GroupQueryAttention`` (slim_onnx/passes/attention.py, kernel in csrc/attention_op.cc)
 falls back to onnxruntime's ``com.microsoft::GroupQueryAttention``, which computes the same thing:
@@ -34,9 +35,13 @@ ATTENTION_OP_TYPE = "GroupQueryAttention"
 ATTENTION_ATTRIBUTES = ("num_heads", "kv_num_heads", "scale")
 ATTENTION_INPUTS = ("query", "key", "value", "past_key", "past_value", "seqlens_k", "total_sequence_length", "attention_bias")
 ATTENTION_VARIANTS = ("bias", "nobias")
+# A node with activation="swiglu" (passes/swiglu.py) uses its weights' variant plus this suffix.
+SWIGLU_SUFFIX = "_swiglu"
 VARIANTS = tuple(
-    f"{w}_{a}_{b}"
-    for w, a, b in itertools.product(("sparse", "dense"), ("noadapter", "f16adapter", "int4adapter"), ("bias", "nobias"))
+    f"{w}_{a}_{b}{act}"
+    for w, a, b, act in itertools.product(
+        ("sparse", "dense"), ("noadapter", "f16adapter", "int4adapter"), ("bias", "nobias"), ("", SWIGLU_SUFFIX)
+    )
 )
 
 
@@ -135,7 +140,7 @@ def fallback_function(variant: str) -> onnx.FunctionProto:
     """The FunctionProto (overload = variant) that computes one SlimMatMul variant with standard ops."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown SlimMatMul variant {variant!r}; expected one of {VARIANTS}")
-    w_kind, adapter, bias = variant.split("_")
+    w_kind, adapter, bias = variant.removesuffix(SWIGLU_SUFFIX).split("_")
     body = _Body()
     k = body.attr_scalar("K")
     n_vec = body.attr_vector("N")
@@ -159,6 +164,9 @@ def fallback_function(variant: str) -> onnx.FunctionProto:
         y = body.op("Add", y, body.op("MatMul", body.op("MatMul", a, l), r))
     if bias == "bias":
         y = body.op("Add", y, "bias")
+    if variant.endswith(SWIGLU_SUFFIX):  # the export's own SiLU: gate * Sigmoid(gate), times up
+        body.nodes.append(helper.make_node("Split", [y], ["gate", "up"], axis=-1, num_outputs=2))
+        y = body.op("Mul", body.op("Mul", "gate", body.op("Sigmoid", "gate")), "up")
     body.nodes.append(helper.make_node("CastLike", [y, "A"], ["Y"]))
     # Function inputs are positional: absent optional inputs keep their slot under a placeholder name.
     formal = [name if name else f"unused_{i}" for i, name in enumerate(inputs)]

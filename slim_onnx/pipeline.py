@@ -27,7 +27,7 @@ from slim_onnx.config import SlimConfig
 from slim_onnx.fallback import DOMAIN, OP_TYPE
 from slim_onnx.passes import compress_graph, find_linear_layers
 from slim_onnx.passes import fuse_attention as fuse_attention_layers
-from slim_onnx.passes import fuse_skip_rms_norm, merge_sibling_layers
+from slim_onnx.passes import fuse_skip_rms_norm, fuse_swiglu, merge_sibling_layers
 from slim_onnx.passes import quantize_embeddings as quantize_embedding_tables
 from slim_onnx.passes.linear import LinearLayer
 
@@ -124,7 +124,8 @@ def compress(
     quantize_embeddings: store token-embedding tables that nothing else reads as int8 rows with
     group scales (passes/embedding.py).
     merge_siblings: one SlimMatMul node (and a Split) for layers that read the same activation, such
-    as q/k/v and gate/up (passes/siblings.py).
+    as q/k/v and gate/up (passes/siblings.py), and the SwiGLU after a merged gate/up folded into
+    its node (passes/swiglu.py).
     log: called with each message (default: print to stderr); progress: an optional factory
     `progress(label, total)` returning a callable advanced once per calibration batch and per layer,
     which replaces the per-layer messages.
@@ -205,6 +206,9 @@ def compress(
     merged = merge_sibling_layers(model) if merge_siblings else []
     if merged:
         log(f"merged {sum(map(len, merged))} layers that share their input into {len(merged)} SlimMatMul nodes")
+    swiglus = fuse_swiglu(model) if merged else 0
+    if swiglus:
+        log(f"folded {swiglus} SwiGLU activations into their gate/up SlimMatMul")
 
     report = {
         "model": str(src),
@@ -216,6 +220,7 @@ def compress(
         "skip_norms_fused": norms,
         "embeddings": [dataclasses.asdict(e) for e in embeddings],
         "merged_siblings": merged,
+        "swiglu_fused": swiglus,
         "totals": {
             "layers": len(reports),
             "bytes_float16": sum(r["bytes_float16"] for r in reports),

@@ -79,6 +79,40 @@ def test_kernel_and_fallback_agree(rng, adapter_format, sparse):
     assert_close(fallback, reference_slim_matmul(a, w, 0).astype(np.float64), np.float32)
 
 
+def swiglu_reference(a, w, accuracy_level):
+    """silu(p[..., :N/2]) * p[..., N/2:] of the plain product p (float64 numpy)."""
+    p = reference_slim_matmul(a, w, accuracy_level).astype(np.float64)
+    gate, up = np.split(p, 2, axis=-1)
+    return gate / (1 + np.exp(-gate)) * up
+
+
+@pytest.mark.parametrize("adapter_format,rank", [("none", 0), ("float16", 5), ("int4", 12)])
+@pytest.mark.parametrize("accuracy_level", [0, 4])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("lead", [(1,), (3, 7)])
+def test_swiglu_activation_matches_reference(rng, adapter_format, rank, accuracy_level, dtype, lead):
+    """activation="swiglu": Y = silu(P[:, :N/2]) * P[:, N/2:] on both paths; 7 x 16 column tiles
+    per half so that the two threads' tile ranges split unevenly; gates far outside [-10, 10]."""
+    k, n = 40, 2 * 7 * 16
+    w = random_weights(rng, k, n, group_size=16, adapter_format=adapter_format, rank=rank, bias=True)
+    a = (rng.standard_normal((*lead, k)) * 10).astype(dtype)
+    model = make_slim_matmul_model(w, dtype=dtype, accuracy_level=accuracy_level, batch_dims=len(lead), activation="swiglu")
+    ref = swiglu_reference(a.astype(np.float32), w, accuracy_level)
+    gate = reference_slim_matmul(a.astype(np.float32), w, accuracy_level)[..., : n // 2]
+    assert gate.min() < -10 and gate.max() > 10
+    y = run(model, a)
+    assert y.dtype == dtype and y.shape == (*lead, n // 2)
+    assert_close(y, ref, dtype)
+    if accuracy_level == 0:  # the fallback has float activations only
+        assert_close(run(model, a, with_library=False), ref, dtype)
+
+
+def test_swiglu_needs_halves_of_whole_tiles(rng):
+    w = random_weights(rng, 16, 24)  # halves of 12 columns: not whole tiles of 8
+    with pytest.raises(Exception, match="activation='swiglu' needs N divisible by 16, got N=24"):
+        run(make_slim_matmul_model(w, activation="swiglu"), np.ones((1, 16), np.float32))
+
+
 def profiled_ops(model, a, with_library, tmp_path):
     so = slim_onnx.session_options() if with_library else ort.SessionOptions()
     so.enable_profiling = True
@@ -131,13 +165,19 @@ import slim_onnx
 assert slim_onnx.kernel_name() == {kernel!r}, slim_onnx.kernel_name()
 rng = np.random.default_rng(7)
 worst = 0.0
-for k, n, m, sparse, fmt, lvl in [(20, 13, 3, True, "none", 0), (64, 40, 6, True, "int4", 4), (100, 17, 2, False, "float16", 0),
-                                  (96, 24, 9, False, "int4", 4), (36, 8, 1, True, "none", 4), (200, 40, 4, True, "int4", 4)]:
+for k, n, m, sparse, fmt, lvl, act in [
+        (20, 13, 3, True, "none", 0, "none"), (64, 40, 6, True, "int4", 4, "none"), (100, 17, 2, False, "float16", 0, "none"),
+        (96, 24, 9, False, "int4", 4, "none"), (36, 8, 1, True, "none", 4, "none"), (200, 40, 4, True, "int4", 4, "none"),
+        (64, 48, 5, True, "int4", 4, "swiglu"), (40, 32, 2, False, "none", 0, "swiglu")]:
     w = random_weights(rng, k, n, sparse=sparse, group_size=32, adapter_format=fmt, rank=7, bias=True)
-    a = rng.standard_normal((m, k)).astype(np.float32)
-    s = ort.InferenceSession(slim_onnx.make_slim_matmul_model(w, accuracy_level=lvl).SerializeToString(), slim_onnx.session_options())
+    a = (rng.standard_normal((m, k)) * 4).astype(np.float32)
+    model = slim_onnx.make_slim_matmul_model(w, accuracy_level=lvl, activation=act)
+    s = ort.InferenceSession(model.SerializeToString(), slim_onnx.session_options())
     y = s.run(None, {{"A": a}})[0].astype(np.float64)
     ref = slim_onnx.reference_slim_matmul(a, w, lvl).astype(np.float64)
+    if act == "swiglu":
+        gate, up = np.split(ref, 2, axis=-1)
+        ref = gate / (1 + np.exp(-gate)) * up
     worst = max(worst, np.abs(y - ref).max() / np.abs(ref).max())
 print(worst)
 """
@@ -170,12 +210,14 @@ def test_best_kernels_are_chosen_on_this_machine():
     assert slim_onnx.kernel_name() == expected
 
 
-def test_output_type_and_shape_are_inferred(rng, tmp_path):
-    """onnxruntime learns Y's type and shape from the op (A's type, A's shape with K replaced by N)."""
+@pytest.mark.parametrize("activation,n_out", [("none", 32), ("swiglu", 16)])
+def test_output_type_and_shape_are_inferred(rng, tmp_path, activation, n_out):
+    """onnxruntime learns Y's type and shape from the op (A's type, A's shape with K replaced by N,
+    or N/2 with the gated activation)."""
     from onnx import helper
 
-    w = random_weights(rng, 64, 24)
-    model = make_slim_matmul_model(w, dtype=np.float16, batch_dims=2)
+    w = random_weights(rng, 64, 32)
+    model = make_slim_matmul_model(w, dtype=np.float16, batch_dims=2, activation=activation)
     graph = model.graph
     graph.node[0].output[0] = "hidden"
     graph.node.append(helper.make_node("Relu", ["hidden"], ["Y"]))
@@ -188,4 +230,4 @@ def test_output_type_and_shape_are_inferred(rng, tmp_path):
 
     out = onnx.load(str(tmp_path / "optimized.onnx")).graph.output[0].type.tensor_type  # Relu passes it on
     assert out.elem_type == onnx.TensorProto.FLOAT16
-    assert [d.dim_param or d.dim_value for d in out.shape.dim] == ["d0", "d1", 24]
+    assert [d.dim_param or d.dim_value for d in out.shape.dim] == ["d0", "d1", n_out]

@@ -139,3 +139,59 @@ def test_merge_siblings_keeps_every_output(rng):
         got = ort.InferenceSession(merged.SerializeToString(), so).run(None, feeds)
         for w, g in zip(want, got):
             assert np.abs(g - w).max() / np.abs(w).max() < 1e-5
+
+
+def swiglu_mlp(rng, gate_also_read: bool) -> onnx.ModelProto:
+    """x -> gate, up SlimMatMuls (int4 adapters, bias) -> Mul(up, Mul(Sigmoid(gate), gate)) -> h;
+    with `gate_also_read`, gate is a graph output too."""
+    from conftest import random_weights
+
+    from slim_onnx.op import add_fallback_functions, make_slim_matmul_node
+
+    nodes, inits = [], []
+    for name in ("gate", "up"):
+        w = random_weights(rng, K, 32, group_size=16, adapter_format="int4", rank=8, bias=True)
+        node, tensors = make_slim_matmul_node(w, "x", name, f"/mlp/{name}_proj/MatMul", accuracy_level=0)
+        nodes.append(node)
+        inits += tensors
+    nodes += [helper.make_node("Sigmoid", ["gate"], ["sig"]), helper.make_node("Mul", ["sig", "gate"], ["act"]),
+              helper.make_node("Mul", ["up", "act"], ["h"])]
+    outputs = [helper.make_tensor_value_info("h", TensorProto.FLOAT, ["b", 32])]
+    if gate_also_read:
+        outputs.append(helper.make_tensor_value_info("gate", TensorProto.FLOAT, ["b", 32]))
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", K])], outputs, inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+    add_fallback_functions(proto)
+    return proto
+
+
+def test_swiglu_folds_into_the_merged_gate_up_layer(rng):
+    """After the merge, Split + Sigmoid + two Muls become activation="swiglu" on the one SlimMatMul:
+    same outputs as the export-shaped graph on both paths, a checker-clean model whose only functions
+    are the variants in use."""
+    from slim_onnx.passes import fuse_swiglu, merge_sibling_layers
+
+    proto = swiglu_mlp(rng, gate_also_read=False)
+    model = ir.serde.deserialize_model(proto)
+    assert len(merge_sibling_layers(model)) == 1 and fuse_swiglu(model) == 1
+    fused = ir.serde.serialize_model(model)
+    onnx.checker.check_model(fused)
+    assert [n.op_type for n in fused.graph.node] == ["SlimMatMul"]
+    node = fused.graph.node[0]
+    assert node.overload.endswith("_swiglu") and {a.name: a.s for a in node.attribute}["activation"] == b"swiglu"
+    assert [f.overload for f in fused.functions] == [node.overload]
+    assert [o.name for o in fused.graph.output] == ["h"]
+    feeds = {"x": rng.standard_normal((5, K)).astype(np.float32)}
+    want = run(proto, feeds, library=False)[0]
+    for library in (True, False):
+        got = run(fused, feeds, library)[0]
+        assert got.shape == (5, 32) and np.abs(got - want).max() / np.abs(want).max() < 1e-5
+
+
+def test_swiglu_is_not_folded_when_the_gate_is_read_elsewhere(rng):
+    from slim_onnx.passes import fuse_swiglu, merge_sibling_layers
+
+    model = ir.serde.deserialize_model(swiglu_mlp(rng, gate_also_read=True))
+    merge_sibling_layers(model)
+    assert fuse_swiglu(model) == 0
+    assert sorted(n.op_type for n in model.graph) == ["Mul", "Mul", "Sigmoid", "SlimMatMul", "Split"]

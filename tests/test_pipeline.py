@@ -64,8 +64,9 @@ def test_compress_writes_a_complete_folder(tiny_llama, compressed):
     model = onnx.load(str(compressed / "model.onnx"))
     onnx.checker.check_model(model)
     ops = [n.op_type for n in model.graph.node]
-    # q/k/v and gate/up merged: (qkv, o, gate/up, down) per block, and lm_head
-    assert ops.count("SlimMatMul") == 2 * 4 + 1 and ops.count("Split") == 2 * 2
+    # q/k/v and gate/up merged: (qkv, o, gate/up, down) per block, and lm_head; the SwiGLU folded
+    # into gate/up, so only the q/k/v Splits remain
+    assert ops.count("SlimMatMul") == 2 * 4 + 1 and ops.count("Split") == 2 and "Sigmoid" not in ops
     assert any(n.name == "/model/rotary_emb/MatMul" and n.op_type == "MatMul" for n in model.graph.node)
     assert "Gather" in ops and any(i.name == "model.embed_tokens.weight" for i in model.graph.initializer)
     original = onnx.load(str(tiny_llama / "onnx" / "model.onnx"))
@@ -73,7 +74,7 @@ def test_compress_writes_a_complete_folder(tiny_llama, compressed):
     assert [o.name for o in model.graph.output] == [o.name for o in original.graph.output]
     report = json.loads((compressed / "slim_report.json").read_text())
     assert report["totals"]["layers"] == 15 and report["totals"]["bytes_packed"] < report["totals"]["bytes_float16"]
-    assert [len(group) for group in report["merged_siblings"]] == [3, 2, 3, 2]
+    assert [len(group) for group in report["merged_siblings"]] == [3, 2, 3, 2] and report["swiglu_fused"] == 2
     assert all(0 < layer["output_error"] < 1 for layer in report["layers"])
 
 

@@ -501,10 +501,24 @@ void AttendRow(const float* q, const float* keys, const float* values, int64_t n
   }
 }
 
+// As the scalar SiluMul: sigmoid(g) = (g >= 0 ? 1 : e) / (1 + e) with e = e^-|g|.
+void SiluMul(const float* gate, const float* up, int64_t n, float* out) {
+  const __m256 one = _mm256_set1_ps(1.f), sign = _mm256_set1_ps(-0.f);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 g = _mm256_loadu_ps(gate + i);
+    const __m256 e = ExpNonPositive(_mm256_or_ps(g, sign));  // -|g|
+    const __m256 num = _mm256_blendv_ps(one, e, g);           // sign bit of g set: e
+    const __m256 sig = _mm256_div_ps(num, _mm256_add_ps(one, e));
+    _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_mul_ps(g, sig), _mm256_loadu_ps(up + i)));
+  }
+  if (i < n) ScalarKernels().silu_mul(gate + i, up + i, n - i, out + i);
+}
+
 }  // namespace
 
 const KernelTable* Avx2Kernels() {
-  static const KernelTable table{"avx2", GemmF32, GemmI8, QuantizeRows, GemmRowMajorF32, AttendRow};
+  static const KernelTable table{"avx2", GemmF32, GemmI8, QuantizeRows, GemmRowMajorF32, AttendRow, SiluMul};
   return &table;
 }
 

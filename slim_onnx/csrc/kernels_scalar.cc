@@ -119,10 +119,18 @@ void AttendRow(const float* q, const float* keys, const float* values, int64_t n
   }
 }
 
+// sigmoid(g) from e^-|g| <= 1, so no argument of exp overflows.
+void SiluMul(const float* gate, const float* up, int64_t n, float* out) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float g = gate[i], e = std::exp(-std::fabs(g));
+    out[i] = g * (g >= 0.f ? 1.f : e) / (1.f + e) * up[i];
+  }
+}
+
 }  // namespace
 
 const KernelTable& ScalarKernels() {
-  static const KernelTable table{"scalar", GemmF32, GemmI8, QuantizeRows, GemmRowMajorF32, AttendRow};
+  static const KernelTable table{"scalar", GemmF32, GemmI8, QuantizeRows, GemmRowMajorF32, AttendRow, SiluMul};
   return table;
 }
 

@@ -82,6 +82,8 @@ struct KernelTable {
   // every s_t is -inf. `scores` is scratch of n floats.
   void (*attend_row)(const float* q, const float* keys, const float* values, int64_t n, int64_t d, float scale,
                      const float* bias, float* scores, float* out);
+  // SwiGLU: out[i] = gate[i] * sigmoid(gate[i]) * up[i] for i < n.
+  void (*silu_mul)(const float* gate, const float* up, int64_t n, float* out);
 };
 
 // Write (or add) the [M][8] accumulator of tile t into y, skipping padding columns.

@@ -2,12 +2,14 @@
 // orchestration of the CPU kernels in kernels_*.cc; with SLIM_ONNX_HAVE_CUDA also the op for
 // onnxruntime's CUDA execution provider, which runs the kernels of cuda/ (see the end of this file).
 //
-// Y = A @ W + (A @ L) @ R + bias (docs/op-spec.md). Per call:
+// P = A @ W + (A @ L) @ R + bias, and Y = P, or with activation="swiglu" Y = silu(P[:, :N/2]) *
+// P[:, N/2:] (docs/op-spec.md). Per call:
 //   1. A (float32 or float16, [..., K]) is copied into a float32 [M, Kb*8] buffer padded with zeros,
 //      and for accuracy_level 4 quantized to uint8 (q + 128) with a scale per row and weight group.
 //   2. The main product is written straight into Y (float32 A) or a float32 buffer.
 //   3. The adapter product T = A @ L ([M, r]) goes to a buffer, then Y += T @ R.
-//   4. bias is added; a float16 A gets its Y converted back.
+//   4. bias is added (and the gated activation applied), per column range inside the same task;
+//      a float16 A gets its Y converted back.
 // Weights that are constant initializers are validated and prepacked once, at kernel creation;
 // otherwise every call prepacks its own copy, so Compute never mutates shared state (reentrant).
 #include <algorithm>
@@ -17,6 +19,7 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -77,10 +80,14 @@ uint16_t FloatToHalf(float f) {
 // ---- attributes --------------------------------------------------------------------------------
 
 enum class AdapterFormat { kNone, kFloat16, kInt4 };
+// kSwiGlu: Y = silu(P[:, :N/2]) * P[:, N/2:] (Llama/Qwen MLPs after the gate/up merge); Y has N/2 columns.
+enum class Activation { kNone, kSwiGlu };
 
 struct Attributes {
   int64_t K = 0, N = 0, bits = 4, group_size = 0, sparse = 1, rank = 0, adapter_group_size = 128, accuracy_level = 0;
   AdapterFormat adapter = AdapterFormat::kNone;
+  Activation activation = Activation::kNone;
+  int64_t OutputColumns() const { return activation == Activation::kSwiGlu ? N / 2 : N; }
 };
 
 int64_t AttrInt(const OrtKernelInfo* info, const char* name, int64_t fallback, bool required) {
@@ -123,6 +130,9 @@ void ValidateAttributes(const Attributes& a) {
     CheckGroupSize(a.adapter_group_size, a.K, "adapter_group_size");
     CheckGroupSize(a.adapter_group_size, a.rank, "adapter_group_size");
   }
+  // Each task pairs gate tile t with up tile t + N/16, so the halves must be whole tiles.
+  if (a.activation == Activation::kSwiGlu && a.N % (2 * kTileN) != 0)
+    throw OpError("activation='swiglu' needs N divisible by " + std::to_string(2 * kTileN) + ", got N=" + std::to_string(a.N));
 }
 
 Attributes ReadAttributes(const OrtKernelInfo* info) {
@@ -140,6 +150,10 @@ Attributes ReadAttributes(const OrtKernelInfo* info) {
   else if (fmt == "float16") a.adapter = AdapterFormat::kFloat16;
   else if (fmt == "int4") a.adapter = AdapterFormat::kInt4;
   else throw OpError("adapter_format must be 'none', 'float16' or 'int4', got '" + fmt + "'");
+  const std::string act = AttrString(info, "activation", "none");
+  if (act == "none") a.activation = Activation::kNone;
+  else if (act == "swiglu") a.activation = Activation::kSwiGlu;
+  else throw OpError("activation must be 'none' or 'swiglu', got '" + act + "'");
   ValidateAttributes(a);
   return a;
 }
@@ -306,8 +320,10 @@ struct Call {
   void* y = nullptr;
 };
 
-Call BeginCall(OrtKernelContext* ctx, const Attributes& attr, TensorView (&in)[kNumInputs]) {
-  ReadInputs(ctx, in, kNumInputs);
+// Only A is read when the weights were prepacked at kernel creation (`read_weights` false): a
+// view costs a shape query per input, and decode steps run ~120 of these nodes.
+Call BeginCall(OrtKernelContext* ctx, const Attributes& attr, TensorView (&in)[kNumInputs], bool read_weights) {
+  ReadInputs(ctx, in, read_weights ? kNumInputs : 1);
   const TensorView& A = in[kA];
   if (!A.present) throw OpError("input 'A' is missing");
   Call call;
@@ -317,7 +333,7 @@ Call BeginCall(OrtKernelContext* ctx, const Attributes& attr, TensorView (&in)[k
   if (A.shape.empty() || A.shape.back() != attr.K)
     throw OpError("input 'A' must have last dimension K=" + std::to_string(attr.K) + ", got shape " + ShapeString(A.shape));
   std::vector<int64_t> out_shape = A.shape;
-  out_shape.back() = attr.N;
+  out_shape.back() = attr.OutputColumns();
   ThrowOnError(g_api->KernelContext_GetOutput(ctx, 0, out_shape.data(), out_shape.size(), &call.y_value));
   ThrowOnError(g_api->GetTensorMutableData(call.y_value, &call.y));
   call.M = A.numel() / attr.K;
@@ -338,7 +354,7 @@ struct SlimMatMulCpuKernel {
 
   void Compute(OrtKernelContext* ctx) const {
     TensorView in[kNumInputs];
-    const Call call = BeginCall(ctx, attr, in);
+    const Call call = BeginCall(ctx, attr, in, constant == nullptr);
     const TensorView& A = in[kA];
     const bool half = call.half;
     void* out_data = call.y;
@@ -364,53 +380,71 @@ struct SlimMatMulCpuKernel {
         std::memcpy(row, static_cast<const float*>(A.data) + m * K, K * sizeof(float));
       }
     }
-    std::vector<float> y_buf;
-    float* y = static_cast<float*>(out_data);
-    if (half) {
-      y_buf.resize(M * N);
-      y = y_buf.data();
+    // P (float32 [M, N]) is written straight into Y unless Y is float16 or the gated activation
+    // follows; Z (float32 [M, Nout]) is Y before its conversion to float16.
+    const bool gated = attr.activation == Activation::kSwiGlu;
+    const int64_t Nout = attr.OutputColumns();
+    std::vector<float> p_buf, z_buf;
+    float* z = half ? (z_buf.resize(M * Nout), z_buf.data()) : static_cast<float*>(out_data);
+    float* y = z;
+    if (gated) {
+      p_buf.resize(M * N);
+      y = p_buf.data();
     }
     const bool int8 = attr.accuracy_level == 4;
-
-    // 2. adapter input T = A @ L ([M, r]), then 3. per column tile: Y = A @ W + T @ R, so each tile of
-    // Y is written once and one thread dispatch covers both products.
-    const Operand a_w(*kernels, p->w.m, int8, a32.data(), M, lda);
     const auto& kt = *kernels;
+
+    // 2. adapter input T = A @ L ([M, r]) first; then 3. per column tile, P = A @ W + T @ R + bias,
+    // so each tile of P is written once and one thread dispatch covers both products.
+    const Operand a_w(kt, p->w.m, int8, a32.data(), M, lda);
     const int64_t work = M * lda * kTileN;
+    std::vector<float> t;
+    std::optional<Operand> t_r;
+    int64_t ldt = 0;
     if (attr.adapter == AdapterFormat::kInt4) {
-      const int64_t ldt = p->r.m.Kb * kBlockK;
-      std::vector<float> t(M * ldt, 0.f);
+      ldt = p->r.m.Kb * kBlockK;
+      t.assign(M * ldt, 0.f);
       const Operand a_l(kt, p->l.m, int8, a32.data(), M, lda);
       ParallelTiles(ctx, p->l.m.Nt, work, [&](int64_t t0, int64_t t1) {
         a_l.MultiplyTiles(kt, p->l.m, t.data(), ldt, t0, t1, false);
       });
-      const Operand t_r(kt, p->r.m, int8, t.data(), M, ldt);
-      ParallelTiles(ctx, p->w.m.Nt, work + M * ldt * kTileN, [&](int64_t t0, int64_t t1) {
-        a_w.MultiplyTiles(kt, p->w.m, y, N, t0, t1, false);
-        t_r.MultiplyTiles(kt, p->r.m, y, N, t0, t1, true);
-      });
+      t_r.emplace(kt, p->r.m, int8, t.data(), M, ldt);
     } else if (attr.adapter == AdapterFormat::kFloat16) {
-      const int64_t r = attr.rank;
-      std::vector<float> t(M * r, 0.f);
-      ParallelTiles(ctx, CeilDiv(r, kTileN), work, [&](int64_t t0, int64_t t1) {
-        kt.gemm_rowmajor_f32(a32.data(), M, lda, p->l_f32.data(), K, r, t.data(), r, t0 * kTileN,
-                             std::min(r, t1 * kTileN), false);
+      ldt = attr.rank;
+      t.assign(M * ldt, 0.f);
+      ParallelTiles(ctx, CeilDiv(ldt, kTileN), work, [&](int64_t t0, int64_t t1) {
+        kt.gemm_rowmajor_f32(a32.data(), M, lda, p->l_f32.data(), K, ldt, t.data(), ldt, t0 * kTileN,
+                             std::min(ldt, t1 * kTileN), false);
       });
-      ParallelTiles(ctx, p->w.m.Nt, work + M * r * kTileN, [&](int64_t t0, int64_t t1) {
-        a_w.MultiplyTiles(kt, p->w.m, y, N, t0, t1, false);
-        kt.gemm_rowmajor_f32(t.data(), M, r, p->r_f32.data(), r, N, y, N, t0 * kTileN, std::min(N, t1 * kTileN), true);
-      });
-    } else {
-      ParallelTiles(ctx, p->w.m.Nt, work, [&](int64_t t0, int64_t t1) { a_w.MultiplyTiles(kt, p->w.m, y, N, t0, t1, false); });
     }
-
-    // 4. bias and output type.
-    if (!p->bias.empty())
-      for (int64_t m = 0; m < M; ++m)
-        for (int64_t n = 0; n < N; ++n) y[m * N + n] += p->bias[n];
+    const auto product_tiles = [&](int64_t t0, int64_t t1) {
+      const int64_t n0 = t0 * kTileN, n1 = std::min(N, t1 * kTileN);
+      a_w.MultiplyTiles(kt, p->w.m, y, N, t0, t1, false);
+      if (t_r) t_r->MultiplyTiles(kt, p->r.m, y, N, t0, t1, true);
+      else if (attr.adapter == AdapterFormat::kFloat16)
+        kt.gemm_rowmajor_f32(t.data(), M, ldt, p->r_f32.data(), ldt, N, y, N, n0, n1, true);
+      if (!p->bias.empty())
+        for (int64_t m = 0; m < M; ++m)
+          for (int64_t n = n0; n < n1; ++n) y[m * N + n] += p->bias[n];
+    };
+    // 4. with the gated activation, a task computes gate tiles [t0, t1) and the matching up tiles,
+    // then their columns of Y.
+    const int64_t work_per_tile = work + M * ldt * kTileN;
+    if (!gated) {
+      ParallelTiles(ctx, p->w.m.Nt, work_per_tile, product_tiles);
+    } else {
+      const int64_t half_tiles = p->w.m.Nt / 2;
+      ParallelTiles(ctx, half_tiles, 2 * work_per_tile, [&](int64_t t0, int64_t t1) {
+        product_tiles(t0, t1);
+        product_tiles(t0 + half_tiles, t1 + half_tiles);
+        const int64_t n0 = t0 * kTileN, width = (t1 - t0) * kTileN;
+        for (int64_t m = 0; m < M; ++m)
+          kt.silu_mul(y + m * N + n0, y + m * N + Nout + n0, width, z + m * Nout + n0);
+      });
+    }
     if (half) {
       uint16_t* dst = static_cast<uint16_t*>(out_data);
-      for (int64_t i = 0; i < M * N; ++i) dst[i] = FloatToHalf(y[i]);
+      for (int64_t i = 0; i < M * Nout; ++i) dst[i] = FloatToHalf(z[i]);
     }
   }
 };
@@ -446,8 +480,25 @@ bool ConstantWeights(const OrtKernelInfo* info, TensorView* in) {
 }
 
 
+// A string attribute in shape inference; "" when absent.
+std::string ReadStringAttribute(OrtShapeInferContext* ctx, const char* name) {
+  const OrtOpAttr* attr = nullptr;
+  if (OrtStatus* st = g_api->ShapeInferContext_GetAttribute(ctx, name, &attr)) {
+    g_api->ReleaseStatus(st);
+    return "";
+  }
+  size_t size = 0;
+  if (attr == nullptr) return "";
+  if (OrtStatus* st = g_api->ReadOpAttr(attr, ORT_OP_ATTR_STRING, nullptr, 0, &size)) g_api->ReleaseStatus(st);  // asks the size
+  std::string value(size, '\0');
+  if (size == 0) return value;
+  ThrowOnError(g_api->ReadOpAttr(attr, ORT_OP_ATTR_STRING, &value[0], size, &size));
+  while (!value.empty() && value.back() == '\0') value.pop_back();
+  return value;
+}
+
 // Output type and shape for onnxruntime's graph resolution: Y = A's type, A's shape with the last
-// dimension replaced by N (symbolic dimensions kept).
+// dimension replaced by N, or N/2 with activation="swiglu" (symbolic dimensions kept).
 OrtStatus* InferOutputShape(OrtShapeInferContext* ctx) {
   OrtTensorTypeAndShapeInfo* in = nullptr;  // owned by the context
   OrtTensorTypeAndShapeInfo* out = nullptr;
@@ -471,6 +522,7 @@ OrtStatus* InferOutputShape(OrtShapeInferContext* ctx) {
   if ((st = g_api->ShapeInferContext_GetAttribute(ctx, "N", &attr)) ||
       (st = g_api->ReadOpAttr(attr, ORT_OP_ATTR_INT, &n, sizeof(n), &size)))
     return finish(st);
+  if (ReadStringAttribute(ctx, "activation") == "swiglu") n /= 2;
   // onnxruntime writes a dimension without a name as a value, so an unknown unnamed dimension (-1)
   // gets a fresh name here; otherwise it would become a literal -1 for the nodes downstream.
   static std::atomic<uint64_t> counter{0};
@@ -556,11 +608,15 @@ struct SlimMatMulCudaKernel {
 
   void Compute(OrtKernelContext* ctx) const {
     TensorView in[kNumInputs];
-    const Call call = BeginCall(ctx, attr, in);
+    const Call call = BeginCall(ctx, attr, in, false);  // weights: on the device since kernel creation
     if (call.M == 0) return;
     void* stream = nullptr;
     ThrowOnError(g_api->KernelContext_GetGPUComputeStream(ctx, &stream));
-    const size_t scratch_bytes = cuda::ScratchBytes(weights, call.M);
+    // With the gated activation the product P goes to scratch first (after the adapter scratch).
+    const bool gated = attr.activation == Activation::kSwiGlu;
+    const size_t adapter_bytes = (cuda::ScratchBytes(weights, call.M) + 255) / 256 * 256;
+    const size_t scratch_bytes =
+        adapter_bytes + (gated ? size_t(call.M * attr.N) * (call.half ? 2 : 4) : 0);
     void* scratch = nullptr;
     OrtAllocator* scratch_alloc = nullptr;
     if (scratch_bytes > 0) {
@@ -576,8 +632,14 @@ struct SlimMatMulCudaKernel {
       g_api->ReleaseAllocator(scratch_alloc);
     };
     try {
-      if (scratch_bytes > 0 && scratch == nullptr) throw OpError("could not allocate the adapter scratch buffer");
-      cuda::RunSlimMatMul(weights, in[kA].data, call.half, call.M, call.y, scratch, stream);
+      if (scratch_bytes > 0 && scratch == nullptr) throw OpError("could not allocate the scratch buffer");
+      if (gated) {
+        void* product = static_cast<char*>(scratch) + adapter_bytes;
+        cuda::RunSlimMatMul(weights, in[kA].data, call.half, call.M, product, scratch, stream);
+        cuda::RunSwiGlu(product, call.half, call.M, attr.N, call.y, stream);
+      } else {
+        cuda::RunSlimMatMul(weights, in[kA].data, call.half, call.M, call.y, scratch, stream);
+      }
     } catch (...) {
       release();
       throw;

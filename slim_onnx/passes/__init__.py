@@ -1,6 +1,7 @@
 """onnx-ir graph passes: finding linear layers and rewriting them into SlimMatMul; fusing attention
 and residual RMSNorms;
-quantizing embedding tables; merging layers that share their input."""
+quantizing embedding tables; merging layers that share their input; folding SwiGLU into the merged
+gate/up layer."""
 
 from slim_onnx.passes.attention import FuseGroupQueryAttentionPass, fuse_attention
 from slim_onnx.passes.embedding import QuantizeEmbeddingsPass, quantize_embeddings
@@ -8,11 +9,13 @@ from slim_onnx.passes.linear import LinearLayer, find_linear_layers
 from slim_onnx.passes.norm import FuseSkipRmsNormPass, fuse_skip_rms_norm
 from slim_onnx.passes.rewrite import AddFallbackFunctionsPass, ReplaceLinearLayersPass, compress_graph
 from slim_onnx.passes.siblings import MergeSiblingLayersPass, merge_sibling_layers
+from slim_onnx.passes.swiglu import FuseSwiGluPass, fuse_swiglu
 
 __all__ = [
     "AddFallbackFunctionsPass",
     "FuseGroupQueryAttentionPass",
     "FuseSkipRmsNormPass",
+    "FuseSwiGluPass",
     "LinearLayer",
     "MergeSiblingLayersPass",
     "QuantizeEmbeddingsPass",
@@ -21,6 +24,7 @@ __all__ = [
     "find_linear_layers",
     "fuse_attention",
     "fuse_skip_rms_norm",
+    "fuse_swiglu",
     "merge_sibling_layers",
     "quantize_embeddings",
 ]

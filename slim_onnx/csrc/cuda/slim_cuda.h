@@ -78,4 +78,8 @@ size_t ScratchBytes(const DeviceWeights* weights, int64_t M);
 void RunSlimMatMul(const DeviceWeights* weights, const void* A, bool half, int64_t M, void* Y, void* scratch,
                    void* stream);
 
+// Y[M, N/2] = silu(P[:, :N/2]) * P[:, N/2:] (activation="swiglu") on `stream`; P and Y float16 when
+// `half`, else float32; the arithmetic is float32. Asynchronous.
+void RunSwiGlu(const void* P, bool half, int64_t M, int64_t N, void* Y, void* stream);
+
 }  // namespace slim::cuda

@@ -662,4 +662,24 @@ void RunSlimMatMul(const DeviceWeights* dw, const void* A, bool half, int64_t M,
   Check(cudaGetLastError(), "launching the SlimMatMul CUDA kernel");
 }
 
+template <typename T>
+__global__ void SwiGluKernel(const T* p, int64_t rows, int64_t half_n, T* y) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= rows * half_n) return;
+  const int64_t row = i / half_n, col = i % half_n;
+  const float g = float(p[row * 2 * half_n + col]), u = float(p[row * 2 * half_n + half_n + col]);
+  y[i] = T(g / (1.f + __expf(-g)) * u);
+}
+
+void RunSwiGlu(const void* P, bool half, int64_t M, int64_t N, void* Y, void* stream) {
+  const int64_t count = M * (N / 2);
+  if (count <= 0) return;
+  auto s = static_cast<cudaStream_t>(stream);
+  const int threads = 256;
+  const unsigned blocks = unsigned((count + threads - 1) / threads);
+  if (half) SwiGluKernel<<<blocks, threads, 0, s>>>(static_cast<const __half*>(P), M, N / 2, static_cast<__half*>(Y));
+  else SwiGluKernel<<<blocks, threads, 0, s>>>(static_cast<const float*>(P), M, N / 2, static_cast<float*>(Y));
+  Check(cudaGetLastError(), "launching the SwiGLU CUDA kernel");
+}
+
 }  // namespace slim::cuda

@@ -1,0 +1,107 @@
+"""Folding the SwiGLU of Llama/Qwen-style MLPs into the merged gate/up SlimMatMul (activation="swiglu").
+
+Why: after the sibling merge (passes/siblings.py) a decoder MLP at one token per step is
+SlimMatMul -> Split -> Sigmoid -> Mul -> Mul -> SlimMatMul: three small nodes, each a pass over the
+intermediate activation, around the two products. With activation="swiglu" the kernel applies
+silu(gate) * up to each column range as soon as the task that computed it is done, and writes only
+the N/2 columns the down projection reads.
+
+Matched (the siblings' Split has exactly two equal halves on the last axis; nothing else reads the
+intermediate values):
+
+  gate, up = Split(SlimMatMul(x), [N/2, N/2], axis=-1)
+  y = Mul(Mul(gate, Sigmoid(gate)), up)                      (either operand order, both Muls)
+becomes
+  y = SlimMatMul(x, activation="swiglu")                     (overload: the weights' variant + "_swiglu")
+"""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
+
+from slim_onnx.fallback import DOMAIN, OP_TYPE, SWIGLU_SUFFIX
+from slim_onnx.format import TILE_N
+from slim_onnx.passes.attention import _ints
+from slim_onnx.passes.norm import _only_use
+from slim_onnx.passes.rewrite import AddFallbackFunctionsPass
+
+
+def _other(node: ir.Node, value: ir.Value) -> ir.Value | None:
+    """The other input of a two-input node one of whose inputs is `value`."""
+    if len(node.inputs) != 2 or value not in node.inputs:
+        return None
+    a, b = node.inputs
+    return b if a is value else a
+
+
+def _halves(split: ir.Node, n: int) -> bool:
+    if len(split.outputs) != 2 or split.attributes.get_int("axis", 0) not in (-1, len(split.inputs[0].shape or []) - 1):
+        return False
+    if len(split.inputs) > 1 and split.inputs[1] is not None:
+        return _ints(split.inputs[1]) == [n // 2, n // 2]
+    return split.attributes.get_int("num_outputs", 0) == 2 and n % 2 == 0
+
+
+def _swiglu_output(node: ir.Node) -> tuple[ir.Node, list[ir.Node]] | None:
+    """(the final Mul, the nodes to remove) when the module doc's pattern follows `node`."""
+    n = node.attributes["N"].as_int()
+    split = _only_use(node.outputs[0], "Split")
+    if split is None or not _halves(split, n) or n % (2 * TILE_N) != 0:
+        return None
+    gate, up = split.outputs
+    readers = [u.node for u in gate.uses()]
+    sigmoid = next((r for r in readers if r.op_type == "Sigmoid" and r.domain == ""), None)
+    if sigmoid is None or len(readers) != 2 or gate.is_graph_output():
+        return None
+    silu = _only_use(sigmoid.outputs[0], "Mul")
+    if silu is None or _other(silu, sigmoid.outputs[0]) is not gate or silu not in readers:
+        return None
+    last = _only_use(silu.outputs[0], "Mul")
+    if last is None or _other(last, silu.outputs[0]) is not up or _only_use(up, "Mul") is not last:
+        return None
+    return last, [last, silu, sigmoid, split]
+
+
+class FuseSwiGluPass(ir.passes.InPlacePass):
+    """Fold each SwiGLU after a two-way-split SlimMatMul of the main graph into it (see module doc);
+    `fused` counts them after a call. Needs AddFallbackFunctionsPass afterwards (new overloads)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fused = 0
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        self.fused = 0
+        for node in [n for n in graph if n.domain == DOMAIN and n.op_type == OP_TYPE]:
+            if node.attributes.get_string("activation", "none") != "none":
+                continue
+            found = _swiglu_output(node)
+            if found is None:
+                continue
+            last, dead = found
+            y = node.outputs[0]
+            y.type, y.shape, name = last.outputs[0].type, last.outputs[0].shape, last.outputs[0].name
+            ir.convenience.replace_all_uses_with(last.outputs[0], y, replace_graph_outputs=True)
+            sizes = dead[-1].inputs[1] if len(dead[-1].inputs) > 1 else None
+            for d in dead:
+                graph.remove(d, safe=True)
+            if sizes is not None and sizes.is_initializer() and not any(True for _ in sizes.uses()):
+                graph.initializers.pop(sizes.name)
+            y.name = name
+            node.attributes["activation"] = ir.Attr("activation", ir.AttributeType.STRING, "swiglu")
+            node.overload += SWIGLU_SUFFIX
+            self.fused += 1
+        return ir.passes.PassResult(model, modified=bool(self.fused))
+
+
+def fuse_swiglu(model: ir.Model) -> int:
+    """Apply FuseSwiGluPass to `model` in place with the fallback functions it needs (and without
+    those no node uses any more); returns the number of MLPs fused."""
+    fuse = FuseSwiGluPass()
+    ir.passes.Sequential(fuse, AddFallbackFunctionsPass(), common_passes.RemoveUnusedFunctionsPass())(model)
+    return fuse.fused
+
+
+__all__ = ["FuseSwiGluPass", "fuse_swiglu"]
