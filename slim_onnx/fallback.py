@@ -12,7 +12,9 @@ with or without bias, and with or without the gated activation (``activation="sw
 
 ``slim_onnx::GroupQueryAttention`` (slim_onnx/passes/attention.py, kernel in csrc/attention_op.cc)
 falls back to onnxruntime's ``com.microsoft::GroupQueryAttention``, which computes the same thing:
-one overload with and one without ``attention_bias``.
+one overload with and one without ``attention_bias``, and the same two for the packed form
+(passes/packed_attention.py), whose function first splits q/k/v and applies the rotary with
+``com.microsoft::RotaryEmbedding``.
 """
 
 from __future__ import annotations
@@ -33,8 +35,13 @@ IR_VERSION = 10
 FUNCTION_ATTRIBUTES = ("K", "N", "group_size", "rank", "adapter_group_size")
 ATTENTION_OP_TYPE = "GroupQueryAttention"
 ATTENTION_ATTRIBUTES = ("num_heads", "kv_num_heads", "scale")
-ATTENTION_INPUTS = ("query", "key", "value", "past_key", "past_value", "seqlens_k", "total_sequence_length", "attention_bias")
-ATTENTION_VARIANTS = ("bias", "nobias")
+ATTENTION_INPUTS = (
+    "query", "key", "value", "past_key", "past_value", "seqlens_k", "total_sequence_length", "attention_bias",
+    "cos_cache", "sin_cache",
+)
+# "packed_rotary_*": key and value absent (query holds q, k, v side by side), cos/sin caches given.
+ATTENTION_PACKED_PREFIX = "packed_rotary_"
+ATTENTION_VARIANTS = ("bias", "nobias", "packed_rotary_bias", "packed_rotary_nobias")
 # A node with activation="swiglu" (passes/swiglu.py) uses its weights' variant plus this suffix.
 SWIGLU_SUFFIX = "_swiglu"
 VARIANTS = tuple(
@@ -179,20 +186,53 @@ def fallback_function(variant: str) -> onnx.FunctionProto:
     return fn
 
 
+def _rotated(body: _Body, x: str, positions: str, heads_attribute: str) -> str:
+    """com.microsoft::RotaryEmbedding of x [B, S, heads*D] (rotate_half) with the caches' row per position."""
+    out = body.op("RotaryEmbedding", x, positions, "cos_cache", "sin_cache", domain="com.microsoft", interleaved=0)
+    body.nodes[-1].attribute.append(
+        onnx.AttributeProto(name="num_heads", ref_attr_name=heads_attribute, type=onnx.AttributeProto.INT)
+    )
+    return out
+
+
+def _unpacked_rotated(body: _Body) -> tuple[str, str, str]:
+    """(q, k, v) for com.microsoft's op from a packed query: split [H*D, Hkv*D, Hkv*D], q and k rotated at
+    position ids b*S + s (the caches' rows)."""
+    d = body.op("Shape", "past_key", start=3)
+    q_size, kv_size = (body.op("Mul", body.attr_vector(a), d) for a in ("num_heads", "kv_num_heads"))
+    sizes = body.op("Concat", q_size, kv_size, kv_size, axis=0)
+    body.nodes.append(helper.make_node("Split", ["query", sizes], ["q", "k", "v"], axis=-1))
+    batch_seq = body.op("Shape", "query", start=0, end=2)
+    count = body.op("ReduceProd", batch_seq, keepdims=0)
+    flat = body.op("Range", body.const(np.array(0, np.int64)), count, body.const(np.array(1, np.int64)))
+    positions = body.op("Reshape", flat, batch_seq)
+    return _rotated(body, "q", positions, "num_heads"), _rotated(body, "k", positions, "kv_num_heads"), "v"
+
+
 def attention_fallback_function(variant: str) -> onnx.FunctionProto:
-    """slim_onnx::GroupQueryAttention (overload = "bias" or "nobias") as com.microsoft's op."""
+    """slim_onnx::GroupQueryAttention (overload = one of ATTENTION_VARIANTS) as com.microsoft's op,
+    after the split and rotary the packed variants leave to the kernel."""
     if variant not in ATTENTION_VARIANTS:
         raise ValueError(f"unknown GroupQueryAttention variant {variant!r}; expected one of {ATTENTION_VARIANTS}")
-    formal = list(ATTENTION_INPUTS if variant == "bias" else ATTENTION_INPUTS[:-1])
-    # com.microsoft's inputs 7..9 (cos/sin caches, position ids) stay absent; attention_bias is input 10.
-    actual = formal[:7] + (["", "", "", "attention_bias"] if variant == "bias" else [])
+    packed = variant.startswith(ATTENTION_PACKED_PREFIX)
+    bias = variant.removeprefix(ATTENTION_PACKED_PREFIX) == "bias"
+    body = _Body()
+    if packed:
+        formal = ["query", "unused_1", "unused_2", *ATTENTION_INPUTS[3:7], "attention_bias" if bias else "unused_7",
+                  "cos_cache", "sin_cache"]
+        q, k, v = _unpacked_rotated(body)
+    else:
+        formal = list(ATTENTION_INPUTS[:8] if bias else ATTENTION_INPUTS[:7])
+        q, k, v = formal[:3]
+    # com.microsoft's inputs 7..9 (its own rotary caches, position ids) stay absent; attention_bias is input 10.
+    actual = [q, k, v, *ATTENTION_INPUTS[3:7]] + (["", "", "", "attention_bias"] if bias else [])
     outputs = ["output", "present_key", "present_value"]
     node = helper.make_node(ATTENTION_OP_TYPE, actual, outputs, domain="com.microsoft")
     for name in ATTENTION_ATTRIBUTES:
         kind = onnx.AttributeProto.FLOAT if name == "scale" else onnx.AttributeProto.INT
         node.attribute.append(onnx.AttributeProto(name=name, ref_attr_name=name, type=kind))
     fn = helper.make_function(
-        DOMAIN, ATTENTION_OP_TYPE, formal, outputs, [node],
+        DOMAIN, ATTENTION_OP_TYPE, formal, outputs, body.nodes + [node],
         [helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", 1)], attributes=list(ATTENTION_ATTRIBUTES),
     )
     fn.overload = variant

@@ -27,7 +27,7 @@ from slim_onnx.config import SlimConfig
 from slim_onnx.fallback import DOMAIN, OP_TYPE
 from slim_onnx.passes import compress_graph, find_linear_layers
 from slim_onnx.passes import fuse_attention as fuse_attention_layers
-from slim_onnx.passes import fuse_skip_rms_norm, fuse_swiglu, merge_sibling_layers
+from slim_onnx.passes import fuse_skip_rms_norm, fuse_swiglu, merge_sibling_layers, pack_attention_inputs
 from slim_onnx.passes import quantize_embeddings as quantize_embedding_tables
 from slim_onnx.passes.linear import LinearLayer
 
@@ -125,7 +125,8 @@ def compress(
     group scales (passes/embedding.py).
     merge_siblings: one SlimMatMul node (and a Split) for layers that read the same activation, such
     as q/k/v and gate/up (passes/siblings.py), and the SwiGLU after a merged gate/up folded into
-    its node (passes/swiglu.py).
+    its node (passes/swiglu.py); with fuse_attention too, the merged q/k/v product feeds the
+    attention directly, rotary included (passes/packed_attention.py).
     log: called with each message (default: print to stderr); progress: an optional factory
     `progress(label, total)` returning a callable advanced once per calibration batch and per layer,
     which replaces the per-layer messages.
@@ -209,6 +210,9 @@ def compress(
     swiglus = fuse_swiglu(model) if merged else 0
     if swiglus:
         log(f"folded {swiglus} SwiGLU activations into their gate/up SlimMatMul")
+    packed = pack_attention_inputs(model) if fused and merged else 0
+    if packed:
+        log(f"fed {packed} attention layers their merged q/k/v product and rotary caches directly")
 
     report = {
         "model": str(src),
@@ -221,6 +225,7 @@ def compress(
         "embeddings": [dataclasses.asdict(e) for e in embeddings],
         "merged_siblings": merged,
         "swiglu_fused": swiglus,
+        "attention_packed": packed,
         "totals": {
             "layers": len(reports),
             "bytes_float16": sum(r["bytes_float16"] for r in reports),

@@ -179,9 +179,8 @@ def cache_feeds(session: ort.InferenceSession, batch: int, past: int, seq: int, 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_attention_fusion_reproduces_the_export(tmp_path, family):
     """The dense export with its attention fused into GroupQueryAttention (no compression) against the
-    export itself: a left-padded batched prompt, cached decode steps with and without padding, a
-    multi-token continuation, a long cache. Positions that are padding carry no meaning and are
-    skipped; everything else must agree to float rounding (the fused op sums in another order)."""
+    export itself (assert_cached_runs_match): everything agrees to float rounding (the fused op sums
+    in another order)."""
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     classes = (Qwen2Config, Qwen2ForCausalLM) if family == "qwen2" else (LlamaConfig, LlamaForCausalLM)
@@ -200,12 +199,19 @@ def test_attention_fusion_reproduces_the_export(tmp_path, family):
     perms = [list(a.ints) for n in fused_proto.graph.node if n.op_type == "Transpose" for a in n.attribute]
     assert [0, 2, 1, 3] not in perms
 
-    reference = ort.InferenceSession(str(src / "model.onnx"), providers=["CPUExecutionProvider"])
-    # our kernel (slim_onnx::GroupQueryAttention) and, without the library, its fallback function
-    # (onnxruntime's com.microsoft::GroupQueryAttention)
+    assert_cached_runs_match(src / "model.onnx", tmp_path / "fused.onnx", 1e-4)
+
+
+def assert_cached_runs_match(export_path: Path, fused_path: Path, tol: float) -> None:
+    """Our kernels (slim_onnx::GroupQueryAttention, SlimMatMul) and, without the library, the fallback
+    functions (onnxruntime's com.microsoft::GroupQueryAttention) against the export: a left-padded
+    batched prompt, cached decode steps with and without padding, a multi-token continuation, a long
+    cache. Padding positions carry no meaning and are skipped; the rest agrees within `tol`
+    relative to each output's scale."""
+    reference = ort.InferenceSession(str(export_path), providers=["CPUExecutionProvider"])
     paths = {
-        "kernel": ort.InferenceSession(str(tmp_path / "fused.onnx"), slim_onnx.session_options(), providers=["CPUExecutionProvider"]),
-        "fallback": ort.InferenceSession(str(tmp_path / "fused.onnx"), providers=["CPUExecutionProvider"]),
+        "kernel": ort.InferenceSession(str(fused_path), slim_onnx.session_options(), providers=["CPUExecutionProvider"]),
+        "fallback": ort.InferenceSession(str(fused_path), providers=["CPUExecutionProvider"]),
     }
     names = [o.name for o in reference.get_outputs()]
     assert all(names == [o.name for o in fused.get_outputs()] for fused in paths.values())
@@ -222,7 +228,27 @@ def test_attention_fusion_reproduces_the_export(tmp_path, family):
                 keep = valid[:, past:] if name == "logits" else valid  # present.*: [B, heads, past + seq, D]
                 want, got = (np.moveaxis(x, 2, 1)[keep] if name != "logits" else x[keep] for x in (want, got))
                 err = np.abs(want.astype(np.float64) - got).max() / np.abs(want).max()
-                assert err < 1e-4, (path, name, batch, past, seq, pad, err)
+                assert err < tol, (path, name, batch, past, seq, pad, err)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_compressed_decoder_feeds_packed_qkv_to_the_attention(tmp_path, family):
+    """All graph passes on a compressed decoder (near-lossless weights, float32 activations): the
+    merged q/k/v product goes straight into the attention, which also does the rotary (no Split or
+    RotaryEmbedding left; Qwen2's q/k/v biases inside the product), and the SwiGLU
+    sits in the gate/up node; the same cached runs as above agree with the export on both paths."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    classes = (Qwen2Config, Qwen2ForCausalLM) if family == "qwen2" else (LlamaConfig, LlamaForCausalLM)
+    src = export(small_decoder(*classes, True), tmp_path, "text-generation-with-past")
+    report = slim_onnx.compress(src, tmp_path / "slim", LOSSLESS, None, accuracy_level=0, log=lambda msg: None)
+    assert (report["attention_fused"], report["attention_packed"], report["swiglu_fused"]) == (2, 2, 2)
+    model = onnx.load(str(tmp_path / "slim" / "model.onnx"))
+    onnx.checker.check_model(model)
+    attention = [n for n in model.graph.node if n.op_type == "GroupQueryAttention"]
+    assert len(attention) == 2 and all(n.overload.startswith("packed_rotary_") and n.input[1:3] == ["", ""] for n in attention)
+    assert all(op_count(model, op) == 0 for op in ("RotaryEmbedding", "Split", "Sigmoid"))
+    assert_cached_runs_match(src / "model.onnx", tmp_path / "slim" / "model.onnx", 1e-2)
 
 
 def test_attention_fusion_leaves_other_attention_alone(tmp_path):

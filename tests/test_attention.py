@@ -20,16 +20,23 @@ from slim_onnx.op import add_fallback_functions
 INPUTS = ["query", "key", "value", "past_key", "past_value", "seqlens_k", "total_sequence_length", "attention_bias"]
 
 
-def attention_model(heads: int, kv_heads: int, head_size: int, bias: bool, scale: float) -> bytes:
+def attention_model(heads: int, kv_heads: int, head_size: int, bias: bool, scale: float, packed: bool = False) -> bytes:
+    """One slim_onnx::GroupQueryAttention node; `packed`: q/k/v side by side in query, rotary caches."""
     f, i = TensorProto.FLOAT, TensorProto.INT32
-    shapes = [("query", f, ["B", "S", heads * head_size]), ("key", f, ["B", "S", kv_heads * head_size]),
+    # query's width symbolic: the kernel's own check of it is tested
+    shapes = [("query", f, ["B", "S", "Q"]), ("key", f, ["B", "S", kv_heads * head_size]),
               ("value", f, ["B", "S", kv_heads * head_size]), ("past_key", f, ["B", kv_heads, "P", head_size]),
               ("past_value", f, ["B", kv_heads, "P", head_size]), ("seqlens_k", i, ["B"]), ("total_sequence_length", i, [1])]
     if bias:
         shapes.append(("attention_bias", f, [None, None, "S", "T"]))
-    node = helper.make_node("GroupQueryAttention", [s[0] for s in shapes], ["output", "present_key", "present_value"],
+    names = [s[0] for s in shapes]
+    if packed:
+        del shapes[1:3]
+        shapes += [(n, f, ["BS", head_size // 2]) for n in ("cos_cache", "sin_cache")]
+        names = ["query", "", "", *names[3:7], names[7] if bias else "", "cos_cache", "sin_cache"]
+    node = helper.make_node("GroupQueryAttention", names, ["output", "present_key", "present_value"],
                             domain=DOMAIN, num_heads=heads, kv_num_heads=kv_heads, scale=scale)
-    node.overload = "bias" if bias else "nobias"
+    node.overload = ("packed_rotary_" if packed else "") + ("bias" if bias else "nobias")
     graph = helper.make_graph([node], "attention", [helper.make_tensor_value_info(*s) for s in shapes],
                               [helper.make_tensor_value_info("output", f, ["B", "S", heads * head_size]),
                                *(helper.make_tensor_value_info(n, f, ["B", kv_heads, "L", head_size]) for n in node.output[1:])])
@@ -105,39 +112,76 @@ def case_feeds(batch, seq, past, heads, kv_heads, head_size, bias, rng) -> dict:
     return feeds
 
 
-def worst_error(with_library: bool = True) -> float:
+def rotate_half(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, heads: int) -> np.ndarray:
+    """x [B, S, heads*D] rotated as com.microsoft::RotaryEmbedding (interleaved=0) at position b*S + s."""
+    b_, s_, _ = x.shape
+    x = x.reshape(b_ * s_, heads, -1).astype(np.float64)
+    half = x.shape[-1] // 2
+    c, s = cos[:, None, :], sin[:, None, :]
+    x1, x2 = x[..., :half], x[..., half:]
+    return np.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).reshape(b_, s_, -1)
+
+
+def packed_feeds(feeds: dict, heads: int, kv_heads: int, rng) -> tuple[dict, dict]:
+    """(the packed op's feeds: q/k/v side by side, random rotary angles; the reference's feeds: q and k
+    rotated in numpy)."""
+    b_, s_, _ = feeds["query"].shape
+    angles = rng.uniform(0, 2 * np.pi, (b_ * s_, feeds["past_key"].shape[3] // 2))
+    cos, sin = np.cos(angles), np.sin(angles)
+    op = {k: v for k, v in feeds.items() if k not in ("query", "key", "value")}
+    op["query"] = np.concatenate([feeds["query"], feeds["key"], feeds["value"]], axis=-1)
+    op["cos_cache"], op["sin_cache"] = cos.astype(np.float32), sin.astype(np.float32)
+    ref = dict(feeds, query=rotate_half(feeds["query"], cos, sin, heads), key=rotate_half(feeds["key"], cos, sin, kv_heads))
+    return op, ref
+
+
+def worst_error(with_library: bool = True, packed: bool = False) -> float:
     """Largest relative error over CASES (fallback: only the cases onnxruntime's kernel accepts)."""
     rng = np.random.default_rng(3)
     worst = 0.0
     for batch, seq, past, heads, kv_heads, head_size, bias in CASES:
-        feeds = case_feeds(batch, seq, past, heads, kv_heads, head_size, bias, rng)
+        feeds = ref_feeds = case_feeds(batch, seq, past, heads, kv_heads, head_size, bias, rng)
+        if packed:
+            feeds, ref_feeds = packed_feeds(feeds, heads, kv_heads, rng)
         if not with_library and (head_size % 8 or (batch > 1 and past > 0 and seq > 1)):
             continue
         scale = 1.0 / np.sqrt(head_size) * 1.5
         so = slim_onnx.session_options() if with_library else ort.SessionOptions()
-        session = ort.InferenceSession(attention_model(heads, kv_heads, head_size, bias != "none", scale), so,
+        session = ort.InferenceSession(attention_model(heads, kv_heads, head_size, bias != "none", scale, packed), so,
                                        providers=["CPUExecutionProvider"])
-        for got, want in zip(session.run(None, feeds), reference(feeds, heads, kv_heads, scale)):
+        for got, want in zip(session.run(None, feeds), reference(ref_feeds, heads, kv_heads, scale)):
             assert got.shape == want.shape
             worst = max(worst, np.abs(got - want).max() / np.abs(want).max())
     return worst
 
 
-def test_kernel_matches_reference():
-    assert worst_error(with_library=True) < 1e-5
+@pytest.mark.parametrize("packed", [False, True])
+def test_kernel_matches_reference(packed):
+    assert worst_error(with_library=True, packed=packed) < 1e-5
 
 
-def test_fallback_matches_reference():
-    assert worst_error(with_library=False) < 1e-5
+@pytest.mark.parametrize("packed", [False, True])
+def test_fallback_matches_reference(packed):
+    assert worst_error(with_library=False, packed=packed) < 1e-5
 
 
 def test_portable_kernel_matches_reference(tmp_path):
     code = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import slim_onnx, test_attention; " \
-           "assert slim_onnx.kernel_name() == 'scalar'; print(test_attention.worst_error())"
+           "assert slim_onnx.kernel_name() == 'scalar'; " \
+           "print(max(test_attention.worst_error(), test_attention.worst_error(packed=True)))"
     out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, SLIM_ONNX_KERNEL="scalar"),
                          capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert float(out.stdout.strip()) < 1e-5
+
+
+def test_packed_query_of_the_wrong_width_is_refused():
+    feeds, _ = packed_feeds(case_feeds(1, 1, 5, 4, 2, 16, "none", np.random.default_rng(0)), 4, 2, np.random.default_rng(1))
+    feeds["query"] = feeds["query"][..., :-16]  # v missing
+    session = ort.InferenceSession(attention_model(4, 2, 16, False, 0.25, packed=True), slim_onnx.session_options(),
+                                   providers=["CPUExecutionProvider"])
+    with pytest.raises(Exception, match="packed q/k/v"):
+        session.run(None, feeds)
 
 
 def test_inconsistent_lengths_are_refused():

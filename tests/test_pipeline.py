@@ -65,8 +65,9 @@ def test_compress_writes_a_complete_folder(tiny_llama, compressed):
     onnx.checker.check_model(model)
     ops = [n.op_type for n in model.graph.node]
     # q/k/v and gate/up merged: (qkv, o, gate/up, down) per block, and lm_head; the SwiGLU folded
-    # into gate/up, so only the q/k/v Splits remain
-    assert ops.count("SlimMatMul") == 2 * 4 + 1 and ops.count("Split") == 2 and "Sigmoid" not in ops
+    # into gate/up, and q/k/v fed packed to the attention, which does the rotary: no Split is left
+    assert ops.count("SlimMatMul") == 2 * 4 + 1 and ops.count("Split") == 0
+    assert "Sigmoid" not in ops and "RotaryEmbedding" not in ops and ops.count("GroupQueryAttention") == 2
     assert any(n.name == "/model/rotary_emb/MatMul" and n.op_type == "MatMul" for n in model.graph.node)
     assert "Gather" in ops and any(i.name == "model.embed_tokens.weight" for i in model.graph.initializer)
     original = onnx.load(str(tiny_llama / "onnx" / "model.onnx"))
@@ -75,6 +76,7 @@ def test_compress_writes_a_complete_folder(tiny_llama, compressed):
     report = json.loads((compressed / "slim_report.json").read_text())
     assert report["totals"]["layers"] == 15 and report["totals"]["bytes_packed"] < report["totals"]["bytes_float16"]
     assert [len(group) for group in report["merged_siblings"]] == [3, 2, 3, 2] and report["swiglu_fused"] == 2
+    assert report["attention_fused"] == report["attention_packed"] == 2
     assert all(0 < layer["output_error"] < 1 for layer in report["layers"])
 
 

@@ -7,7 +7,12 @@
 // token and a few hundred cached positions that copying is most of a decoder layer's attention time.
 //
 // Inputs: query [B, S, H*D], key and value [B, S, Hkv*D], past_key and past_value [B, Hkv, P, D],
-// seqlens_k int32 [B], total_sequence_length int32 [1], attention_bias [B|1, H|1, S, >= L] (optional).
+// seqlens_k int32 [B], total_sequence_length int32 [1], attention_bias [B|1, H|1, S, >= L] (optional),
+// cos_cache and sin_cache [B*S, D/2] (optional). Without key and value, query is packed:
+// [B, S, (H + 2 Hkv) * D] = the q/k/v projections side by side (one merged SlimMatMul's output).
+// With the caches, q and k are first rotated (rotate_half, as com.microsoft::RotaryEmbedding with
+// interleaved=0 at position id b*S + s): x[i], x[i + D/2] -> x[i] c - x[i + D/2] s, x[i + D/2] c + x[i] s
+// with c, s = cos_cache, sin_cache[b*S + s, i]; the rotated new keys are what present holds.
 // Outputs: output [B, S, H*D], present_key and present_value [B, Hkv, L, D] with L = max(T, P).
 // Attributes: num_heads H, kv_num_heads Hkv, scale (0: 1/sqrt(D)). float32 only.
 //
@@ -30,9 +35,21 @@
 namespace slim {
 namespace {
 
-enum AttentionInput { kQuery = 0, kKey, kValue, kPastKey, kPastValue, kSeqlensK, kTotalLength, kBias, kNumAttentionInputs };
+enum AttentionInput {
+  kQuery = 0, kKey, kValue, kPastKey, kPastValue, kSeqlensK, kTotalLength, kBias, kCos, kSin, kNumAttentionInputs
+};
 const char* const kAttentionInputNames[kNumAttentionInputs] = {
-    "query", "key", "value", "past_key", "past_value", "seqlens_k", "total_sequence_length", "attention_bias"};
+    "query", "key", "value", "past_key", "past_value", "seqlens_k", "total_sequence_length", "attention_bias",
+    "cos_cache", "sin_cache"};
+
+// rotate_half of one head row in place (see the file comment).
+void RotateHalf(float* x, const float* cos, const float* sin, int64_t half) {
+  for (int64_t i = 0; i < half; ++i) {
+    const float a = x[i], b = x[i + half];
+    x[i] = a * cos[i] - b * sin[i];
+    x[i + half] = b * cos[i] + a * sin[i];
+  }
+}
 
 template <typename Fn>
 void ParallelTasks(OrtKernelContext* ctx, int64_t tasks, Fn fn) {
@@ -65,8 +82,14 @@ struct AttentionKernel {
     TensorView in[kNumAttentionInputs];
     ReadInputs(ctx, in, kNumAttentionInputs);
     for (int i = 0; i < kBias; ++i)
-      if (!in[i].present) throw OpError(std::string("input '") + kAttentionInputNames[i] + "' is missing");
-    for (int i : {kQuery, kKey, kValue, kPastKey, kPastValue, kBias})
+      if (!in[i].present && i != kKey && i != kValue)
+        throw OpError(std::string("input '") + kAttentionInputNames[i] + "' is missing");
+    const bool packed = !in[kKey].present;
+    if (in[kKey].present != in[kValue].present)
+      throw OpError("key and value must both be given, or both be absent (query then holds q, k and v side by side)");
+    const bool rotary = in[kCos].present;
+    if (in[kCos].present != in[kSin].present) throw OpError("cos_cache and sin_cache must both be given or both be absent");
+    for (int i : {kQuery, kKey, kValue, kPastKey, kPastValue, kBias, kCos, kSin})
       if (in[i].present && in[i].type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT)
         throw OpError(std::string("input '") + kAttentionInputNames[i] + "' must be float32, got " + TypeName(in[i].type));
     const TensorView &q = in[kQuery], &past_k = in[kPastKey];
@@ -75,10 +98,13 @@ struct AttentionKernel {
                     ShapeString(past_k.shape));
     const int64_t B = q.shape[0], S = q.shape[1], P = past_k.shape[2], D = past_k.shape[3];
     const std::vector<int64_t> kv_shape{B, S, kv_heads * D}, past_shape{B, kv_heads, P, D};
-    if (q.shape[2] != heads * D || in[kKey].shape != kv_shape || in[kValue].shape != kv_shape ||
+    // Row strides of q, k and v in their buffers, and where k and v start in a packed query.
+    const int64_t q_stride = packed ? (heads + 2 * kv_heads) * D : heads * D, kv_stride = packed ? q_stride : kv_heads * D;
+    if (q.shape[2] != q_stride || (!packed && (in[kKey].shape != kv_shape || in[kValue].shape != kv_shape)) ||
         past_k.shape != past_shape || in[kPastValue].shape != past_shape)
       throw OpError("inputs disagree with num_heads=" + std::to_string(heads) + ", kv_num_heads=" +
-                    std::to_string(kv_heads) + ": query " + ShapeString(q.shape) + ", key " + ShapeString(in[kKey].shape) +
+                    std::to_string(kv_heads) + (packed ? " (packed q/k/v)" : "") + ": query " + ShapeString(q.shape) +
+                    ", key " + ShapeString(in[kKey].shape) +
                     ", value " + ShapeString(in[kValue].shape) + ", past_key " + ShapeString(past_k.shape) +
                     ", past_value " + ShapeString(in[kPastValue].shape));
     if (in[kSeqlensK].type != ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32 || in[kSeqlensK].numel() != B ||
@@ -98,6 +124,13 @@ struct AttentionKernel {
                          (bias.shape[1] != 1 && bias.shape[1] != heads) || bias.shape[2] != S ||
                          bias.shape[3] < *std::max_element(past_len.begin(), past_len.end()) + S))
       throw OpError("attention_bias must be [B|1, H|1, S, >= past + S], got " + ShapeString(bias.shape));
+    const int64_t half = D / 2;
+    const std::vector<int64_t> cache_shape{B * S, half};
+    if (rotary && (D % 2 != 0 || in[kCos].shape != cache_shape || in[kSin].shape != cache_shape))
+      throw OpError("cos_cache and sin_cache must be [B*S, D/2] = " + ShapeString(cache_shape) + ", got " +
+                    ShapeString(in[kCos].shape) + " and " + ShapeString(in[kSin].shape));
+    const float* cos = static_cast<const float*>(in[kCos].data);
+    const float* sin = static_cast<const float*>(in[kSin].data);
 
     const std::vector<int64_t> out_shape{B, S, heads * D}, present_shape{B, kv_heads, L, D};
     float* out[3];
@@ -112,35 +145,45 @@ struct AttentionKernel {
     if (B * S == 0) return;
 
     // 1. present = past rows, then the new rows, then zeros; a task per (row, kv head, key|value).
-    const float* news[2] = {static_cast<const float*>(in[kKey].data), static_cast<const float*>(in[kValue].data)};
+    const float* query = static_cast<const float*>(q.data);
+    const float* news[2] = {packed ? query + heads * D : static_cast<const float*>(in[kKey].data),
+                            packed ? query + (heads + kv_heads) * D : static_cast<const float*>(in[kValue].data)};
     const float* pasts[2] = {static_cast<const float*>(past_k.data), static_cast<const float*>(in[kPastValue].data)};
     ParallelTasks(ctx, B * kv_heads * 2, [&](int64_t task) {
       const int64_t which = task % 2, bg = task / 2, b = bg / kv_heads, g = bg % kv_heads;
       float* dst = out[1 + which] + bg * L * D;
       std::memcpy(dst, pasts[which] + bg * P * D, past_len[b] * D * sizeof(float));
-      for (int64_t s = 0; s < S; ++s)
-        std::memcpy(dst + (past_len[b] + s) * D, news[which] + ((b * S + s) * kv_heads + g) * D, D * sizeof(float));
+      for (int64_t s = 0; s < S; ++s) {
+        float* row = dst + (past_len[b] + s) * D;
+        std::memcpy(row, news[which] + (b * S + s) * kv_stride + g * D, D * sizeof(float));
+        if (rotary && which == 0) RotateHalf(row, cos + (b * S + s) * half, sin + (b * S + s) * half, half);
+      }
       std::fill(dst + (past_len[b] + S) * D, dst + L * D, 0.f);
     });
 
     // 2. attention rows; queries in chunks so that prompts spread over the threads.
     const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(S, 16)), chunks = (S + chunk - 1) / chunk;
     const float alpha = scale != 0.f ? scale : 1.f / std::sqrt(float(D));
-    const float* query = static_cast<const float*>(q.data);
     const float* bias_data = static_cast<const float*>(bias.data);
     const int64_t group = heads / kv_heads;
     ParallelTasks(ctx, B * heads * chunks, [&](int64_t task) {
       const int64_t bh = task / chunks, b = bh / heads, h = bh % heads, s0 = (task % chunks) * chunk;
       const int64_t bg = b * kv_heads + h / group;
-      std::vector<float> scores(past_len[b] + S);
+      std::vector<float> scores(past_len[b] + S), rotated(rotary ? D : 0);
       for (int64_t s = s0; s < std::min(S, s0 + chunk); ++s) {
         const int64_t row = (b * S + s) * heads + h;
+        const float* q_row = query + (b * S + s) * q_stride + h * D;
+        if (rotary) {
+          std::copy(q_row, q_row + D, rotated.begin());
+          RotateHalf(rotated.data(), cos + (b * S + s) * half, sin + (b * S + s) * half, half);
+          q_row = rotated.data();
+        }
         const float* row_bias = nullptr;
         if (bias.present) {
           const int64_t bb = bias.shape[0] == 1 ? 0 : b, hh = bias.shape[1] == 1 ? 0 : h;
           row_bias = bias_data + ((bb * bias.shape[1] + hh) * S + s) * bias.shape[3];
         }
-        kernels->attend_row(query + row * D, out[1] + bg * L * D, out[2] + bg * L * D, past_len[b] + s + 1, D, alpha,
+        kernels->attend_row(q_row, out[1] + bg * L * D, out[2] + bg * L * D, past_len[b] + s + 1, D, alpha,
                             row_bias, scores.data(), out[0] + row * D);
       }
     });
@@ -158,7 +201,8 @@ struct AttentionOp : OrtCustomOp {
       return i == kSeqlensK || i == kTotalLength ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
     };
     GetInputCharacteristic = [](const OrtCustomOp*, size_t i) {
-      return i == kBias ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+      const bool optional = i == kKey || i == kValue || i == kBias || i == kCos || i == kSin;
+      return optional ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
     };
     GetOutputTypeCount = [](const OrtCustomOp*) -> size_t { return 3; };
     GetOutputType = [](const OrtCustomOp*, size_t) { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; };

@@ -33,7 +33,8 @@ the split heads (rotate_half: x*cos + Concat(-x[..., D/2:], x[..., :D/2])*sin wi
 com.microsoft::RotaryEmbedding on [B, S, heads*D], reading the model's own cos/sin: the first halves,
 flattened to a [B*S, D/2] cache, indexed by position b*S + s. Positions stay exactly the model's
 (left padding included), and any rope scaling the export computes carries over. Per layer this
-removes about 30 nodes (head splits, slices, concats, shape arithmetic).
+removes about 30 nodes (head splits, slices, concats, shape arithmetic). Once q/k/v are one merged
+SlimMatMul, passes/packed_attention.py moves the views, the split and the rotary into the op.
 
 Limits of the fallback (onnxruntime's CPU kernel; our kernel has neither): a batch of more than one
 row cannot feed several new tokens onto a non-empty cache in one call (batched prompts with an empty
