@@ -18,11 +18,18 @@ from conftest import random_weights
 import slim_onnx
 assert ort.__version__ == {version!r}, ort.__version__
 rng = np.random.default_rng(3)
-for fmt, dtype, level, bias in [("none", np.float32, 4, True), ("float16", np.float16, 0, True), ("int4", np.float32, 0, False)]:
-    w = random_weights(rng, 96, 24, group_size=32, adapter_format=fmt, rank=8, bias=bias)
-    model = slim_onnx.make_slim_matmul_model(w, dtype=dtype, accuracy_level=level).SerializeToString()
+def reference(a, w, level, act):
+    p = slim_onnx.reference_slim_matmul(a.astype(np.float32), w, level).astype(np.float64)
+    if act == "none":
+        return p
+    gate, up = np.split(p, 2, axis=-1)
+    return gate / (1 + np.exp(-gate)) * up
+for fmt, dtype, level, bias, act in [("none", np.float32, 4, True, "none"), ("float16", np.float16, 0, True, "none"),
+                                     ("int4", np.float32, 0, False, "none"), ("int4", np.float32, 4, True, "swiglu")]:
+    w = random_weights(rng, 96, 32, group_size=32, adapter_format=fmt, rank=8, bias=bias)
+    model = slim_onnx.make_slim_matmul_model(w, dtype=dtype, accuracy_level=level, activation=act).SerializeToString()
     a = rng.standard_normal((5, 96)).astype(dtype)
-    ref = slim_onnx.reference_slim_matmul(a.astype(np.float32), w, level).astype(np.float64)
+    ref = reference(a, w, level, act)
     so = slim_onnx.session_options()
     so.enable_profiling = True
     so.profile_file_prefix = "profile"  # the subprocess runs in a temporary folder
@@ -32,7 +39,7 @@ for fmt, dtype, level, bias in [("none", np.float32, 4, True), ("float16", np.fl
     fallback = ort.InferenceSession(model).run(None, {{"A": a}})[0].astype(np.float64)
     tol = 3e-3 if dtype == np.float16 else 1e-5
     assert np.abs(y - ref).max() / np.abs(ref).max() < tol, (fmt, "kernel")
-    ref0 = slim_onnx.reference_slim_matmul(a.astype(np.float32), w, 0).astype(np.float64)
+    ref0 = reference(a, w, 0, act)
     assert np.abs(fallback - ref0).max() / np.abs(ref0).max() < tol, (fmt, "fallback")
 print("ok", ort.__version__)
 """
@@ -85,8 +92,9 @@ import onnxruntime as ort
 sys.path.insert(0, {tests!r})
 import test_attention
 assert ort.__version__ == {version!r}, ort.__version__
-assert test_attention.worst_error(with_library=True) < 1e-5
-assert test_attention.worst_error(with_library=False) < 1e-5
+for packed in (False, True):
+    assert test_attention.worst_error(with_library=True, packed=packed) < 1e-5
+    assert test_attention.worst_error(with_library=False, packed=packed) < 1e-5
 print("ok", ort.__version__)
 """
 
@@ -95,5 +103,6 @@ print("ok", ort.__version__)
 @pytest.mark.parametrize("version", ["1.22.0", NEWEST])
 def test_fused_attention_runs_in_onnxruntime(version, tmp_path):
     """The fused attention's kernel and its fallback (com.microsoft::GroupQueryAttention with
-    attention_bias, which onnxruntime has since 1.22; compress does not fuse on older ones)."""
+    attention_bias, which onnxruntime has since 1.22; compress does not fuse on older ones), plain
+    and packed (the fallback adding Split and com.microsoft::RotaryEmbedding)."""
     run_in_onnxruntime(version, ATTENTION_CHECK, tmp_path)
