@@ -91,9 +91,10 @@ def swiglu_reference(a, w, accuracy_level):
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 @pytest.mark.parametrize("lead", [(1,), (3, 7)])
 def test_swiglu_activation_matches_reference(rng, adapter_format, rank, accuracy_level, dtype, lead):
-    """activation="swiglu": Y = silu(P[:, :N/2]) * P[:, N/2:] on both paths; 7 x 16 column tiles
-    per half so that the two threads' tile ranges split unevenly; gates far outside [-10, 10]."""
-    k, n = 40, 2 * 7 * 16
+    """activation="swiglu": Y = silu(P[:, :N/2]) * P[:, N/2:] on both paths; 13 column tiles per
+    half, which the 21-row case splits into 6 or 7 tasks of unequal size (kMinWorkPerTask); gates
+    far outside [-10, 10]."""
+    k, n = 200, 2 * 13 * 8
     w = random_weights(rng, k, n, group_size=16, adapter_format=adapter_format, rank=rank, bias=True)
     a = (rng.standard_normal((*lead, k)) * 10).astype(dtype)
     model = make_slim_matmul_model(w, dtype=dtype, accuracy_level=accuracy_level, batch_dims=len(lead), activation="swiglu")

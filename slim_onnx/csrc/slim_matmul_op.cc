@@ -262,10 +262,13 @@ std::unique_ptr<Prepared> Prepare(const Attributes& a, const TensorView* in) {
 
 // ---- per-call helpers ----------------------------------------------------------------------------
 
-// Splits `tiles` column tiles over onnxruntime's intra-op threads.
+// Splits `tiles` column tiles over onnxruntime's intra-op threads, in tasks of at least
+// kMinWorkPerTask multiply-adds: each task is one dispatch, and at one token per step SmolLM2's
+// layers ran 8% faster per decode step with 2^17 than with 2^15 (2 threads; 2^18 the same, 2^19 and
+// 2^16 slower).
 template <typename Fn>
 void ParallelTiles(OrtKernelContext* ctx, int64_t tiles, int64_t work_per_tile, Fn fn) {
-  const int64_t kMinWorkPerTask = 1 << 15;
+  const int64_t kMinWorkPerTask = 1 << 17;
   int64_t tasks = std::min<int64_t>(tiles, std::max<int64_t>(1, tiles * work_per_tile / kMinWorkPerTask));
   tasks = std::min<int64_t>(tasks, 64);
   if (tasks <= 1) {
