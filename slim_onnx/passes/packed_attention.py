@@ -24,7 +24,7 @@ import onnx_ir.passes.common as common_passes
 
 from slim_onnx.fallback import ATTENTION_OP_TYPE, ATTENTION_PACKED_PREFIX, DOMAIN, OP_TYPE
 from slim_onnx.passes.attention import _ints, _producer, _scalar
-from slim_onnx.passes.rewrite import AddFallbackFunctionsPass
+from slim_onnx.passes.rewrite import AddFallbackFunctionsPass, take_over_values
 
 
 def _flat_view_source(value: ir.Value) -> ir.Value | None:
@@ -74,7 +74,7 @@ def _packed_source(node: ir.Node) -> tuple[ir.Value, ir.Node, list[ir.Value]] | 
     return p, q_rot, list(node.inputs[:3])
 
 
-def _retarget_shape_reads(fed: list[ir.Value], p: ir.Value) -> None:
+def _shape_reads_to_product(fed: list[ir.Value], p: ir.Value) -> None:
     """Shape(v, start, end <= 2) of a value the attention read becomes Shape(P, ...): B and S are P's
     own first dims (the fusion reads the new-token count from the first layer's key)."""
     for value in fed:
@@ -109,14 +109,8 @@ class PackAttentionInputsPass(ir.passes.InPlacePass):
             packed = ir.node(ATTENTION_OP_TYPE, inputs, dict(node.attributes), domain=DOMAIN, num_outputs=3,
                              overload=ATTENTION_PACKED_PREFIX + node.overload, name=node.name)
             graph.insert_before(node, packed)
-            names = [old.name for old in node.outputs]
-            for old, new in zip(node.outputs, packed.outputs):
-                new.type, new.shape = old.type, old.shape
-                ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
-            graph.remove(node, safe=True)
-            for new, name in zip(packed.outputs, names):
-                new.name = name
-            _retarget_shape_reads(fed, p)
+            take_over_values(graph, list(zip(node.outputs, packed.outputs)), [node])
+            _shape_reads_to_product(fed, p)
             self.packed += 1
         return ir.passes.PassResult(model, modified=bool(self.packed))
 

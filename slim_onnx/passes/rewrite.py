@@ -36,6 +36,25 @@ def register_constant(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value
     return value
 
 
+def take_over_values(graph: ir.Graph, pairs: list[tuple[ir.Value, ir.Value]], dead: list[ir.Node]) -> None:
+    """Give each new value of `pairs` (old, new) the old one's type, shape, readers (graph outputs
+    included) and name; remove the `dead` nodes (readers before what they read), then the
+    initializers they read that nothing reads any more."""
+    names = []
+    for old, new in pairs:
+        new.type, new.shape = old.type, old.shape
+        ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
+        names.append(old.name)
+    read = [v for node in dead for v in node.inputs if v is not None and v.is_initializer()]
+    for node in dead:
+        graph.remove(node, safe=True)
+    for value in read:
+        if value.name in graph.initializers and not any(True for _ in value.uses()):
+            graph.initializers.pop(value.name)
+    for (_, new), name in zip(pairs, names):
+        new.name = name
+
+
 def slim_matmul_node(graph: ir.Graph, a: ir.Value, weights: SlimWeights, accuracy_level: int, name: str) -> ir.Node:
     """A SlimMatMul node named `name` computing a @ weights, its initializers ("name/W", ...)
     registered in `graph`; the caller inserts it."""

@@ -19,7 +19,7 @@ import onnx_ir as ir
 
 from slim_onnx.fallback import DOMAIN, OP_TYPE
 from slim_onnx.format import SlimWeights, concatenate_columns
-from slim_onnx.passes.rewrite import register_constant, slim_matmul_node
+from slim_onnx.passes.rewrite import register_constant, slim_matmul_node, take_over_values
 
 # SlimWeights fields in the order of the op's inputs 1..7 (SlimWeights.input_tensors)
 _FIELDS = ("w", "w_scales", "bias", "adapter_l", "adapter_l_scales", "adapter_r", "adapter_r_scales")
@@ -56,16 +56,7 @@ def _merge(graph: ir.Graph, group: list[ir.Node], weights: SlimWeights) -> None:
     sizes = register_constant(graph, f"{name}/split", np.array([n.attributes["N"].as_int() for n in group], np.int64))
     split = ir.node("Split", [merged.outputs[0], sizes], {"axis": -1}, num_outputs=len(group), name=f"{name}/Split")
     graph.insert_before(group[0], [merged, split])
-    for node, out in zip(group, split.outputs):
-        old = node.outputs[0]
-        out.type, out.shape, label = old.type, old.shape, old.name
-        ir.convenience.replace_all_uses_with(old, out, replace_graph_outputs=True)
-        weight_inputs = [v for v in node.inputs[1:] if v is not None]
-        graph.remove(node, safe=True)
-        for value in weight_inputs:
-            if value.is_initializer() and not any(True for _ in value.uses()):
-                graph.initializers.pop(value.name)
-        out.name = label
+    take_over_values(graph, [(node.outputs[0], out) for node, out in zip(group, split.outputs)], group)
 
 
 class MergeSiblingLayersPass(ir.passes.InPlacePass):

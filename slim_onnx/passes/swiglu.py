@@ -24,7 +24,7 @@ from slim_onnx.fallback import DOMAIN, OP_TYPE, SWIGLU_SUFFIX
 from slim_onnx.format import TILE_N
 from slim_onnx.passes.attention import _ints
 from slim_onnx.passes.norm import _only_use
-from slim_onnx.passes.rewrite import AddFallbackFunctionsPass
+from slim_onnx.passes.rewrite import AddFallbackFunctionsPass, take_over_values
 
 
 def _other(node: ir.Node, value: ir.Value) -> ir.Value | None:
@@ -44,7 +44,7 @@ def _halves(split: ir.Node, n: int) -> bool:
 
 
 def _swiglu_output(node: ir.Node) -> tuple[ir.Node, list[ir.Node]] | None:
-    """(the final Mul, the nodes to remove) when the module doc's pattern follows `node`."""
+    """(the final Mul, the nodes to remove, readers first) when the module doc's pattern follows `node`."""
     n = node.attributes["N"].as_int()
     split = _only_use(node.outputs[0], "Split")
     if split is None or not _halves(split, n) or n % (2 * TILE_N) != 0:
@@ -81,15 +81,7 @@ class FuseSwiGluPass(ir.passes.InPlacePass):
             if found is None:
                 continue
             last, dead = found
-            y = node.outputs[0]
-            y.type, y.shape, name = last.outputs[0].type, last.outputs[0].shape, last.outputs[0].name
-            ir.convenience.replace_all_uses_with(last.outputs[0], y, replace_graph_outputs=True)
-            sizes = dead[-1].inputs[1] if len(dead[-1].inputs) > 1 else None
-            for d in dead:
-                graph.remove(d, safe=True)
-            if sizes is not None and sizes.is_initializer() and not any(True for _ in sizes.uses()):
-                graph.initializers.pop(sizes.name)
-            y.name = name
+            take_over_values(graph, [(last.outputs[0], node.outputs[0])], dead)
             node.attributes["activation"] = ir.Attr("activation", ir.AttributeType.STRING, "swiglu")
             node.overload += SWIGLU_SUFFIX
             self.fused += 1
