@@ -314,17 +314,26 @@ def quantize_activations_int8(a: np.ndarray, group_size: int) -> tuple[np.ndarra
 
 
 def _int8_matmul(a: np.ndarray, wq: np.ndarray, w_scales: np.ndarray, group_size: int) -> np.ndarray:
-    """accuracy_level=4 product of float a [M, K] with q-weights [K, N] and scales [G, N]."""
-    aq, a_scale = quantize_activations_int8(a, group_size)
+    """accuracy_level=4 product of float a [M, K] with q-weights [K, N] and scales [G, N].
+
+    A row holding a NaN or an infinity is multiplied in float instead, as the kernels do, so that NaN
+    and Inf propagate as in the fallback's dense MatMul (zero weights included: inf * 0 is NaN).
+    """
+    non_finite = ~np.isfinite(a).all(axis=1)
+    aq, a_scale = quantize_activations_int8(np.where(non_finite[:, None], 0, a), group_size)
     k = a.shape[1]
     y = np.zeros((a.shape[0], wq.shape[1]), dtype=np.float64)
     for gi in range(w_scales.shape[0]):
         sl = slice(gi * group_size, min((gi + 1) * group_size, k))
         dots = aq[:, sl].astype(np.int64) @ wq[sl].astype(np.int64)
         y += dots * (a_scale[:, gi : gi + 1].astype(np.float64) * w_scales[gi].astype(np.float64))
+    if non_finite.any():
+        dense = wq.astype(np.float64) * np.repeat(w_scales.astype(np.float64), group_size, axis=0)[:k]
+        y[non_finite] = a[non_finite].astype(np.float64) @ dense
     return y
 
 
+@np.errstate(invalid="ignore")  # NaN and Inf in `a` propagate, as in the kernels
 def reference_slim_matmul(a: np.ndarray, weights: SlimWeights, accuracy_level: int = 0) -> np.ndarray:
     """The op's output for activations a [..., K], computed from the unpacked tensors (float64 sums)."""
     lead = a.shape[:-1]

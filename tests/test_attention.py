@@ -165,10 +165,37 @@ def test_fallback_matches_reference(packed):
     assert worst_error(with_library=False, packed=packed) < 1e-5
 
 
+def non_finite_error() -> float:
+    """Largest relative error on the finite outputs of a case with NaN and Inf in the query, a key and a
+    value, after checking that NaN and Inf sit exactly where float math (the reference) puts them."""
+    rng = np.random.default_rng(5)
+    heads, kv_heads, head_size, scale = 4, 2, 16, 0.25
+    feeds = case_feeds(2, 3, 5, heads, kv_heads, head_size, "batch", rng)
+    feeds["query"][0, 1, :head_size] = np.nan  # row 0, query 1, head 0: that output row is NaN
+    feeds["past_key"][1, 1, 4, 0] = np.inf  # row 1, kv head 1: scores of +-inf for heads 2 and 3
+    feeds["past_value"][0, 0, 4, 3] = np.nan  # row 0, kv head 0: dimension 3 of heads 0 and 1
+    session = ort.InferenceSession(attention_model(heads, kv_heads, head_size, True, scale), slim_onnx.session_options(),
+                                   providers=["CPUExecutionProvider"])
+    worst = 0.0
+    with np.errstate(invalid="ignore"):
+        expected = reference(feeds, heads, kv_heads, scale)
+    for got, want in zip(session.run(None, feeds), expected, strict=True):
+        assert np.array_equal(np.isnan(got), np.isnan(want)) and np.array_equal(np.isinf(got), np.isinf(want))
+        finite = np.isfinite(want)
+        worst = max(worst, np.abs(got[finite] - want[finite]).max() / np.abs(want[finite]).max())
+    assert np.isnan(expected[0]).any() and np.isfinite(expected[0]).any()  # the case exercises both
+    return worst
+
+
+def test_non_finite_inputs_propagate_as_in_float_math():
+    assert non_finite_error() < 1e-5
+
+
 def test_portable_kernel_matches_reference(tmp_path):
     code = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import slim_onnx, test_attention; " \
            "assert slim_onnx.kernel_name() == 'scalar'; " \
-           "print(max(test_attention.worst_error(), test_attention.worst_error(packed=True)))"
+           "print(max(test_attention.worst_error(), test_attention.worst_error(packed=True), " \
+           "test_attention.non_finite_error()))"
     out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, SLIM_ONNX_KERNEL="scalar"),
                          capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
@@ -190,4 +217,55 @@ def test_inconsistent_lengths_are_refused():
     session = ort.InferenceSession(attention_model(4, 2, 16, False, 0.25), slim_onnx.session_options(),
                                    providers=["CPUExecutionProvider"])
     with pytest.raises(Exception, match="seqlens_k\\[0\\]=9 does not fit"):
+        session.run(None, feeds)
+
+
+@pytest.mark.parametrize("batch,seq", [(0, 5), (2, 0)])
+def test_empty_batch_or_no_new_tokens(batch, seq):
+    """Batch 0 (with an attention_bias: it once read the longest row of an empty batch) gives empty
+    outputs; no new tokens give present = past."""
+    heads, kv_heads, head_size = 4, 2, 16
+    feeds = case_feeds(batch, seq, 4, heads, kv_heads, head_size, "heads", np.random.default_rng(0))
+    session = ort.InferenceSession(attention_model(heads, kv_heads, head_size, True, 0.25), slim_onnx.session_options(),
+                                   providers=["CPUExecutionProvider"])
+    got = session.run(None, feeds)
+    want = reference(feeds, heads, kv_heads, 0.25)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-6)
+    assert got[1].shape == (batch, kv_heads, 4 + seq, head_size)
+
+
+def attention_with_attribute(name: str, value) -> bytes:
+    model = onnx.load_from_string(attention_model(4, 2, 16, False, 0.25))
+    node = model.graph.node[0]
+    node.attribute.remove(next(a for a in node.attribute if a.name == name))
+    node.attribute.append(helper.make_attribute(name, value))
+    return model.SerializeToString()
+
+
+@pytest.mark.parametrize(
+    "name,value,message",
+    [
+        # num_heads * head size once overflowed int64, passed the query's shape check and the kernel
+        # wrote past the output
+        ("num_heads", 2**61 + 1, "num_heads=2305843009213693953 must be a multiple of kv_num_heads=2, both from 1 to 65536"),
+        ("kv_num_heads", 0, "num_heads=4 must be a multiple of kv_num_heads=0"),
+        ("num_heads", "4", "attribute 'num_heads' must be an int, got a string"),
+        ("scale", 1, "attribute 'scale' must be a float, got an int"),
+        ("scale", float("nan"), "scale must be finite"),
+    ],
+)
+def test_bad_attributes_are_refused(name, value, message):
+    with pytest.raises(Exception, match=f"GroupQueryAttention node '[^']*': {message}"):
+        ort.InferenceSession(attention_with_attribute(name, value), slim_onnx.session_options(),
+                             providers=["CPUExecutionProvider"])
+
+
+def test_shape_errors_name_the_input_and_both_shapes():
+    feeds = case_feeds(1, 1, 5, 4, 2, 16, "none", np.random.default_rng(0))
+    feeds["query"] = feeds["query"][..., :24]  # the model declares the width of the others
+    session = ort.InferenceSession(attention_model(4, 2, 16, False, 0.25), slim_onnx.session_options(),
+                                   providers=["CPUExecutionProvider"])
+    with pytest.raises(Exception, match=r"input 'query' must be \[B, S, H \* D\] = \[1, 1, 64\] \(num_heads=4, "
+                                        r"kv_num_heads=2, head size D=16 from past_key, B and S from query\), got \[1, 1, 24\]"):
         session.run(None, feeds)

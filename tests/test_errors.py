@@ -113,3 +113,33 @@ def test_model_passes_the_onnx_checker(rng):
     add_fallback_functions(model)  # idempotent
     assert len(model.functions) == 1
     onnx.checker.check_model(model, full_check=True)
+
+
+@pytest.mark.parametrize(
+    "attr,value,message",
+    [
+        ("K", "64", "attribute 'K' must be an int, got a string"),
+        ("group_size", 32.0, "attribute 'group_size' must be an int, got a float"),
+        ("sparse", [1], "attribute 'sparse' must be an int, got a list of ints"),
+        ("accuracy_level", [4.0], "attribute 'accuracy_level' must be an int, got a list of floats"),
+        ("adapter_format", 1, "attribute 'adapter_format' must be a string, got an int"),
+        ("activation", 0, "attribute 'activation' must be a string, got an int"),
+        ("K", 2**62, "K=4611686018427387904 is out of range: expected 1 to 2\\^31 - 1"),
+        ("N", -1, "N=-1 is out of range"),
+        ("group_size", 2**40, "group_size=1099511627776 is out of range"),
+        ("rank", -3, "rank=-3 is out of range: expected 0 to 2\\^31 - 1"),
+        ("sparse", 2, "sparse=2 must be 0 or 1"),
+    ],
+)
+def test_attributes_of_the_wrong_type_or_range_are_refused(model, attr, value, message):
+    """An attribute of another type is never silently its default: the library and the fallback
+    function would then compute different things."""
+    with pytest.raises(Exception, match=f"SlimMatMul node 'slim_matmul': {message}"):
+        session(set_attr(model, attr, value))
+
+
+def test_missing_required_attribute_is_named(model):
+    node = model.graph.node[0]
+    node.attribute.remove(next(a for a in node.attribute if a.name == "group_size"))
+    with pytest.raises(Exception, match="missing required attribute 'group_size' \\(an int\\)"):
+        session(model)

@@ -79,6 +79,32 @@ def test_kernel_and_fallback_agree(rng, adapter_format, sparse):
     assert_close(fallback, reference_slim_matmul(a, w, 0).astype(np.float64), np.float32)
 
 
+@pytest.mark.parametrize("adapter_format", ["none", "float16", "int4"])
+@pytest.mark.parametrize("sparse", [True, False])
+@pytest.mark.parametrize("accuracy_level", [0, 4])
+@pytest.mark.parametrize("rows", [1, 7])
+def test_non_finite_activations_propagate_like_the_fallback(rng, adapter_format, sparse, accuracy_level, rows):
+    """A NaN or an infinity in a row of A gives what float math gives (the fallback's dense MatMul, where
+    inf * 0 is NaN), on the int8 path too; the other rows are untouched."""
+    k, n = 72, 24
+    w = random_weights(rng, k, n, sparse=sparse, group_size=32, adapter_format=adapter_format, rank=8, bias=True)
+    a = rng.standard_normal((rows, k)).astype(np.float32)
+    a[0, 9] = np.nan
+    if rows > 1:
+        a[rows // 2, 40] = -np.inf
+        a[-1, :] = np.inf
+    model = make_slim_matmul_model(w, accuracy_level=accuracy_level)
+    kernel, fallback = run(model, a, True), run(model, a, False)
+    assert np.isnan(kernel[0]).all()
+    np.testing.assert_array_equal(np.isnan(kernel), np.isnan(fallback))
+    np.testing.assert_array_equal(np.isposinf(kernel), np.isposinf(fallback))
+    np.testing.assert_array_equal(np.isneginf(kernel), np.isneginf(fallback))
+    finite_rows = np.isfinite(a).all(axis=1)
+    assert finite_rows.sum() == max(rows - 3, 0)
+    if finite_rows.any():
+        assert_close(kernel[finite_rows], reference_slim_matmul(a, w, accuracy_level)[finite_rows].astype(np.float64), np.float32)
+
+
 def swiglu_reference(a, w, accuracy_level):
     """silu(p[..., :N/2]) * p[..., N/2:] of the plain product p (float64 numpy)."""
     p = reference_slim_matmul(a, w, accuracy_level).astype(np.float64)
@@ -172,14 +198,21 @@ for k, n, m, sparse, fmt, lvl, act in [
         (64, 48, 5, True, "int4", 4, "swiglu"), (40, 32, 2, False, "none", 0, "swiglu")]:
     w = random_weights(rng, k, n, sparse=sparse, group_size=32, adapter_format=fmt, rank=7, bias=True)
     a = (rng.standard_normal((m, k)) * 4).astype(np.float32)
+    a[0, k // 3] = np.nan  # NaN and Inf propagate as in float math, on every path
+    a[-1, k // 2] = np.inf if m > 1 else a[-1, k // 2]
     model = slim_onnx.make_slim_matmul_model(w, accuracy_level=lvl, activation=act)
     s = ort.InferenceSession(model.SerializeToString(), slim_onnx.session_options())
     y = s.run(None, {{"A": a}})[0].astype(np.float64)
     ref = slim_onnx.reference_slim_matmul(a, w, lvl).astype(np.float64)
     if act == "swiglu":
         gate, up = np.split(ref, 2, axis=-1)
-        ref = gate / (1 + np.exp(-gate)) * up
-    worst = max(worst, np.abs(y - ref).max() / np.abs(ref).max())
+        with np.errstate(invalid="ignore", over="ignore"):
+            ref = gate / (1 + np.exp(-gate)) * up
+    assert np.array_equal(np.isnan(y), np.isnan(ref)) and np.array_equal(np.isinf(y), np.isinf(ref)), (k, n, m, fmt, lvl)
+    assert np.isnan(y[0]).all(), "a NaN in a row makes all of that row's outputs NaN"
+    finite = np.isfinite(ref)
+    if finite.any():
+        worst = max(worst, np.abs(y - ref)[finite].max() / np.abs(ref[finite]).max())
 print(worst)
 """
 

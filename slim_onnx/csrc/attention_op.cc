@@ -61,6 +61,10 @@ void ParallelTasks(OrtKernelContext* ctx, int64_t tasks, Fn fn) {
   ThrowOnError(g_api->KernelContext_ParallelFor(ctx, run, size_t(tasks), 0, &fn));
 }
 
+// Head counts above this are refused: far beyond any model (they have at most a few hundred), and
+// it bounds the per-head task loops.
+constexpr int64_t kMaxHeads = int64_t(1) << 16;
+
 struct AttentionKernel {
   static constexpr const char* kOpName = "GroupQueryAttention";
   std::string node;
@@ -69,13 +73,23 @@ struct AttentionKernel {
   const KernelTable* kernels = nullptr;
 
   AttentionKernel(const OrtKernelInfo* info, const std::string& name) : node(name), kernels(&SelectKernels()) {
-    ThrowOnError(g_api->KernelInfoGetAttribute_int64(info, "num_heads", &heads));
-    ThrowOnError(g_api->KernelInfoGetAttribute_int64(info, "kv_num_heads", &kv_heads));
-    OrtStatus* st = g_api->KernelInfoGetAttribute_float(info, "scale", &scale);
-    if (st != nullptr) g_api->ReleaseStatus(st), scale = 0.f;
-    if (heads < 1 || kv_heads < 1 || heads % kv_heads != 0)
-      throw OpError("num_heads=" + std::to_string(heads) + " must be a positive multiple of kv_num_heads=" +
-                    std::to_string(kv_heads));
+    heads = IntAttribute(info, "num_heads");
+    kv_heads = IntAttribute(info, "kv_num_heads");
+    scale = FloatAttribute(info, "scale", 0.f);
+    if (heads < 1 || kv_heads < 1 || heads > kMaxHeads || kv_heads > kMaxHeads || heads % kv_heads != 0)
+      throw OpError("num_heads=" + std::to_string(heads) + " must be a multiple of kv_num_heads=" +
+                    std::to_string(kv_heads) + ", both from 1 to 65536");
+    if (!std::isfinite(scale)) throw OpError("scale must be finite (0 means 1/sqrt(head size))");
+  }
+
+  // Throws unless input `i` has shape `expected`; `formula` is that shape in words.
+  void ExpectShape(const TensorView* in, AttentionInput i, const std::vector<int64_t>& expected, const char* formula,
+                   int64_t D) const {
+    if (in[i].shape == expected) return;
+    throw OpError(std::string("input '") + kAttentionInputNames[i] + "' must be " + formula + " = " +
+                  ShapeString(expected) + " (num_heads=" + std::to_string(heads) + ", kv_num_heads=" +
+                  std::to_string(kv_heads) + ", head size D=" + std::to_string(D) +
+                  " from past_key, B and S from query), got " + ShapeString(in[i].shape));
   }
 
   void Compute(OrtKernelContext* ctx) const {
@@ -93,46 +107,58 @@ struct AttentionKernel {
       if (in[i].present && in[i].type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT)
         throw OpError(std::string("input '") + kAttentionInputNames[i] + "' must be float32, got " + TypeName(in[i].type));
     const TensorView &q = in[kQuery], &past_k = in[kPastKey];
-    if (q.shape.size() != 3 || past_k.shape.size() != 4)
-      throw OpError("query must be [B, S, H*D] and past_key [B, Hkv, P, D], got " + ShapeString(q.shape) + " and " +
-                    ShapeString(past_k.shape));
+    if (q.shape.size() != 3) throw OpError("input 'query' must be 3-D [B, S, width], got " + ShapeString(q.shape));
+    if (past_k.shape.size() != 4) throw OpError("input 'past_key' must be 4-D [B, Hkv, P, D], got " + ShapeString(past_k.shape));
     const int64_t B = q.shape[0], S = q.shape[1], P = past_k.shape[2], D = past_k.shape[3];
-    const std::vector<int64_t> kv_shape{B, S, kv_heads * D}, past_shape{B, kv_heads, P, D};
-    // Row strides of q, k and v in their buffers, and where k and v start in a packed query.
-    const int64_t q_stride = packed ? (heads + 2 * kv_heads) * D : heads * D, kv_stride = packed ? q_stride : kv_heads * D;
-    if (q.shape[2] != q_stride || (!packed && (in[kKey].shape != kv_shape || in[kValue].shape != kv_shape)) ||
-        past_k.shape != past_shape || in[kPastValue].shape != past_shape)
-      throw OpError("inputs disagree with num_heads=" + std::to_string(heads) + ", kv_num_heads=" +
-                    std::to_string(kv_heads) + (packed ? " (packed q/k/v)" : "") + ": query " + ShapeString(q.shape) +
-                    ", key " + ShapeString(in[kKey].shape) +
-                    ", value " + ShapeString(in[kValue].shape) + ", past_key " + ShapeString(past_k.shape) +
-                    ", past_value " + ShapeString(in[kPastValue].shape));
-    if (in[kSeqlensK].type != ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32 || in[kSeqlensK].numel() != B ||
-        in[kTotalLength].type != ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32 || in[kTotalLength].numel() != 1)
-      throw OpError("seqlens_k must be int32 [B] and total_sequence_length int32 [1]");
+    if (D < 1) throw OpError("input 'past_key' " + ShapeString(past_k.shape) + " gives head size D=0 (its last dimension)");
+    // Row strides of q, k and v in their buffers; in a packed query k and v follow q in each row.
+    const char* width = "the query width";
+    const int64_t q_stride = packed ? CheckedMul(heads + 2 * kv_heads, D, width) : CheckedMul(heads, D, width);
+    const int64_t kv_stride = packed ? q_stride : kv_heads * D;
+    const std::vector<int64_t> past_shape{B, kv_heads, P, D};
+    ExpectShape(in, kQuery, {B, S, q_stride}, packed ? "[B, S, (H + 2 Hkv) * D] (packed q/k/v)" : "[B, S, H * D]", D);
+    if (!packed) {
+      ExpectShape(in, kKey, {B, S, kv_stride}, "[B, S, Hkv * D]", D);
+      ExpectShape(in, kValue, {B, S, kv_stride}, "[B, S, Hkv * D]", D);
+    }
+    ExpectShape(in, kPastKey, past_shape, "[B, Hkv, P, D]", D);
+    ExpectShape(in, kPastValue, past_shape, "[B, Hkv, P, D] (as past_key)", D);
+    for (int i : {kSeqlensK, kTotalLength}) {
+      const int64_t n = i == kSeqlensK ? B : 1;
+      if (in[i].type != ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32 || in[i].shape.size() != 1 || in[i].shape[0] != n)
+        throw OpError(std::string("input '") + kAttentionInputNames[i] + "' must be int32 [" + std::to_string(n) +
+                      "], got " + TypeName(in[i].type) + " " + ShapeString(in[i].shape));
+    }
     const int32_t* seqlens = static_cast<const int32_t*>(in[kSeqlensK].data);
     const int64_t L = std::max<int64_t>(*static_cast<const int32_t*>(in[kTotalLength].data), P);
     std::vector<int64_t> past_len(B);
+    int64_t longest = 0;  // the most positions a row attends to
     for (int64_t b = 0; b < B; ++b) {
       past_len[b] = int64_t(seqlens[b]) + 1 - S;
       if (past_len[b] < 0 || past_len[b] > P || past_len[b] + S > L)
         throw OpError("seqlens_k[" + std::to_string(b) + "]=" + std::to_string(seqlens[b]) + " does not fit S=" +
-                      std::to_string(S) + ", P=" + std::to_string(P) + ", total_sequence_length=" + std::to_string(L));
+                      std::to_string(S) + ", P=" + std::to_string(P) + ", total_sequence_length=" + std::to_string(L) +
+                      ": it must be from S-1 to P+S-1 and below total_sequence_length");
+      longest = std::max(longest, past_len[b] + S);
     }
     const TensorView& bias = in[kBias];
     if (bias.present && (bias.shape.size() != 4 || (bias.shape[0] != 1 && bias.shape[0] != B) ||
-                         (bias.shape[1] != 1 && bias.shape[1] != heads) || bias.shape[2] != S ||
-                         bias.shape[3] < *std::max_element(past_len.begin(), past_len.end()) + S))
-      throw OpError("attention_bias must be [B|1, H|1, S, >= past + S], got " + ShapeString(bias.shape));
+                         (bias.shape[1] != 1 && bias.shape[1] != heads) || bias.shape[2] != S || bias.shape[3] < longest))
+      throw OpError("input 'attention_bias' must be [B or 1, H or 1, S, >= past + S] = [" + std::to_string(B) + " or 1, " +
+                    std::to_string(heads) + " or 1, " + std::to_string(S) + ", >= " + std::to_string(longest) +
+                    "], got " + ShapeString(bias.shape));
     const int64_t half = D / 2;
-    const std::vector<int64_t> cache_shape{B * S, half};
-    if (rotary && (D % 2 != 0 || in[kCos].shape != cache_shape || in[kSin].shape != cache_shape))
-      throw OpError("cos_cache and sin_cache must be [B*S, D/2] = " + ShapeString(cache_shape) + ", got " +
-                    ShapeString(in[kCos].shape) + " and " + ShapeString(in[kSin].shape));
+    if (rotary && D % 2 != 0) throw OpError("rotary (cos_cache, sin_cache) needs an even head size, got D=" + std::to_string(D));
+    if (rotary) {
+      const std::vector<int64_t> cache_shape{CheckedMul(B, S, "B * S"), half};
+      ExpectShape(in, kCos, cache_shape, "[B * S, D / 2]", D);
+      ExpectShape(in, kSin, cache_shape, "[B * S, D / 2]", D);
+    }
     const float* cos = static_cast<const float*>(in[kCos].data);
     const float* sin = static_cast<const float*>(in[kSin].data);
 
     const std::vector<int64_t> out_shape{B, S, heads * D}, present_shape{B, kv_heads, L, D};
+    CheckedNumel(present_shape, "present_key's element count");
     float* out[3];
     for (int i = 0; i < 3; ++i) {
       const std::vector<int64_t>& shape = i == 0 ? out_shape : present_shape;
@@ -142,7 +168,7 @@ struct AttentionKernel {
       ThrowOnError(g_api->GetTensorMutableData(value, &data));
       out[i] = static_cast<float*>(data);
     }
-    if (B * S == 0) return;
+    if (B == 0) return;  // with S == 0 the caches are still copied into present
 
     // 1. present = past rows, then the new rows, then zeros; a task per (row, kv head, key|value).
     const float* query = static_cast<const float*>(q.data);

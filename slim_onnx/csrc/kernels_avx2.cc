@@ -463,9 +463,15 @@ void AttendRow(const float* q, const float* keys, const float* values, int64_t n
     for (int64_t i = dv; i < d; ++i) scores[t] += q[i] * keys[t * d + i];
   }
   float top = -INFINITY;
+  bool nan = false;
   for (t = 0; t < n; ++t) {
     scores[t] = scores[t] * scale + (bias ? bias[t] : 0.f);
     top = std::max(top, scores[t]);
+    nan |= std::isnan(scores[t]);
+  }
+  if (nan || top == INFINITY) {  // softmax is NaN everywhere, as exp(inf - inf) is
+    std::fill(out, out + d, NAN);
+    return;
   }
   if (top == -INFINITY) {  // every position masked: no weights (the export turns softmax's NaN into 0)
     std::fill(out, out + d, 0.f);

@@ -103,11 +103,17 @@ void QuantizeRows(const float* a, int64_t M, int64_t lda, int64_t K, int64_t gro
 void AttendRow(const float* q, const float* keys, const float* values, int64_t n, int64_t d, float scale,
                const float* bias, float* scores, float* out) {
   float top = -INFINITY;
+  bool nan = false;
   for (int64_t t = 0; t < n; ++t) {
     float s = 0.f;
     for (int64_t i = 0; i < d; ++i) s += q[i] * keys[t * d + i];
     scores[t] = s * scale + (bias ? bias[t] : 0.f);
     top = std::max(top, scores[t]);
+    nan |= std::isnan(scores[t]);
+  }
+  if (nan || top == INFINITY) {  // softmax is NaN everywhere, as exp(inf - inf) is
+    std::fill(out, out + d, NAN);
+    return;
   }
   std::fill(out, out + d, 0.f);
   if (top == -INFINITY) return;  // every position masked: no weights (the export turns softmax's NaN into 0)

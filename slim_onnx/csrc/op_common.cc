@@ -14,6 +14,98 @@ void ThrowOnError(OrtStatus* status) {
   throw OpError(msg);
 }
 
+int64_t CheckedMul(int64_t a, int64_t b, const char* what) {
+  int64_t out = 0;
+  if (a < 0 || b < 0 || __builtin_mul_overflow(a, b, &out))
+    throw OpError(std::string(what) + " = " + std::to_string(a) + " * " + std::to_string(b) +
+                  (a < 0 || b < 0 ? " has a negative factor" : " does not fit in 64 bits"));
+  return out;
+}
+
+int64_t CheckedAdd(int64_t a, int64_t b, const char* what) {
+  int64_t out = 0;
+  if (a < 0 || b < 0 || __builtin_add_overflow(a, b, &out))
+    throw OpError(std::string(what) + " = " + std::to_string(a) + " + " + std::to_string(b) +
+                  (a < 0 || b < 0 ? " has a negative term" : " does not fit in 64 bits"));
+  return out;
+}
+
+int64_t CheckedNumel(const std::vector<int64_t>& shape, const char* what) {
+  for (int64_t d : shape)
+    if (d == 0) return 0;
+  int64_t n = 1;
+  for (int64_t d : shape) n = CheckedMul(n, d, what);
+  return n;
+}
+
+namespace {
+
+bool Succeeded(OrtStatus* status) {
+  if (status == nullptr) return true;
+  g_api->ReleaseStatus(status);
+  return false;
+}
+
+// The type an attribute has among those the C API can read, or nullptr (absent, or another type).
+const char* AttributeKind(const OrtKernelInfo* info, const char* name) {
+  int64_t i = 0;
+  float f = 0.f;
+  size_t size = 0;
+  if (Succeeded(g_api->KernelInfoGetAttribute_int64(info, name, &i))) return "an int";
+  if (Succeeded(g_api->KernelInfoGetAttribute_float(info, name, &f))) return "a float";
+  if (Succeeded(g_api->KernelInfoGetAttribute_string(info, name, nullptr, &size))) return "a string";
+  // The array readers succeed, with no element, for a present attribute of any list type (or a
+  // tensor, a graph, ...): only a non-empty answer tells the type.
+  size_t ints = 0, floats = 0;
+  const bool listed = Succeeded(g_api->KernelInfoGetAttributeArray_int64(info, name, nullptr, &ints)) &&
+                      Succeeded(g_api->KernelInfoGetAttributeArray_float(info, name, nullptr, &floats));
+  if (ints > 0) return "a list of ints";
+  if (floats > 0) return "a list of floats";
+  OrtAllocator* allocator = nullptr;
+  OrtValue* tensor = nullptr;
+  if (Succeeded(g_api->GetAllocatorWithDefaultOptions(&allocator)) &&
+      Succeeded(g_api->KernelInfoGetAttribute_tensor(info, name, allocator, &tensor))) {
+    g_api->ReleaseValue(tensor);
+    return "a tensor";
+  }
+  if (listed) return "a list or another type";
+  return nullptr;
+}
+
+// The error for an attribute that could not be read as `expected`: absent (and required) or of
+// another type.
+template <typename T>
+T MissingOrMistyped(const OrtKernelInfo* info, const char* name, const char* expected, const std::optional<T>& fallback) {
+  if (const char* kind = AttributeKind(info, name))
+    throw OpError(std::string("attribute '") + name + "' must be " + expected + ", got " + kind);
+  if (!fallback) throw OpError(std::string("missing required attribute '") + name + "' (" + expected + ")");
+  return *fallback;
+}
+
+}  // namespace
+
+int64_t IntAttribute(const OrtKernelInfo* info, const char* name, std::optional<int64_t> fallback) {
+  int64_t v = 0;
+  if (Succeeded(g_api->KernelInfoGetAttribute_int64(info, name, &v))) return v;
+  return MissingOrMistyped(info, name, "an int", fallback);
+}
+
+float FloatAttribute(const OrtKernelInfo* info, const char* name, std::optional<float> fallback) {
+  float v = 0.f;
+  if (Succeeded(g_api->KernelInfoGetAttribute_float(info, name, &v))) return v;
+  return MissingOrMistyped(info, name, "a float", fallback);
+}
+
+std::string StringAttribute(const OrtKernelInfo* info, const char* name, std::optional<std::string> fallback) {
+  size_t size = 0;
+  if (!Succeeded(g_api->KernelInfoGetAttribute_string(info, name, nullptr, &size)))
+    return MissingOrMistyped(info, name, "a string", fallback);
+  std::string s(size, '\0');
+  ThrowOnError(g_api->KernelInfoGetAttribute_string(info, name, s.data(), &size));
+  s.resize(size > 0 ? size - 1 : 0);  // the size counts the terminating NUL
+  return s;
+}
+
 TensorView View(const OrtValue* value) {
   TensorView v;
   if (value == nullptr) return v;
@@ -56,6 +148,8 @@ const char* TypeName(ONNXTensorElementDataType t) {
     case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT: return "float32";
     case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16: return "float16";
     case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8: return "uint8";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32: return "int32";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64: return "int64";
     case ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED: return "absent";
     default: return "another type";
   }

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -23,17 +24,26 @@ struct OpError : std::runtime_error {
 
 void ThrowOnError(OrtStatus* status);
 
+// Sizes computed from a model's attributes and shapes are checked before use: a product that does
+// not fit in int64 (or a negative factor) is a malformed model, not something to wrap around.
+int64_t CheckedMul(int64_t a, int64_t b, const char* what);
+int64_t CheckedAdd(int64_t a, int64_t b, const char* what);
+int64_t CheckedNumel(const std::vector<int64_t>& shape, const char* what);  // 0 when any dimension is 0
+
 struct TensorView {
   bool present = false;
   ONNXTensorElementDataType type = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
   std::vector<int64_t> shape;
   const void* data = nullptr;
-  int64_t numel() const {
-    int64_t n = 1;
-    for (int64_t d : shape) n *= d;
-    return n;
-  }
+  int64_t numel() const { return CheckedNumel(shape, "a tensor's element count"); }
 };
+
+// Attributes, read with their declared type checked: an attribute present with another type (a
+// string given as an int, an int given as a float, ...) is an error, never silently the default.
+// `fallback` is returned when the attribute is absent; without one, absence is an error.
+int64_t IntAttribute(const OrtKernelInfo* info, const char* name, std::optional<int64_t> fallback = std::nullopt);
+float FloatAttribute(const OrtKernelInfo* info, const char* name, std::optional<float> fallback = std::nullopt);
+std::string StringAttribute(const OrtKernelInfo* info, const char* name, std::optional<std::string> fallback = std::nullopt);
 
 TensorView View(const OrtValue* value);  // an absent input (nullptr) gives present = false
 void ReadInputs(OrtKernelContext* ctx, TensorView* in, size_t n);  // views of the first n inputs

@@ -71,7 +71,8 @@ struct KernelTable {
                   float* y, int64_t ldy, int64_t t0, int64_t t1, bool accumulate);
   // accuracy_level 4 activations: per row and K-group [g*G, min((g+1)*G, K)), inv = 127 / max|a|,
   // aq = rint(a * inv) + 128, scale = max|a| / 127 (0 and aq = 128 for an all-zero group). Only
-  // k < K is written; callers prefill the padding with 128.
+  // k < K is written; callers prefill the padding with 128. `a` must be finite (the op computes rows
+  // with a NaN or an infinity on the float path).
   void (*quantize_rows)(const float* a, int64_t M, int64_t lda, int64_t K, int64_t group_size, int64_t groups,
                         uint8_t* aq, float* scale);
   // Row-major float B [K][N] (float16 adapters), columns [n0, n1).
@@ -79,7 +80,7 @@ struct KernelTable {
                             int64_t N, float* y, int64_t ldy, int64_t n0, int64_t n1, bool accumulate);
   // One query row of attention over n cached positions (keys, values: [n][d] rows): s_t = scale *
   // q.k_t (+ bias[t] when bias is not null), p = softmax(s), out[d] = sum_t p_t v_t; out = 0 when
-  // every s_t is -inf. `scores` is scratch of n floats.
+  // every s_t is -inf, NaN when any s_t is NaN or +inf (as float softmax). `scores` is scratch of n floats.
   void (*attend_row)(const float* q, const float* keys, const float* values, int64_t n, int64_t d, float scale,
                      const float* bias, float* scores, float* out);
   // SwiGLU: out[i] = gate[i] * sigmoid(gate[i]) * up[i] for i < n.

@@ -90,40 +90,31 @@ struct Attributes {
   int64_t OutputColumns() const { return activation == Activation::kSwiGlu ? N / 2 : N; }
 };
 
-int64_t AttrInt(const OrtKernelInfo* info, const char* name, int64_t fallback, bool required) {
-  int64_t v = 0;
-  OrtStatus* st = g_api->KernelInfoGetAttribute_int64(info, name, &v);
-  if (st == nullptr) return v;
-  g_api->ReleaseStatus(st);
-  if (required) throw OpError(std::string("missing required attribute '") + name + "'");
-  return fallback;
-}
-
-std::string AttrString(const OrtKernelInfo* info, const char* name, const char* fallback) {
-  size_t size = 0;
-  OrtStatus* st = g_api->KernelInfoGetAttribute_string(info, name, nullptr, &size);
-  if (st != nullptr) {
-    g_api->ReleaseStatus(st);
-    return fallback;
-  }
-  std::string s(size, '\0');
-  ThrowOnError(g_api->KernelInfoGetAttribute_string(info, name, &s[0], &size));
-  s.resize(size > 0 ? size - 1 : 0);
-  return s;
-}
-
 void CheckGroupSize(int64_t g, int64_t k, const char* what) {
   if (g < 1 || (g % kBlockK != 0 && g < k))
     throw OpError(std::string(what) + "=" + std::to_string(g) + " must be a multiple of 8, or >= " +
                   std::to_string(k) + " (one group)");
 }
 
+// The largest K, N, rank and group size taken: far above any model's, small enough that every size
+// the op derives from them fits in 64 bits, and int32 for the CUDA kernels' arguments.
+constexpr int64_t kMaxDimension = (int64_t(1) << 31) - 1;
+
+void CheckDimension(int64_t v, const char* name, int64_t low) {
+  if (v < low || v > kMaxDimension)
+    throw OpError(std::string(name) + "=" + std::to_string(v) + " is out of range: expected " + std::to_string(low) +
+                  " to 2^31 - 1");
+}
+
 void ValidateAttributes(const Attributes& a) {
-  if (a.K < 1 || a.N < 1) throw OpError("K and N must be positive, got K=" + std::to_string(a.K) + " N=" + std::to_string(a.N));
+  CheckDimension(a.K, "K", 1);
+  CheckDimension(a.N, "N", 1);
+  CheckDimension(a.rank, "rank", 0);
+  CheckDimension(a.group_size, "group_size", 1);
+  CheckDimension(a.adapter_group_size, "adapter_group_size", 1);
   if (a.bits != 4) throw OpError("bits=" + std::to_string(a.bits) + " is not supported; the kernels implement bits=4");
-  if (a.sparse != 0 && a.sparse != 1) throw OpError("sparse must be 0 or 1");
+  if (a.sparse != 0 && a.sparse != 1) throw OpError("sparse=" + std::to_string(a.sparse) + " must be 0 or 1");
   CheckGroupSize(a.group_size, a.K, "group_size");
-  if (a.rank < 0) throw OpError("rank must be >= 0");
   if ((a.adapter == AdapterFormat::kNone) != (a.rank == 0))
     throw OpError("rank=" + std::to_string(a.rank) + " disagrees with adapter_format (rank must be 0 exactly when it is 'none')");
   if (a.adapter == AdapterFormat::kInt4) {
@@ -137,20 +128,21 @@ void ValidateAttributes(const Attributes& a) {
 
 Attributes ReadAttributes(const OrtKernelInfo* info) {
   Attributes a;
-  a.K = AttrInt(info, "K", 0, true);
-  a.N = AttrInt(info, "N", 0, true);
-  a.bits = AttrInt(info, "bits", 4, false);
-  a.group_size = AttrInt(info, "group_size", 0, true);
-  a.sparse = AttrInt(info, "sparse", 1, false);
-  a.rank = AttrInt(info, "rank", 0, false);
-  a.adapter_group_size = AttrInt(info, "adapter_group_size", 128, false);
-  a.accuracy_level = AttrInt(info, "accuracy_level", 0, false);
-  const std::string fmt = AttrString(info, "adapter_format", a.rank > 0 ? "" : "none");
+  a.K = IntAttribute(info, "K");
+  a.N = IntAttribute(info, "N");
+  a.bits = IntAttribute(info, "bits", 4);
+  a.group_size = IntAttribute(info, "group_size");
+  a.sparse = IntAttribute(info, "sparse", 1);
+  a.rank = IntAttribute(info, "rank", 0);
+  a.adapter_group_size = IntAttribute(info, "adapter_group_size", 128);
+  a.accuracy_level = IntAttribute(info, "accuracy_level", 0);
+  const std::string fmt = StringAttribute(info, "adapter_format",
+                                           a.rank > 0 ? std::nullopt : std::optional<std::string>("none"));
   if (fmt == "none") a.adapter = AdapterFormat::kNone;
   else if (fmt == "float16") a.adapter = AdapterFormat::kFloat16;
   else if (fmt == "int4") a.adapter = AdapterFormat::kInt4;
   else throw OpError("adapter_format must be 'none', 'float16' or 'int4', got '" + fmt + "'");
-  const std::string act = AttrString(info, "activation", "none");
+  const std::string act = StringAttribute(info, "activation", "none");
   if (act == "none") a.activation = Activation::kNone;
   else if (act == "swiglu") a.activation = Activation::kSwiGlu;
   else throw OpError("activation must be 'none' or 'swiglu', got '" + act + "'");
@@ -269,8 +261,9 @@ std::unique_ptr<Prepared> Prepare(const Attributes& a, const TensorView* in) {
 template <typename Fn>
 void ParallelTiles(OrtKernelContext* ctx, int64_t tiles, int64_t work_per_tile, Fn fn) {
   const int64_t kMinWorkPerTask = 1 << 17;
-  int64_t tasks = std::min<int64_t>(tiles, std::max<int64_t>(1, tiles * work_per_tile / kMinWorkPerTask));
-  tasks = std::min<int64_t>(tasks, 64);
+  // in double: the product of two in-range sizes may not fit in int64
+  const double by_work = std::floor(double(tiles) * double(work_per_tile) / kMinWorkPerTask);
+  const int64_t tasks = std::min<int64_t>({tiles, 64, std::max<int64_t>(1, int64_t(std::min(by_work, 64.0)))});
   if (tasks <= 1) {
     fn(0, tiles);
     return;
@@ -287,29 +280,60 @@ void ParallelTiles(OrtKernelContext* ctx, int64_t tiles, int64_t work_per_tile, 
   ThrowOnError(g_api->KernelContext_ParallelFor(ctx, run, size_t(tasks), 0, &job));
 }
 
+// Rows of a [M, lda] buffer that hold a NaN or an infinity among their first K values (exponent bits
+// all ones; an integer test, so the loop vectorizes).
+std::vector<int64_t> NonFiniteRows(const float* a, int64_t M, int64_t lda, int64_t K) {
+  std::vector<int64_t> rows;
+  for (int64_t m = 0; m < M; ++m) {
+    const float* row = a + m * lda;
+    bool bad = false;
+    for (int64_t k = 0; k < K; ++k) {
+      uint32_t bits;
+      std::memcpy(&bits, row + k, 4);
+      bad |= (bits & 0x7F800000u) == 0x7F800000u;
+    }
+    if (bad) rows.push_back(m);
+  }
+  return rows;
+}
+
 // The activations of one product, as the chosen path reads them: float32 rows, and for the int8
 // path (accuracy_level 4) their quantization for the weight's K-groups.
+// Rows holding a NaN or an infinity are computed apart by the portable float kernel, which
+// multiplies every k of every block (the zeros of the 2:4 pattern included) as the fallback's dense
+// MatMul does, so NaN and Inf propagate as float math has them; the fast paths see those rows as
+// zeros (the int8 quantizer has no code for NaN, and the AVX2 float path reads only kept weights).
 struct Operand {
-  const float* a;
+  const float* a;     // the rows as given
+  const float* fast;  // what the fast paths read: `a`, or `cleaned`
   int64_t M, lda;
   bool int8;
+  std::vector<int64_t> nonfinite;
+  std::vector<float> cleaned;
   std::vector<uint8_t> q;
   std::vector<float> scale;
 
   Operand(const KernelTable& kt, const Matrix4& w, bool use_int8, const float* rows, int64_t m, int64_t stride)
-      : a(rows), M(m), lda(stride), int8(use_int8) {
+      : a(rows), fast(rows), M(m), lda(stride), int8(use_int8), nonfinite(NonFiniteRows(rows, m, stride, w.K)) {
+    if (!nonfinite.empty()) {
+      cleaned.assign(a, a + M * lda);
+      for (int64_t r : nonfinite) std::fill(cleaned.begin() + r * lda, cleaned.begin() + (r + 1) * lda, 0.f);
+      fast = cleaned.data();
+    }
     if (!int8) return;
     q.assign(M * lda, 128);
     scale.resize(M * w.groups);
     const int64_t gsize = w.groups == 1 ? w.K : w.blocks_per_group * kBlockK;
-    kt.quantize_rows(a, M, lda, w.K, gsize, w.groups, q.data(), scale.data());
+    kt.quantize_rows(fast, M, lda, w.K, gsize, w.groups, q.data(), scale.data());
   }
 
   // y (+)= rows @ w for the column tiles [t0, t1).
   void MultiplyTiles(const KernelTable& kt, const Matrix4& w, float* y, int64_t ldy, int64_t t0, int64_t t1,
                      bool accumulate) const {
     if (int8) kt.gemm_i8(w, q.data(), scale.data(), M, lda, y, ldy, t0, t1, accumulate);
-    else kt.gemm_f32(w, a, M, lda, y, ldy, t0, t1, accumulate);
+    else kt.gemm_f32(w, fast, M, lda, y, ldy, t0, t1, accumulate);
+    for (int64_t r : nonfinite)  // the fast path added 0 for these rows
+      ScalarKernels().gemm_f32(w, a + r * lda, 1, lda, y + r * ldy, ldy, t0, t1, accumulate);
   }
 };
 
@@ -337,6 +361,7 @@ Call BeginCall(OrtKernelContext* ctx, const Attributes& attr, TensorView (&in)[k
     throw OpError("input 'A' must have last dimension K=" + std::to_string(attr.K) + ", got shape " + ShapeString(A.shape));
   std::vector<int64_t> out_shape = A.shape;
   out_shape.back() = attr.OutputColumns();
+  CheckedNumel(out_shape, "Y's element count");
   ThrowOnError(g_api->KernelContext_GetOutput(ctx, 0, out_shape.data(), out_shape.size(), &call.y_value));
   ThrowOnError(g_api->GetTensorMutableData(call.y_value, &call.y));
   call.M = A.numel() / attr.K;
@@ -373,7 +398,7 @@ struct SlimMatMulCpuKernel {
 
     // 1. float32 activations, rows padded to whole blocks.
     const int64_t lda = p->w.m.Kb * kBlockK;
-    std::vector<float> a32(M * lda, 0.f);
+    std::vector<float> a32(CheckedMul(M, lda, "the activation buffer's size"), 0.f);
     for (int64_t m = 0; m < M; ++m) {
       float* row = a32.data() + m * lda;
       if (half) {
@@ -391,7 +416,7 @@ struct SlimMatMulCpuKernel {
     float* z = half ? (z_buf.resize(M * Nout), z_buf.data()) : static_cast<float*>(out_data);
     float* y = z;
     if (gated) {
-      p_buf.resize(M * N);
+      p_buf.resize(CheckedMul(M, N, "the product buffer's size"));
       y = p_buf.data();
     }
     const bool int8 = attr.accuracy_level == 4;
@@ -406,7 +431,7 @@ struct SlimMatMulCpuKernel {
     int64_t ldt = 0;
     if (attr.adapter == AdapterFormat::kInt4) {
       ldt = p->r.m.Kb * kBlockK;
-      t.assign(M * ldt, 0.f);
+      t.assign(CheckedMul(M, ldt, "the adapter buffer's size"), 0.f);
       const Operand a_l(kt, p->l.m, int8, a32.data(), M, lda);
       ParallelTiles(ctx, p->l.m.Nt, work, [&](int64_t t0, int64_t t1) {
         a_l.MultiplyTiles(kt, p->l.m, t.data(), ldt, t0, t1, false);
@@ -414,7 +439,7 @@ struct SlimMatMulCpuKernel {
       t_r.emplace(kt, p->r.m, int8, t.data(), M, ldt);
     } else if (attr.adapter == AdapterFormat::kFloat16) {
       ldt = attr.rank;
-      t.assign(M * ldt, 0.f);
+      t.assign(CheckedMul(M, ldt, "the adapter buffer's size"), 0.f);
       ParallelTiles(ctx, CeilDiv(ldt, kTileN), work, [&](int64_t t0, int64_t t1) {
         kt.gemm_rowmajor_f32(a32.data(), M, lda, p->l_f32.data(), K, ldt, t.data(), ldt, t0 * kTileN,
                              std::min(ldt, t1 * kTileN), false);
@@ -522,9 +547,9 @@ OrtStatus* InferOutputShape(OrtShapeInferContext* ctx) {
   const OrtOpAttr* attr = nullptr;
   int64_t n = 0;
   size_t size = 0;
-  if ((st = g_api->ShapeInferContext_GetAttribute(ctx, "N", &attr)) ||
-      (st = g_api->ReadOpAttr(attr, ORT_OP_ATTR_INT, &n, sizeof(n), &size)))
-    return finish(st);
+  if ((st = g_api->ShapeInferContext_GetAttribute(ctx, "N", &attr))) return finish(st);
+  if (attr == nullptr) throw OpError("missing required attribute 'N' (an int)");
+  if ((st = g_api->ReadOpAttr(attr, ORT_OP_ATTR_INT, &n, sizeof(n), &size))) return finish(st);
   if (ReadStringAttribute(ctx, "activation") == "swiglu") n /= 2;
   // onnxruntime writes a dimension without a name as a value, so an unknown unnamed dimension (-1)
   // gets a fresh name here; otherwise it would become a literal -1 for the nodes downstream.
@@ -617,9 +642,11 @@ struct SlimMatMulCudaKernel {
     ThrowOnError(g_api->KernelContext_GetGPUComputeStream(ctx, &stream));
     // With the gated activation the product P goes to scratch first (after the adapter scratch).
     const bool gated = attr.activation == Activation::kSwiGlu;
+    const char* what = "the scratch buffer's size";
+    CheckedMul(CheckedMul(call.M, attr.rank, what), 8, what);  // ScratchBytes' product (4 bytes each), rounded up
     const size_t adapter_bytes = (cuda::ScratchBytes(weights, call.M) + 255) / 256 * 256;
-    const size_t scratch_bytes =
-        adapter_bytes + (gated ? size_t(call.M * attr.N) * (call.half ? 2 : 4) : 0);
+    const int64_t product_bytes = gated ? CheckedMul(CheckedMul(call.M, attr.N, what), call.half ? 2 : 4, what) : 0;
+    const size_t scratch_bytes = size_t(CheckedAdd(int64_t(adapter_bytes), product_bytes, what));
     void* scratch = nullptr;
     OrtAllocator* scratch_alloc = nullptr;
     if (scratch_bytes > 0) {
@@ -726,9 +753,14 @@ extern "C" SLIM_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptio
   static std::mutex mutex;
   std::lock_guard<std::mutex> lock(mutex);
   if (domain == nullptr) {
-    for (OrtCustomOp* op : ops)
-      op->InferOutputShapeFn = shape_inference ? +[](const OrtCustomOp*, OrtShapeInferContext* ctx) { return InferOutputShape(ctx); }
-                                               : nullptr;
+    const auto infer = [](const OrtCustomOp*, OrtShapeInferContext* ctx) -> OrtStatus* {
+      try {  // an exception must not cross onnxruntime's C boundary
+        return InferOutputShape(ctx);
+      } catch (const std::exception& e) {
+        return g_api->CreateStatus(ORT_INVALID_ARGUMENT, (std::string("SlimMatMul shape inference: ") + e.what()).c_str());
+      }
+    };
+    for (OrtCustomOp* op : ops) op->InferOutputShapeFn = shape_inference ? +infer : nullptr;
     OrtCustomOpDomain* d = nullptr;
     if (OrtStatus* st = api->CreateCustomOpDomain("slim_onnx", &d)) return st;
     for (OrtCustomOp* op : ops)
