@@ -178,10 +178,10 @@ struct AttentionKernel {
     ParallelTasks(ctx, B * kv_heads * 2, [&](int64_t task) {
       const int64_t which = task % 2, bg = task / 2, b = bg / kv_heads, g = bg % kv_heads;
       float* dst = out[1 + which] + bg * L * D;
-      std::memcpy(dst, pasts[which] + bg * P * D, past_len[b] * D * sizeof(float));
+      std::copy_n(pasts[which] + bg * P * D, past_len[b] * D, dst);  // not memcpy: an empty past may be null
       for (int64_t s = 0; s < S; ++s) {
         float* row = dst + (past_len[b] + s) * D;
-        std::memcpy(row, news[which] + (b * S + s) * kv_stride + g * D, D * sizeof(float));
+        std::copy_n(news[which] + (b * S + s) * kv_stride + g * D, D, row);
         if (rotary && which == 0) RotateHalf(row, cos + (b * S + s) * half, sin + (b * S + s) * half, half);
       }
       std::fill(dst + (past_len[b] + S) * D, dst + L * D, 0.f);
