@@ -1,29 +1,42 @@
-"""slim-onnx: SLiM compression (4-bit, 2:4 sparse, low-rank adapters) for ONNX models."""
+"""slim-onnx: SLiM compression (4-bit, 2:4 sparse, low-rank adapters) for ONNX models.
 
-from slim_onnx.algorithms.layer import CompressedLayer, compress_layer
-from slim_onnx.algorithms.stats import LayerStatistics
-from slim_onnx.config import SlimConfig
-from slim_onnx.format import SlimWeights, reference_slim_matmul
-from slim_onnx.packing import pack_quantized, pack_weight
-from slim_onnx.pipeline import compress
-from slim_onnx.op import make_slim_matmul_model, make_slim_matmul_node
+`import slim_onnx` loads only the runtime (onnxruntime and the kernel library's path), so that a
+deployment that calls `slim_onnx.session_options()` never imports torch or the compressor; every
+other name is imported on first use.
+"""
+
+import importlib
+
 from slim_onnx.runtime import kernel_name, library_path, session_options
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "CompressedLayer",
-    "LayerStatistics",
-    "SlimConfig",
-    "compress",
-    "compress_layer",
-    "SlimWeights",
-    "kernel_name",
-    "library_path",
-    "make_slim_matmul_model",
-    "make_slim_matmul_node",
-    "pack_quantized",
-    "pack_weight",
-    "reference_slim_matmul",
-    "session_options",
-]
+# name -> the module that defines it
+_LAZY = {
+    "CompressedLayer": "slim_onnx.algorithms.layer",
+    "compress_layer": "slim_onnx.algorithms.layer",
+    "LayerStatistics": "slim_onnx.algorithms.stats",
+    "SlimConfig": "slim_onnx.config",
+    "SlimWeights": "slim_onnx.format",
+    "reference_slim_matmul": "slim_onnx.format",
+    "pack_quantized": "slim_onnx.packing",
+    "pack_weight": "slim_onnx.packing",
+    "compress": "slim_onnx.pipeline",
+    "make_slim_matmul_model": "slim_onnx.op",
+    "make_slim_matmul_node": "slim_onnx.op",
+}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'slim_onnx' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
+
+__all__ = ["kernel_name", "library_path", "session_options", *_LAZY]
