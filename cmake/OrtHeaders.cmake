@@ -4,7 +4,7 @@
 #   2. The cache, $SLIM_ONNX_CACHE_DIR or ~/.cache/slim-onnx, from an earlier build.
 #   3. Download: the MIT-licensed npm package below ships the public headers of onnxruntime 1.29.0.
 #      The library stamps its op with C API version 20 and uses nothing newer, so it loads in
-#      onnxruntime 1.20 and later (slim_matmul_op.cc).
+#      onnxruntime 1.20 and later (op_common.h).
 set(SLIM_ONNX_ORT_NPM_PACKAGE "com.github.asus4.onnxruntime@0.4.9")
 set(SLIM_ONNX_ORT_HEADERS_IN_PACKAGE
     "package/Plugins/iOS~/onnxruntime.xcframework/ios-arm64/onnxruntime.framework/Headers")

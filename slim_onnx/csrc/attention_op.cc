@@ -51,16 +51,6 @@ void RotateHalf(float* x, const float* cos, const float* sin, int64_t half) {
   }
 }
 
-template <typename Fn>
-void ParallelTasks(OrtKernelContext* ctx, int64_t tasks, Fn fn) {
-  if (tasks <= 1) {
-    for (int64_t i = 0; i < tasks; ++i) fn(i);
-    return;
-  }
-  auto run = [](void* data, size_t i) { (*static_cast<Fn*>(data))(int64_t(i)); };
-  ThrowOnError(g_api->KernelContext_ParallelFor(ctx, run, size_t(tasks), 0, &fn));
-}
-
 // Head counts above this are refused: far beyond any model (they have at most a few hundred), and
 // it bounds the per-head task loops.
 constexpr int64_t kMaxHeads = int64_t(1) << 16;
@@ -175,7 +165,7 @@ struct AttentionKernel {
     const float* news[2] = {packed ? query + heads * D : static_cast<const float*>(in[kKey].data),
                             packed ? query + (heads + kv_heads) * D : static_cast<const float*>(in[kValue].data)};
     const float* pasts[2] = {static_cast<const float*>(past_k.data), static_cast<const float*>(in[kPastValue].data)};
-    ParallelTasks(ctx, B * kv_heads * 2, [&](int64_t task) {
+    ParallelFor(ctx, B * kv_heads * 2, [&](int64_t task) {
       const int64_t which = task % 2, bg = task / 2, b = bg / kv_heads, g = bg % kv_heads;
       float* dst = out[1 + which] + bg * L * D;
       std::copy_n(pasts[which] + bg * P * D, past_len[b] * D, dst);  // not memcpy: an empty past may be null
@@ -192,7 +182,7 @@ struct AttentionKernel {
     const float alpha = scale != 0.f ? scale : 1.f / std::sqrt(float(D));
     const float* bias_data = static_cast<const float*>(bias.data);
     const int64_t group = heads / kv_heads;
-    ParallelTasks(ctx, B * heads * chunks, [&](int64_t task) {
+    ParallelFor(ctx, B * heads * chunks, [&](int64_t task) {
       const int64_t bh = task / chunks, b = bh / heads, h = bh % heads, s0 = (task % chunks) * chunk;
       const int64_t bg = b * kv_heads + h / group;
       std::vector<float> scores(past_len[b] + S), rotated(rotary ? D : 0);

@@ -80,6 +80,17 @@ void SetKernelLifecycle(OrtCustomOp& op) {
   op.KernelDestroy = [](void* k) { delete static_cast<Kernel*>(k); };
 }
 
+// Runs fn(i) for i in [0, tasks) on onnxruntime's intra-op thread pool (inline for one task).
+template <typename Fn>
+void ParallelFor(OrtKernelContext* ctx, int64_t tasks, Fn fn) {
+  if (tasks <= 1) {
+    for (int64_t i = 0; i < tasks; ++i) fn(i);
+    return;
+  }
+  auto run = [](void* data, size_t i) { (*static_cast<Fn*>(data))(int64_t(i)); };
+  ThrowOnError(g_api->KernelContext_ParallelFor(ctx, run, size_t(tasks), 0, &fn));
+}
+
 // The CPU GroupQueryAttention op (attention_op.cc).
 OrtCustomOp* AttentionCpuOp();
 

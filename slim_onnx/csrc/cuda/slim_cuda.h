@@ -1,4 +1,4 @@
-// SlimMatMul on CUDA: the host-side interface between the onnxruntime op (slim_matmul_op.cc, plain
+// SlimMatMul on CUDA: the host-side interface between the onnxruntime op (slim_matmul_cuda_op.cc, plain
 // C++) and the kernels (slim_cuda_kernels.cu, nvcc). No CUDA header is needed to include this file.
 //
 // The op-spec layout (tiles of 8 columns, blocks of 8 k) suits AVX2. On the GPU the weights are
