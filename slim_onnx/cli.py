@@ -87,14 +87,14 @@ def _compress(args) -> int:
 def _inspect(args) -> int:
     import onnx_ir as ir
 
-    from slim_onnx.fallback import DOMAIN, OP_TYPE
+    from slim_onnx.schema import DOMAIN, SLIM_MATMUL
     from slim_onnx.passes import find_linear_layers
     from slim_onnx.pipeline import load_model, resolve_model_path
 
     model = load_model(resolve_model_path(args.model))
     rows = []
     for node in ir.traversal.RecursiveGraphIterator(model.graph):
-        if node.domain == DOMAIN and node.op_type == OP_TYPE:
+        if node.domain == DOMAIN and node.op_type == SLIM_MATMUL:
             a = {k: v.value for k, v in node.attributes.items()}
             nbytes = sum(v.const_value.nbytes for v in node.inputs[1:] if v is not None and v.const_value is not None)
             rows.append({"layer": node.name, "format": f"{'2:4' if a['sparse'] else 'dense'} int4 g{a['group_size']}"

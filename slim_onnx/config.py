@@ -5,11 +5,12 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from slim_onnx.schema import ADAPTER_FORMATS
+
 SPARSITIES = ("2:4", "none")
 PRUNINGS = ("magnitude", "wanda", "sparsegpt")
 QUANTIZERS = ("slim", "slim-group", "absmax", "gptq")
 LOWRANKS = ("saliency", "naive", "hessian")
-ADAPTER_FORMATS = ("int4", "float16", "none")
 SVDS = ("auto", "full", "randomized")
 SALIENCIES = ("rms", "mean_abs")
 MASK_SOURCES = ("weight", "quantized")

@@ -6,50 +6,38 @@ initializers and attributes, so onnxruntime constant-folds it at session start: 
 as a plain float MatMul (dense, slower, same result). With the slim_onnx library registered, its
 kernel runs instead and the function is ignored.
 
-One overload per variant (``SlimWeights.variant``): sparse or dense W, adapters none / float16 / int4,
-with or without bias, and with or without the gated activation (``activation="swiglu"``, suffix
-``_swiglu``). Sizes come from the node's attributes through attribute references.
+One overload per variant (schema.SlimMatMulVariant): sparse or dense W, adapters none / float16 /
+int4, with or without bias, and with or without the gated activation (``activation="swiglu"``).
+Sizes come from the node's attributes through attribute references.
 
 ``slim_onnx::GroupQueryAttention`` (slim_onnx/passes/attention.py, kernel in csrc/attention_op.cc)
 falls back to onnxruntime's ``com.microsoft::GroupQueryAttention``, which computes the same thing:
 one overload with and one without ``attention_bias``, and the same two for the packed form
-(passes/packed_attention.py), whose function first splits q/k/v and applies the rotary with
-``com.microsoft::RotaryEmbedding``.
+(schema.AttentionVariant; passes/packed_attention.py), whose function first splits q/k/v and
+applies the rotary with ``com.microsoft::RotaryEmbedding``.
 """
 
 from __future__ import annotations
-
-import itertools
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from slim_onnx.format import BLOCK_K, TILE_N
+from slim_onnx.schema import (
+    DOMAIN,
+    GROUP_QUERY_ATTENTION,
+    GROUP_QUERY_ATTENTION_INPUTS,
+    OPSET,
+    SLIM_MATMUL,
+    SLIM_MATMUL_INPUTS,
+    AttentionVariant,
+    SlimMatMulVariant,
+)
 
-DOMAIN = "slim_onnx"
-OP_TYPE = "SlimMatMul"
-OPSET = 18
-# Function overloads (NodeProto.overload) need IR version 10; onnxruntime 1.20 reads IR 10.
-IR_VERSION = 10
-FUNCTION_ATTRIBUTES = ("K", "N", "group_size", "rank", "adapter_group_size")
-ATTENTION_OP_TYPE = "GroupQueryAttention"
-ATTENTION_ATTRIBUTES = ("num_heads", "kv_num_heads", "scale")
-ATTENTION_INPUTS = (
-    "query", "key", "value", "past_key", "past_value", "seqlens_k", "total_sequence_length", "attention_bias",
-    "cos_cache", "sin_cache",
-)
-# "packed_rotary_*": key and value absent (query holds q, k, v side by side), cos/sin caches given.
-ATTENTION_PACKED_PREFIX = "packed_rotary_"
-ATTENTION_VARIANTS = ("bias", "nobias", "packed_rotary_bias", "packed_rotary_nobias")
-# A node with activation="swiglu" (passes/swiglu.py) uses its weights' variant plus this suffix.
-SWIGLU_SUFFIX = "_swiglu"
-VARIANTS = tuple(
-    f"{w}_{a}_{b}{act}"
-    for w, a, b, act in itertools.product(
-        ("sparse", "dense"), ("noadapter", "f16adapter", "int4adapter"), ("bias", "nobias"), ("", SWIGLU_SUFFIX)
-    )
-)
+# The attributes each function body reads by reference (the others do not change what it computes).
+SLIM_MATMUL_FUNCTION_ATTRIBUTES = ("K", "N", "group_size", "rank", "adapter_group_size")
+ATTENTION_FUNCTION_ATTRIBUTES = ("num_heads", "kv_num_heads", "scale")
 
 
 class _Body:
@@ -143,23 +131,20 @@ def _dequantized(body: _Body, packed: str, scales: str, rows: str, cols: str, gr
     return body.op("Mul", q, per_row)
 
 
-def fallback_function(variant: str) -> onnx.FunctionProto:
-    """The FunctionProto (overload = variant) that computes one SlimMatMul variant with standard ops."""
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown SlimMatMul variant {variant!r}; expected one of {VARIANTS}")
-    w_kind, adapter, bias = variant.removesuffix(SWIGLU_SUFFIX).split("_")
+def fallback_function(variant: SlimMatMulVariant) -> onnx.FunctionProto:
+    """The FunctionProto (overload = variant.overload) that computes one SlimMatMul variant with standard ops."""
     body = _Body()
     k = body.attr_scalar("K")
     n_vec = body.attr_vector("N")
-    w = _dequantized(body, "W", "W_scales", k, n_vec, body.attr_scalar("group_size"), w_kind == "sparse")
+    w = _dequantized(body, "W", "W_scales", k, n_vec, body.attr_scalar("group_size"), variant.sparse)
     a = body.op("Cast", "A", to=TensorProto.FLOAT)
     y = body.op("MatMul", a, w)
-    inputs = ["A", "W", "W_scales", "bias" if bias == "bias" else "", "L", "L_scales", "R", "R_scales"]
-    if adapter == "f16adapter":
+    inputs = [name if name != "bias" or variant.bias else "" for name in SLIM_MATMUL_INPUTS]
+    if variant.adapter_format == "float16":
         l = body.op("Cast", "L", to=TensorProto.FLOAT)
         r = body.op("Cast", "R", to=TensorProto.FLOAT)
         inputs[5] = inputs[7] = ""
-    elif adapter == "int4adapter":
+    elif variant.adapter_format == "int4":
         rank = body.attr_scalar("rank")
         group = body.attr_scalar("adapter_group_size")
         r_vec = body.op("Unsqueeze", rank, body.const(np.array([0], dtype=np.int64)))
@@ -167,11 +152,11 @@ def fallback_function(variant: str) -> onnx.FunctionProto:
         r = _dequantized(body, "R", "R_scales", rank, n_vec, group, sparse=False)
     else:
         inputs[4:] = ["", "", "", ""]
-    if adapter != "noadapter":
+    if variant.adapter_format != "none":
         y = body.op("Add", y, body.op("MatMul", body.op("MatMul", a, l), r))
-    if bias == "bias":
+    if variant.bias:
         y = body.op("Add", y, "bias")
-    if variant.endswith(SWIGLU_SUFFIX):  # the export's own SiLU: gate * Sigmoid(gate), times up
+    if variant.swiglu:  # the export's own SiLU: gate * Sigmoid(gate), times up
         body.nodes.append(helper.make_node("Split", [y], ["gate", "up"], axis=-1, num_outputs=2))
         y = body.op("Mul", body.op("Mul", "gate", body.op("Sigmoid", "gate")), "up")
     body.nodes.append(helper.make_node("CastLike", [y, "A"], ["Y"]))
@@ -180,9 +165,10 @@ def fallback_function(variant: str) -> onnx.FunctionProto:
     while formal and formal[-1].startswith("unused_"):
         formal.pop()
     fn = helper.make_function(
-        DOMAIN, OP_TYPE, formal, ["Y"], body.nodes, [helper.make_opsetid("", OPSET)], attributes=list(FUNCTION_ATTRIBUTES)
+        DOMAIN, SLIM_MATMUL, formal, ["Y"], body.nodes, [helper.make_opsetid("", OPSET)],
+        attributes=list(SLIM_MATMUL_FUNCTION_ATTRIBUTES),
     )
-    fn.overload = variant
+    fn.overload = variant.overload
     return fn
 
 
@@ -209,31 +195,29 @@ def _unpacked_rotated(body: _Body) -> tuple[str, str, str]:
     return _rotated(body, "q", positions, "num_heads"), _rotated(body, "k", positions, "kv_num_heads"), "v"
 
 
-def attention_fallback_function(variant: str) -> onnx.FunctionProto:
-    """slim_onnx::GroupQueryAttention (overload = one of ATTENTION_VARIANTS) as com.microsoft's op,
-    after the split and rotary the packed variants leave to the kernel."""
-    if variant not in ATTENTION_VARIANTS:
-        raise ValueError(f"unknown GroupQueryAttention variant {variant!r}; expected one of {ATTENTION_VARIANTS}")
-    packed = variant.startswith(ATTENTION_PACKED_PREFIX)
-    bias = variant.removeprefix(ATTENTION_PACKED_PREFIX) == "bias"
+def attention_fallback_function(variant: AttentionVariant) -> onnx.FunctionProto:
+    """slim_onnx::GroupQueryAttention (overload = variant.overload) as com.microsoft's op, after the
+    split and rotary the packed variants leave to the kernel."""
+    inputs, bias = GROUP_QUERY_ATTENTION_INPUTS, variant.bias
     body = _Body()
-    if packed:
-        formal = ["query", "unused_1", "unused_2", *ATTENTION_INPUTS[3:7], "attention_bias" if bias else "unused_7",
+    if variant.packed:
+        formal = ["query", "unused_1", "unused_2", *inputs[3:7], "attention_bias" if bias else "unused_7",
                   "cos_cache", "sin_cache"]
         q, k, v = _unpacked_rotated(body)
     else:
-        formal = list(ATTENTION_INPUTS[:8] if bias else ATTENTION_INPUTS[:7])
+        formal = list(inputs[:8] if bias else inputs[:7])
         q, k, v = formal[:3]
     # com.microsoft's inputs 7..9 (its own rotary caches, position ids) stay absent; attention_bias is input 10.
-    actual = [q, k, v, *ATTENTION_INPUTS[3:7]] + (["", "", "", "attention_bias"] if bias else [])
+    actual = [q, k, v, *inputs[3:7]] + (["", "", "", "attention_bias"] if bias else [])
     outputs = ["output", "present_key", "present_value"]
-    node = helper.make_node(ATTENTION_OP_TYPE, actual, outputs, domain="com.microsoft")
-    for name in ATTENTION_ATTRIBUTES:
+    node = helper.make_node(GROUP_QUERY_ATTENTION, actual, outputs, domain="com.microsoft")
+    for name in ATTENTION_FUNCTION_ATTRIBUTES:
         kind = onnx.AttributeProto.FLOAT if name == "scale" else onnx.AttributeProto.INT
         node.attribute.append(onnx.AttributeProto(name=name, ref_attr_name=name, type=kind))
     fn = helper.make_function(
-        DOMAIN, ATTENTION_OP_TYPE, formal, outputs, body.nodes + [node],
-        [helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", 1)], attributes=list(ATTENTION_ATTRIBUTES),
+        DOMAIN, GROUP_QUERY_ATTENTION, formal, outputs, body.nodes + [node],
+        [helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", 1)],
+        attributes=list(ATTENTION_FUNCTION_ATTRIBUTES),
     )
-    fn.overload = variant
+    fn.overload = variant.overload
     return fn

@@ -11,11 +11,12 @@ import dataclasses
 
 import numpy as np
 
+from slim_onnx.schema import ADAPTER_FORMATS, SLIM_MATMUL_INPUTS, SlimMatMulVariant
+
 TILE_N = 8  # output columns per tile
 BLOCK_K = 8  # reduction rows per block (two groups of 4 for 2:4)
 SPARSE_BLOCK_BYTES = 24
 DENSE_BLOCK_BYTES = 32
-ADAPTER_FORMATS = ("none", "float16", "int4")
 
 
 class FormatError(ValueError):
@@ -207,17 +208,14 @@ class SlimWeights:
                     raise FormatError(f"adapter {name}: expected float16 {shape}")
 
     @property
-    def variant(self) -> str:
-        """Name of the fallback-function overload that computes this node."""
-        adapter = {"none": "noadapter", "float16": "f16adapter", "int4": "int4adapter"}[self.adapter_format]
-        return f"{'sparse' if self.sparse else 'dense'}_{adapter}_{'bias' if self.bias is not None else 'nobias'}"
+    def variant(self) -> SlimMatMulVariant:
+        """The SlimMatMul variant of a node holding these weights (without an activation)."""
+        return SlimMatMulVariant(self.sparse, self.adapter_format, self.bias is not None)
 
     def input_tensors(self) -> dict[str, np.ndarray | None]:
         """The op's weight-side inputs 1..7 by their op-spec names (None where absent)."""
-        return {
-            "W": self.w, "W_scales": self.w_scales, "bias": self.bias, "L": self.adapter_l,
-            "L_scales": self.adapter_l_scales, "R": self.adapter_r, "R_scales": self.adapter_r_scales,
-        }
+        arrays = (self.w, self.w_scales, self.bias, self.adapter_l, self.adapter_l_scales, self.adapter_r, self.adapter_r_scales)
+        return dict(zip(SLIM_MATMUL_INPUTS[1:], arrays, strict=True))
 
     def attributes(self, accuracy_level: int) -> dict:
         """The SlimMatMul node attributes for these weights."""

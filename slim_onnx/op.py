@@ -1,17 +1,29 @@
-"""Writing SlimMatMul nodes: the node, its packed initializers, and its fallback function."""
+"""SlimMatMul as ONNX protobuf: a node with its initializers, or a one-node model, for tests,
+benchmarks and graphs built with onnx.helper. A thin wrapper over the passes' onnx-ir builder
+(passes/rewrite.slim_matmul_node), so there is one way to write the node."""
 
 from __future__ import annotations
 
 import numpy as np
 import onnx
 import onnx_ir as ir
-from onnx import TensorProto, helper, numpy_helper
 
-from slim_onnx.fallback import DOMAIN, IR_VERSION, OP_TYPE, OPSET, SWIGLU_SUFFIX
 from slim_onnx.format import SlimWeights
-from slim_onnx.passes.rewrite import AddFallbackFunctionsPass
+from slim_onnx.passes.rewrite import AddFallbackFunctionsPass, slim_matmul_node
+from slim_onnx.schema import IR_VERSION, OPSET
 
 __all__ = ["IR_VERSION", "add_fallback_functions", "make_slim_matmul_model", "make_slim_matmul_node"]
+
+
+def _one_node_graph(
+    weights: SlimWeights, a: ir.Value, y_name: str, node_name: str, accuracy_level: int, activation: str
+) -> ir.Graph:
+    graph = ir.Graph([a], [], nodes=[], name="slim_matmul")
+    node = slim_matmul_node(graph, a, weights, accuracy_level, node_name, activation)
+    node.outputs[0].name = y_name
+    graph.append(node)
+    graph.outputs.append(node.outputs[0])
+    return graph
 
 
 def make_slim_matmul_node(
@@ -22,23 +34,9 @@ def make_slim_matmul_node(
 
     Initializer names are node_name + "/W", "/W_scales", ... so that several nodes never collide.
     """
-    inputs = [a_name]
-    initializers = []
-    for key, array in weights.input_tensors().items():
-        if array is None:
-            inputs.append("")
-            continue
-        name = f"{node_name}/{key}"
-        inputs.append(name)
-        initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
-    while inputs[-1] == "":
-        inputs.pop()
-    attributes = weights.attributes(accuracy_level)
-    if activation != "none":
-        attributes["activation"] = activation
-    node = helper.make_node(OP_TYPE, inputs, [y_name], name=node_name, domain=DOMAIN, **attributes)
-    node.overload = weights.variant + (SWIGLU_SUFFIX if activation == "swiglu" else "")
-    return node, initializers
+    graph = _one_node_graph(weights, ir.Value(name=a_name), y_name, node_name, accuracy_level, activation)
+    initializers = [ir.serde.serialize_tensor(v.const_value) for v in graph.initializers.values()]
+    return ir.serde.serialize_node(graph.node(0)), initializers
 
 
 def add_fallback_functions(model: onnx.ModelProto) -> None:
@@ -54,17 +52,14 @@ def make_slim_matmul_model(
     activation: str = "none",
 ) -> onnx.ModelProto:
     """A one-node model Y = SlimMatMul(A) with `batch_dims` symbolic leading dimensions."""
-    elem = TensorProto.FLOAT16 if np.dtype(dtype) == np.float16 else TensorProto.FLOAT
+    elem = ir.DataType.FLOAT16 if np.dtype(dtype) == np.float16 else ir.DataType.FLOAT
     lead = [f"d{i}" for i in range(batch_dims)]
-    node, initializers = make_slim_matmul_node(weights, "A", "Y", "slim_matmul", accuracy_level, activation)
     n_out = weights.n // 2 if activation == "swiglu" else weights.n
-    graph = helper.make_graph(
-        [node],
-        "slim_matmul",
-        [helper.make_tensor_value_info("A", elem, [*lead, weights.k])],
-        [helper.make_tensor_value_info("Y", elem, [*lead, n_out])],
-        initializers,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION)
-    add_fallback_functions(model)
-    return model
+    a = ir.Value(name="A", type=ir.TensorType(elem), shape=ir.Shape([*lead, weights.k]))
+    graph = _one_node_graph(weights, a, "Y", "slim_matmul", accuracy_level, activation)
+    y = graph.outputs[0]
+    y.type, y.shape = ir.TensorType(elem), ir.Shape([*lead, n_out])
+    graph.opset_imports[""] = OPSET
+    model = ir.Model(graph, ir_version=IR_VERSION)
+    AddFallbackFunctionsPass()(model)
+    return ir.serde.serialize_model(model)

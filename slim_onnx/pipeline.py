@@ -24,7 +24,7 @@ import onnx_ir as ir
 from slim_onnx.algorithms.layer import CompressionError, compress_layer
 from slim_onnx.calibration import CalibrationError, TextCalibration, collect_statistics, model_feeds, npz_feeds, read_text, token_windows
 from slim_onnx.config import SlimConfig
-from slim_onnx.fallback import DOMAIN, OP_TYPE
+from slim_onnx.schema import DOMAIN, SLIM_MATMUL
 from slim_onnx.passes import compress_graph, find_linear_layers
 from slim_onnx.passes import fuse_attention as fuse_attention_layers
 from slim_onnx.passes import fuse_skip_rms_norm, fuse_swiglu, merge_sibling_layers, pack_attention_inputs
@@ -141,7 +141,7 @@ def compress(
         raise InputError("the output folder must differ from the input folder (the input is never modified)")
     model = load_model(src)
     bytes_before = _initializer_bytes(model)
-    if any(n.domain == DOMAIN and n.op_type == OP_TYPE for n in ir.traversal.RecursiveGraphIterator(model.graph)):
+    if any(n.domain == DOMAIN and n.op_type == SLIM_MATMUL for n in ir.traversal.RecursiveGraphIterator(model.graph)):
         raise InputError(f"{src} is already compressed (it holds SlimMatMul nodes)")
     layers = find_linear_layers(model)
     if not layers:

@@ -14,7 +14,7 @@ import pytest
 from onnx import TensorProto, helper
 
 import slim_onnx
-from slim_onnx.fallback import DOMAIN, IR_VERSION, OPSET
+from slim_onnx.schema import DOMAIN, IR_VERSION, OPSET
 from slim_onnx.op import add_fallback_functions
 
 INPUTS = ["query", "key", "value", "past_key", "past_value", "seqlens_k", "total_sequence_length", "attention_bias"]

@@ -195,3 +195,157 @@ def test_swiglu_is_not_folded_when_the_gate_is_read_elsewhere(rng):
     merge_sibling_layers(model)
     assert fuse_swiglu(model) == 0
     assert sorted(n.op_type for n in model.graph) == ["Mul", "Mul", "Sigmoid", "SlimMatMul", "Split"]
+
+
+# -- attention and RMSNorm fusion on hand-built export-shaped graphs --------------------------------
+
+
+def attention_layer(rng, heads=4, kv_heads=2, head_size=8, present_is_output=True, softmax_axis=-1) -> onnx.ModelProto:
+    """One decoder attention layer as Optimum exports it (without rotary): q/k/v projections split into
+    heads, the caches concatenated, repeat_kv when heads > kv_heads, scaled Q.K^T plus the additive
+    mask input, Softmax, probs.V, heads merged, o projection."""
+    e, d = heads * head_size, head_size
+    f = lambda *s: (rng.standard_normal(s) / np.sqrt(s[0])).astype(np.float32)  # noqa: E731
+    inits = [numpy_helper.from_array(a, n) for n, a in (
+        ("wq", f(e, heads * d)), ("wk", f(e, kv_heads * d)), ("wv", f(e, kv_heads * d)), ("wo", f(heads * d, e)),
+        ("q_shape", np.array([0, 0, heads, d])), ("kv_shape", np.array([0, 0, kv_heads, d])),
+        ("merged", np.array([0, 0, -1])), ("axis2", np.array([2])), ("scale", np.array(d**-0.5, np.float32)),
+        ("groups", np.array([1, 1, heads // kv_heads, 1, 1])), ("rep_shape", np.array([0, heads, -1, d])),
+    )]
+    nodes = []
+    for name, w, shape in (("q", "wq", "q_shape"), ("k", "wk", "kv_shape"), ("v", "wv", "kv_shape")):
+        nodes += [helper.make_node("MatMul", ["x", w], [f"{name}_p"], name=f"/{name}_proj/MatMul"),
+                  helper.make_node("Reshape", [f"{name}_p", shape], [f"{name}_4d"]),
+                  helper.make_node("Transpose", [f"{name}_4d"], [f"{name}_h"], perm=[0, 2, 1, 3])]
+    present = {}
+    for kind in ("key", "value"):
+        present[kind] = f"present.0.{kind}"
+        nodes.append(helper.make_node("Concat", [f"past_key_values.0.{kind}", f"{kind[0]}_h"], [present[kind]], axis=2))
+        if heads > kv_heads:  # repeat_kv
+            nodes += [helper.make_node("Unsqueeze", [present[kind], "axis2"], [f"{kind}_u"]),
+                      helper.make_node("Expand", [f"{kind}_u", "groups"], [f"{kind}_e"]),
+                      helper.make_node("Reshape", [f"{kind}_e", "rep_shape"], [f"{kind}_rep"])]
+            present[kind] = f"{kind}_rep"
+    nodes += [
+        helper.make_node("Transpose", [present["key"]], ["k_t"], perm=[0, 1, 3, 2]),
+        helper.make_node("MatMul", ["q_h", "k_t"], ["qk"]),
+        helper.make_node("Mul", ["qk", "scale"], ["scores"]),
+        helper.make_node("Add", ["scores", "mask"], ["masked"]),
+        helper.make_node("Softmax", ["masked"], ["probs"], axis=softmax_axis),
+        helper.make_node("MatMul", ["probs", present["value"]], ["pv"]),
+        helper.make_node("Transpose", ["pv"], ["pv_t"], perm=[0, 2, 1, 3]),
+        helper.make_node("Reshape", ["pv_t", "merged"], ["attn"]),
+        helper.make_node("MatMul", ["attn", "wo"], ["y"], name="/o_proj/MatMul"),
+    ]
+    cache = lambda n, length: helper.make_tensor_value_info(n, TensorProto.FLOAT, ["B", kv_heads, length, d])  # noqa: E731
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", "S", e]),
+              cache("past_key_values.0.key", "P"), cache("past_key_values.0.value", "P"),
+              helper.make_tensor_value_info("mask", TensorProto.FLOAT, ["B", 1, "S", "T"])]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", "S", e])]
+    if present_is_output:
+        outputs += [cache("present.0.key", "T"), cache("present.0.value", "T")]
+    graph = helper.make_graph(nodes, "attention", inputs, outputs, inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+
+
+def causal_feeds(rng, model: onnx.ModelProto, batch: int, seq: int, past: int) -> dict:
+    x_dim = model.graph.input[0].type.tensor_type.shape.dim[2].dim_value
+    kv_heads, d = (model.graph.input[1].type.tensor_type.shape.dim[i].dim_value for i in (1, 3))
+    mask = np.where(np.arange(past + seq)[None, :] <= past + np.arange(seq)[:, None], 0, -np.inf).astype(np.float32)
+    return {"x": rng.standard_normal((batch, seq, x_dim)).astype(np.float32),
+            "past_key_values.0.key": rng.standard_normal((batch, kv_heads, past, d)).astype(np.float32),
+            "past_key_values.0.value": rng.standard_normal((batch, kv_heads, past, d)).astype(np.float32),
+            "mask": np.broadcast_to(mask, (batch, 1, seq, past + seq)).copy()}
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 2), (2, 2)])
+def test_attention_fusion_on_a_hand_built_layer(rng, heads, kv_heads):
+    """Fused into one GroupQueryAttention with the export's outputs (present caches included), on our
+    kernel and on the fallback (com.microsoft's op), for a decode step and a prompt on a cache."""
+    from slim_onnx.passes import fuse_attention
+
+    proto = attention_layer(rng, heads, kv_heads)
+    model = ir.serde.deserialize_model(proto)
+    assert fuse_attention(model) == 1
+    fused = ir.serde.serialize_model(model)
+    ops = [n.op_type for n in fused.graph.node]
+    assert ops.count("GroupQueryAttention") == 1 and "Softmax" not in ops and "Concat" not in ops
+    assert [o.name for o in fused.graph.output] == [o.name for o in proto.graph.output]
+    for batch, seq, past in ((2, 1, 5), (1, 4, 3)):
+        feeds = causal_feeds(rng, proto, batch, seq, past)
+        want = run(proto, feeds, library=False)
+        for library in (True, False):
+            got = run(fused, feeds, library)
+            for g, w in zip(got, want, strict=True):
+                np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("change", [
+    dict(head_size=12),  # the fallback (onnxruntime's kernel) needs a head size that is a multiple of 8
+    dict(present_is_output=False),  # the caches are not the graph's outputs
+    dict(softmax_axis=2),  # not a softmax over the keys
+    dict(heads=3, kv_heads=2),  # heads not a multiple of the kv heads
+])
+def test_attention_fusion_leaves_other_shapes_alone(rng, change):
+    from slim_onnx.passes import fuse_attention
+
+    options = dict(heads=4, kv_heads=2, head_size=8) | change
+    if options["heads"] % options["kv_heads"]:  # build with repeat_kv of 2, then claim 3 heads in the split
+        proto = attention_layer(rng, heads=4, kv_heads=2)
+        shape = next(i for i in proto.graph.initializer if i.name == "q_shape")
+        shape.CopyFrom(numpy_helper.from_array(np.array([0, 0, 3, 8]), "q_shape"))
+    else:
+        proto = attention_layer(rng, **options)
+    model = ir.serde.deserialize_model(proto)
+    assert fuse_attention(model) == 0
+    assert sorted(n.op_type for n in model.graph) == sorted(n.op_type for n in proto.graph.node)
+
+
+def rms_norm_block(rng, gamma_constant=True, mean_axis=-1, power=2.0, hidden=16) -> onnx.ModelProto:
+    """h = a + b; out = RMSNorm(h) * gamma (Llama's export); the residual h is read again after it."""
+    inits = [numpy_helper.from_array(a, n) for n, a in (
+        ("two", np.array(power, np.float32)), ("axes", np.array([mean_axis])), ("eps", np.array(1e-6, np.float32)),
+        ("one", np.array(1.0, np.float32)),
+    )]
+    gamma = (1 + 0.1 * rng.standard_normal(hidden)).astype(np.float32)
+    if gamma_constant:
+        inits.append(numpy_helper.from_array(gamma, "gamma"))
+    nodes = [
+        helper.make_node("Add", ["a", "b"], ["h"]),
+        helper.make_node("Pow", ["h", "two"], ["sq"]),
+        helper.make_node("ReduceMean", ["sq", "axes"], ["mean"], keepdims=1),
+        helper.make_node("Add", ["mean", "eps"], ["var"]),
+        helper.make_node("Sqrt", ["var"], ["rms"]),
+        helper.make_node("Div", ["one", "rms"], ["inv"]),
+        helper.make_node("Mul", ["h", "inv"], ["normed"]),
+        helper.make_node("Mul", ["normed", "gamma"], ["out"]),
+        helper.make_node("Add", ["h", "out"], ["next"]),
+    ]
+    value = lambda n: helper.make_tensor_value_info(n, TensorProto.FLOAT, ["B", "S", hidden])  # noqa: E731
+    inputs = [value("a"), value("b")]
+    if not gamma_constant:
+        inputs.append(helper.make_tensor_value_info("gamma", TensorProto.FLOAT, [hidden]))
+    graph = helper.make_graph(nodes, "norm", inputs, [value("next")], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+
+
+def test_skip_rms_norm_fusion_on_a_hand_built_block(rng):
+    from slim_onnx.passes import fuse_skip_rms_norm
+
+    proto = rms_norm_block(rng)
+    model = ir.serde.deserialize_model(proto)
+    assert fuse_skip_rms_norm(model) == 1
+    fused = ir.serde.serialize_model(model)
+    assert sorted(n.op_type for n in fused.graph.node) == ["Add", "SkipSimplifiedLayerNormalization"]
+    feeds = {"a": rng.standard_normal((2, 3, 16)).astype(np.float32), "b": rng.standard_normal((2, 3, 16)).astype(np.float32)}
+    np.testing.assert_allclose(run(fused, feeds, library=False)[0], run(proto, feeds, library=False)[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("change", [dict(gamma_constant=False), dict(mean_axis=1), dict(power=3.0)])
+def test_skip_rms_norm_fusion_leaves_other_norms_alone(rng, change):
+    from slim_onnx.passes import fuse_skip_rms_norm
+
+    proto = rms_norm_block(rng, **change)
+    model = ir.serde.deserialize_model(proto)
+    assert fuse_skip_rms_norm(model) == 0
+    assert sorted(n.op_type for n in model.graph) == sorted(n.op_type for n in proto.graph.node)

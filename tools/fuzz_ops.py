@@ -48,7 +48,7 @@ import numpy as np
 import onnx
 from onnx import AttributeProto, helper, numpy_helper
 
-from slim_onnx.fallback import DOMAIN, IR_VERSION, OPSET
+from slim_onnx.schema import DOMAIN, IR_VERSION, OPSET
 from slim_onnx.packing import pack_quantized
 
 ROOT = Path(__file__).resolve().parents[1]

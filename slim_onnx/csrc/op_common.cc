@@ -14,19 +14,24 @@ void ThrowOnError(OrtStatus* status) {
   throw OpError(msg);
 }
 
+namespace {
+
+[[noreturn]] void SizeError(const char* what, int64_t a, int64_t b, const char* op) {
+  throw OpError(std::string(what) + " = " + std::to_string(a) + op + std::to_string(b) +
+                (a < 0 || b < 0 ? " has a negative operand" : " does not fit in 64 bits"));
+}
+
+}  // namespace
+
 int64_t CheckedMul(int64_t a, int64_t b, const char* what) {
   int64_t out = 0;
-  if (a < 0 || b < 0 || __builtin_mul_overflow(a, b, &out))
-    throw OpError(std::string(what) + " = " + std::to_string(a) + " * " + std::to_string(b) +
-                  (a < 0 || b < 0 ? " has a negative factor" : " does not fit in 64 bits"));
+  if (a < 0 || b < 0 || __builtin_mul_overflow(a, b, &out)) SizeError(what, a, b, " * ");
   return out;
 }
 
 int64_t CheckedAdd(int64_t a, int64_t b, const char* what) {
   int64_t out = 0;
-  if (a < 0 || b < 0 || __builtin_add_overflow(a, b, &out))
-    throw OpError(std::string(what) + " = " + std::to_string(a) + " + " + std::to_string(b) +
-                  (a < 0 || b < 0 ? " has a negative term" : " does not fit in 64 bits"));
+  if (a < 0 || b < 0 || __builtin_add_overflow(a, b, &out)) SizeError(what, a, b, " + ");
   return out;
 }
 

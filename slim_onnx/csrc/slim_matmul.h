@@ -101,7 +101,13 @@ struct SlimMatMulOp : OrtCustomOp {
   }
 };
 
-// The op registered for each execution provider, in its two adapter element types.
+// The op for one execution provider (Kernel), registered in its two adapter element types.
+template <typename Kernel>
+std::vector<OrtCustomOp*> SlimMatMulOps() {
+  static SlimMatMulOp<Kernel> int4(ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8);
+  static SlimMatMulOp<Kernel> f16(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16);
+  return {&int4, &f16};
+}
 std::vector<OrtCustomOp*> SlimMatMulCpuOps();
 #ifdef SLIM_ONNX_HAVE_CUDA
 std::vector<OrtCustomOp*> SlimMatMulCudaOps();

@@ -209,10 +209,6 @@ SlimMatMulCpuKernel::SlimMatMulCpuKernel(const OrtKernelInfo* info, const std::s
 
 }  // namespace
 
-std::vector<OrtCustomOp*> SlimMatMulCpuOps() {
-  static SlimMatMulOp<SlimMatMulCpuKernel> int4(ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8);
-  static SlimMatMulOp<SlimMatMulCpuKernel> f16(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16);
-  return {&int4, &f16};
-}
+std::vector<OrtCustomOp*> SlimMatMulCpuOps() { return SlimMatMulOps<SlimMatMulCpuKernel>(); }
 
 }  // namespace slim

@@ -8,16 +8,9 @@ the cache once per key/value head), with a model-local fallback function that is
 com.microsoft::GroupQueryAttention (same contract, docs/op-spec.md), so the fused model still runs on
 stock onnxruntime.
 
-Matched per layer, anchored on the cache (names as Optimum writes them):
-
-  present.i.key   = Concat(past_key_values.i.key,   K, axis=2)      K: [B, Hkv, S, D], rotary applied
-  present.i.value = Concat(past_key_values.i.value, V, axis=2)
-  scores = MatMul(Q [* cq], Transpose(repeat_kv(present.i.key), 0,1,3,2) [* ck])   Q: [B, H, S, D]
-  probs  = Softmax(scores [+ bias])  [NaN -> 0]                      bias: [B|1, 1, S, P+S]
-  out    = Reshape(Transpose(MatMul(probs, repeat_kv(present.i.value)), 0,2,1,3))   -> [B, S, H*D]
-  (repeat_kv = Unsqueeze(axis 2) -> Expand -> Reshape, absent when H == Hkv)
-
-becomes GroupQueryAttention(Q, K, V as [B, S, heads*D], the caches, seqlens_k, total_sequence_length,
+The pattern is passes/attention_match.py's (per layer: the cache Concats, Q.K^T with its scales,
+Softmax over the scores plus an optional bias, probs.V and the head merge); the layer becomes
+GroupQueryAttention(Q, K, V as [B, S, heads*D], the caches, seqlens_k, total_sequence_length,
 attention_bias=bias) with scale cq*ck and causal masking; its present outputs take the names of the
 old ones. seqlens_k is P+S-1 for every row (the cache holds P entries per row, padded or not), so
 padding is masked by the model's own bias exactly as before.
@@ -46,354 +39,22 @@ keeps the export's attention.
 from __future__ import annotations
 
 import dataclasses
-import re
 
 import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
-from slim_onnx.fallback import ATTENTION_OP_TYPE, DOMAIN
-from slim_onnx.passes.linear import _constant_source, _weight_source
-from slim_onnx.passes.rewrite import AddFallbackFunctionsPass, register_constant
-
-_PAST = re.compile(r"^past_key_values\.(\d+)\.key$")
-
-
-def _producer(value: ir.Value | None, op_type: str) -> ir.Node | None:
-    node = value.producer() if value is not None else None
-    return node if node is not None and node.op_type == op_type and node.domain == "" else None
-
-
-def _scalar(value: ir.Value | None) -> float | None:
-    tensor = ir.convenience.get_const_tensor(value) if value is not None else None
-    if tensor is None or tensor.size != 1:
-        return None
-    return float(tensor.numpy().reshape(()))
-
-
-def _ints(value: ir.Value | None) -> list[int] | None:
-    tensor = ir.convenience.get_const_tensor(value) if value is not None else None
-    return None if tensor is None else [int(x) for x in tensor.numpy().reshape(-1)]
-
-
-def _perm(node: ir.Node | None) -> list[int] | None:
-    attr = node.attributes.get("perm") if node is not None else None
-    return None if attr is None else list(attr.as_ints())
-
-
-def _scaled(value: ir.Value) -> tuple[ir.Value, float]:
-    """(x, c) for value = x * c or x / (1/c) with a constant scalar c; (value, 1) otherwise."""
-    for op in ("Mul", "Div"):
-        node = _producer(value, op)
-        if node is None:
-            continue
-        for i in (1, 0) if op == "Mul" else (1,):
-            c = _scalar(node.inputs[i])
-            if c is not None and c != 0:
-                return node.inputs[1 - i], c if op == "Mul" else 1.0 / c
-    return value, 1.0
-
-
-def _through_repeat_kv(present: ir.Value) -> list[ir.Value]:
-    """The values that hold `present` for the attention MatMuls: itself and its repeat_kv copies."""
-    found = [present]
-    for use in present.uses():
-        unsqueeze = use.node
-        if unsqueeze.op_type != "Unsqueeze" or _ints(unsqueeze.inputs[1] if len(unsqueeze.inputs) > 1 else None) != [2]:
-            continue
-        for expand_use in unsqueeze.outputs[0].uses():
-            if expand_use.node.op_type != "Expand":
-                continue
-            for reshape_use in expand_use.node.outputs[0].uses():
-                if reshape_use.node.op_type == "Reshape" and reshape_use.idx == 0:
-                    found.append(reshape_use.node.outputs[0])
-    return found
-
-
-def _consumers(values: list[ir.Value], op_type: str, index: int) -> list[ir.Node]:
-    return [use.node for v in values for use in v.uses() if use.node.op_type == op_type and use.idx == index]
-
-
-def _projection_width(value: ir.Value) -> int | None:
-    """The last dimension of a projection's output [B, S, N]: from its static shape, or from the
-    layer that made it (MatMul with a constant weight, SlimMatMul or MatMulNBits, under a bias Add)."""
-    while True:
-        if value.shape is not None and len(value.shape) and isinstance(value.shape[-1], int):
-            return value.shape[-1]
-        node = value.producer()
-        if node is None:
-            return None
-        if node.op_type in ("SlimMatMul", "MatMulNBits"):
-            n = node.attributes.get("N")
-            return None if n is None else n.as_int()
-        if node.op_type == "MatMul":
-            weight = _weight_source(node.inputs[1])
-            if weight is None:
-                return None
-            source, transposed, _ = weight
-            return source.const_value.shape[0 if transposed else 1]
-        if node.op_type != "Add":
-            return None
-        value = node.inputs[1] if _constant_source(node.inputs[0]) is not None else node.inputs[0]
-
-
-def _query_heads(query: ir.Value, head_size: int) -> int | None:
-    """H, from the Reshape [B, S, H, D] that made the query before its 0,2,1,3 Transpose (the rotary
-    ops in between are walked through, a few nodes up): its constant H, else its input's width / D."""
-    frontier, seen = [query], set()
-    for _ in range(12):
-        next_frontier = []
-        for value in frontier:
-            node = value.producer() if value is not None else None
-            if node is None or id(node) in seen:
-                continue
-            seen.add(id(node))
-            if node.op_type == "Transpose" and _perm(node) == [0, 2, 1, 3]:
-                reshape = _producer(node.inputs[0], "Reshape")
-                if reshape is None:
-                    continue
-                shape = _reshape_target(reshape.inputs[1])
-                if shape is not None and len(shape) == 4 and shape[2] > 0 and shape[3] in (head_size, -1):
-                    return shape[2]
-                width = _projection_width(reshape.inputs[0])
-                return width // head_size if width is not None and width % head_size == 0 else None
-            next_frontier.extend(node.inputs)
-        frontier = next_frontier
-    return None
-
-
-def _reshape_target(shape: ir.Value) -> list[int] | None:
-    """The constant entries of a Reshape target built by Concat (unknown entries as -1)."""
-    direct = _ints(shape)
-    if direct is not None:
-        return direct
-    concat = _producer(shape, "Concat")
-    if concat is None:
-        return None
-    entries = []
-    for part in concat.inputs:
-        ints = _ints(part)
-        entries.extend(ints if ints is not None else [-1])
-    return entries
-
-
-def _linear_input(value: ir.Value) -> ir.Value | None:
-    """The activation input of the linear layer (under an optional bias Add) that made `value`."""
-    node = value.producer()
-    if node is not None and node.op_type == "Add":
-        constant = [_constant_source(v) is not None for v in node.inputs]
-        if constant.count(True) != 1:
-            return None
-        node = node.inputs[constant.index(False)].producer()
-    if node is None:
-        return None
-    if node.op_type in ("SlimMatMul", "MatMulNBits") or (node.op_type == "MatMul" and _weight_source(node.inputs[1])):
-        return node.inputs[0]
-    return None
-
-
-def _is_dim(entry: ir.Value, index: int, sources: tuple) -> bool:
-    """`entry` (a Reshape target's entry) is dimension `index` of one of `sources`, or 0 (copy)."""
-    if _ints(entry) == [0]:
-        return True
-    unsqueeze = _producer(entry, "Unsqueeze")
-    gather = _producer(unsqueeze.inputs[0], "Gather") if unsqueeze is not None else None
-    shape = _producer(gather.inputs[0], "Shape") if gather is not None else None
-    return (
-        shape is not None and not shape.attributes and _ints(gather.inputs[1]) == [index]
-        and any(shape.inputs[0] is s for s in sources)
-    )
-
-
-def _split_heads_source(x: ir.Value, head_size: int) -> ir.Value | None:
-    """p, when x [B, heads, S, D] = Transpose(Reshape(p, [B, S, -1|heads, D]), 0,2,1,3) and B, S are
-    p's own first dimensions (read from p or from its linear layer's input, or copied by a 0)."""
-    transpose = _producer(x, "Transpose")
-    if transpose is None or _perm(transpose) != [0, 2, 1, 3]:
-        return None
-    reshape = _producer(transpose.inputs[0], "Reshape")
-    if reshape is None or reshape.attributes.get_int("allowzero", 0):
-        return None
-    p, target = reshape.inputs[0], reshape.inputs[1]
-    entries = _producer(target, "Concat")
-    entries = list(entries.inputs) if entries is not None else None
-    constant = _ints(target)
-    if constant is not None:  # a fully constant target: only 0 (copy) can be a leading dimension
-        if len(constant) != 4 or constant[:2] != [0, 0] or constant[3] != head_size:
-            return None
-        return p
-    if entries is None or len(entries) != 4 or _ints(entries[3]) != [head_size]:
-        return None
-    sources = (p, _linear_input(p))
-    return p if all(_is_dim(entries[i], i, sources) for i in (0, 1)) else None
-
-
-def _operands(value: ir.Value | None, op_type: str) -> tuple[ir.Value, ir.Value] | None:
-    node = _producer(value, op_type)
-    return None if node is None or len(node.inputs) != 2 else (node.inputs[0], node.inputs[1])
-
-
-def _last_axis_slice(value: ir.Value) -> tuple[ir.Value, ir.Value, ir.Value] | None:
-    """(input, start, end) of a Slice along the last axis with step 1."""
-    node = _producer(value, "Slice")
-    if node is None or len(node.inputs) < 4 or _ints(node.inputs[3]) not in ([-1], [3]):
-        return None
-    if len(node.inputs) > 4 and node.inputs[4] is not None and _ints(node.inputs[4]) != [1]:
-        return None
-    return node.inputs[0], node.inputs[1], node.inputs[2]
-
-
-def _is_half_head(value: ir.Value, x: ir.Value, head_size: int) -> bool:
-    """value is [D/2] for x [B, H, S, D]: a constant, or Unsqueeze(Cast*(Div(Cast*(Gather(Shape(x), 3|-1)), 2)))."""
-    if _ints(value) == [head_size // 2]:
-        return True
-    node = _producer(value, "Unsqueeze")
-    value = node.inputs[0] if node is not None else None
-    while _producer(value, "Cast") is not None:
-        value = value.producer().inputs[0]
-    div = _producer(value, "Div")
-    if div is None or _scalar(div.inputs[1]) != 2:
-        return False
-    value = div.inputs[0]
-    while _producer(value, "Cast") is not None:
-        value = value.producer().inputs[0]
-    gather = _producer(value, "Gather")
-    shape = _producer(gather.inputs[0], "Shape") if gather is not None else None
-    return shape is not None and shape.inputs[0] is x and not shape.attributes and _ints(gather.inputs[1]) in ([3], [-1])
-
-
-def _rotate_half_input(value: ir.Value, head_size: int) -> ir.Value | None:
-    """x, when value = Concat(Neg(x[..., D/2:]), x[..., :D/2], axis=-1)."""
-    concat = _producer(value, "Concat")
-    if concat is None or len(concat.inputs) != 2 or concat.attributes.get_int("axis", 0) not in (-1, 3):
-        return None
-    neg = _producer(concat.inputs[0], "Neg")
-    upper = _last_axis_slice(neg.inputs[0]) if neg is not None else None
-    lower = _last_axis_slice(concat.inputs[1])
-    if upper is None or lower is None or upper[0] is not lower[0]:
-        return None
-    x = lower[0]
-    if _ints(lower[1]) != [0] or not (_is_half_head(lower[2], x, head_size) and _is_half_head(upper[1], x, head_size)):
-        return None
-    end = _ints(upper[2])
-    return lower[0] if end is not None and len(end) == 1 and end[0] >= head_size else None
-
-
-def _cos_sin_source(value: ir.Value, op_type: str) -> ir.Value | None:
-    """t [B, S, D], when value = Unsqueeze(t, 1) and t = Cast*(Cos|Sin(Concat(f, f, axis=-1)) [* c])."""
-    unsqueeze = _producer(value, "Unsqueeze")
-    if unsqueeze is None or len(unsqueeze.inputs) != 2 or _ints(unsqueeze.inputs[1]) != [1]:
-        return None
-    table = walk = unsqueeze.inputs[0]
-    while True:
-        node = walk.producer() if walk is not None else None
-        if node is None or node.domain != "":
-            return None
-        if node.op_type == "Cast":
-            walk = node.inputs[0]
-        elif node.op_type == "Mul" and _scalar(node.inputs[1]) is not None:
-            walk = node.inputs[0]
-        elif node.op_type == op_type:
-            concat = _producer(node.inputs[0], "Concat")
-            ok = concat is not None and len(concat.inputs) == 2 and concat.inputs[0] is concat.inputs[1]
-            return table if ok and concat.attributes.get_int("axis", 0) in (-1, 2) else None
-        else:
-            return None
-
-
-def _rotary(x: ir.Value, head_size: int) -> tuple[ir.Value, ir.Value, ir.Value] | None:
-    """(input, cos [B, S, D], sin [B, S, D]) when x is the export's rotate_half rotary embedding."""
-    terms = _operands(x, "Add")
-    for plain, rotated in (terms, terms[::-1]) if terms is not None else ():
-        a, b = _operands(plain, "Mul") or (None, None), _operands(rotated, "Mul") or (None, None)
-        for inner, cos in (a, a[::-1]):
-            for half, sin in (b, b[::-1]):
-                if inner is None or half is None or _rotate_half_input(half, head_size) is not inner:
-                    continue
-                cos_table, sin_table = _cos_sin_source(cos, "Cos"), _cos_sin_source(sin, "Sin")
-                if cos_table is not None and sin_table is not None:
-                    return inner, cos_table, sin_table
-    return None
-
-
-@dataclasses.dataclass
-class _Attention:
-    """One matched layer: everything GroupQueryAttention needs, and the values it replaces."""
-
-    past_key: ir.Value
-    past_value: ir.Value
-    present_key: ir.Value  # old Concat outputs (graph outputs)
-    present_value: ir.Value
-    key: ir.Value  # [B, Hkv, S, D], rotary applied
-    value: ir.Value
-    query: ir.Value  # [B, H, S, D], rotary applied, unscaled
-    bias: ir.Value | None  # added to the scores: [B|1, 1, S, P+S]
-    scale: float
-    heads: int
-    kv_heads: int
-    output: ir.Value  # [B, S, H*D]
-
-
-def _cache_concat(past: ir.Value) -> ir.Node | None:
-    for use in past.uses():
-        node = use.node
-        axis = node.attributes.get("axis")
-        if node.op_type == "Concat" and use.idx == 0 and len(node.inputs) == 2 and axis is not None and axis.as_int() in (2, -2):
-            if node.outputs[0].is_graph_output():
-                return node
-    return None
-
-
-def match_attention(graph: ir.Graph, past_key: ir.Value, past_value: ir.Value) -> _Attention | None:
-    key_concat, value_concat = _cache_concat(past_key), _cache_concat(past_value)
-    if key_concat is None or value_concat is None or past_key.shape is None or len(past_key.shape) != 4:
-        return None
-    kv_heads, head_size = past_key.shape[1], past_key.shape[3]
-    if not isinstance(kv_heads, int) or not isinstance(head_size, int) or head_size % 8:
-        return None  # onnxruntime's GroupQueryAttention (the fallback) needs D % 8 == 0
-    present_key, present_value = key_concat.outputs[0], value_concat.outputs[0]
-
-    pv = _consumers(_through_repeat_kv(present_value), "MatMul", 1)
-    if len(pv) != 1:
-        return None
-    pv = pv[0]
-    probs = pv.inputs[0]
-    where = _producer(probs, "Where")
-    if where is not None:  # Where(IsNaN(p), 0, p): a fully masked row gives 0, not NaN
-        is_nan = _producer(where.inputs[0], "IsNaN")
-        if is_nan is None or is_nan.inputs[0] is not where.inputs[2] or _scalar(where.inputs[1]) != 0:
-            return None
-        probs = where.inputs[2]
-    softmax = _producer(probs, "Softmax")
-    if softmax is None or softmax.attributes.get_int("axis", -1) not in (-1, 3):
-        return None
-    scores, bias = softmax.inputs[0], None
-    add = _producer(scores, "Add")
-    if add is not None:
-        scores, bias = add.inputs[0], add.inputs[1]
-    scores, post_scale = _scaled(scores)
-    qk = _producer(scores, "MatMul")
-    if qk is None:
-        return None
-    query, q_scale = _scaled(qk.inputs[0])
-    key_t, k_scale = _scaled(qk.inputs[1])
-    transpose = _producer(key_t, "Transpose")
-    if transpose is None or _perm(transpose) != [0, 1, 3, 2] or transpose.inputs[0] not in _through_repeat_kv(present_key):
-        return None
-
-    out_transpose = [u.node for u in pv.outputs[0].uses()]
-    if len(out_transpose) != 1 or out_transpose[0].op_type != "Transpose" or _perm(out_transpose[0]) != [0, 2, 1, 3]:
-        return None
-    out_reshape = [u.node for u in out_transpose[0].outputs[0].uses()]
-    if len(out_reshape) != 1 or out_reshape[0].op_type != "Reshape":
-        return None
-    heads = _query_heads(query, head_size)
-    if heads is None or heads % kv_heads:
-        return None
-    return _Attention(
-        past_key, past_value, present_key, present_value, key_concat.inputs[1], value_concat.inputs[1], query, bias,
-        q_scale * k_scale * post_scale, heads, kv_heads, out_reshape[0].outputs[0],
-    )
+from slim_onnx.passes.attention_match import (
+    PAST_KEY,
+    AttentionLayer,
+    cache_copies,
+    match_attention,
+    rotary_source,
+    split_heads_source,
+)
+from slim_onnx.passes.graph import register_constant
+from slim_onnx.passes.rewrite import AddFallbackFunctionsPass
+from slim_onnx.schema import DOMAIN, GROUP_QUERY_ATTENTION, AttentionVariant
 
 
 class _InputBuilder:
@@ -407,8 +68,8 @@ class _InputBuilder:
         self.rotaries = 0
 
     def __call__(self, before: ir.Node, x: ir.Value, heads: int) -> ir.Value:
-        rotary = _rotary(x, self.head_size)
-        source = _split_heads_source(rotary[0] if rotary else x, self.head_size)
+        rotary = rotary_source(x, self.head_size)
+        source = split_heads_source(rotary[0] if rotary else x, self.head_size)
         if source is None:  # transpose the heads back
             t = ir.node("Transpose", [x], {"perm": [0, 2, 1, 3]})
             nodes = [t, ir.node("Reshape", [t.outputs[0], self.flat])]
@@ -486,13 +147,13 @@ def _cache_shape(graph: ir.Graph, before: ir.Node, past: ir.Value, total: ir.Val
     return shape.outputs[0]
 
 
-def _retarget_shape_reads(graph: ir.Graph, before: ir.Node, a: _Attention, total: ir.Value, shapes: dict) -> None:
+def _retarget_shape_reads(graph: ir.Graph, before: ir.Node, a: AttentionLayer, total: ir.Value, shapes: dict) -> None:
     """Point every Shape node that reads a cache tensor (old present or its repeat_kv copy) at an
     equivalent shape computed from the inputs; the cache tensors themselves then die. `shapes` keeps
     one value per (heads, head size) for all layers (their caches share batch and length), so the
     layers' identical mask slices can be merged by onnxruntime's common-subexpression elimination."""
     for present, past in ((a.present_key, a.past_key), (a.present_value, a.past_value)):
-        for value in _through_repeat_kv(present):
+        for value in cache_copies(present):
             readers = [use.node for use in value.uses() if use.node.op_type == "Shape"]
             if not readers:
                 continue
@@ -515,16 +176,16 @@ def _const(graph: ir.Graph, ints: list[int] | int) -> ir.Value:
     return register_constant(graph, f"gqa/const_{len(graph.initializers)}", np.array(ints, dtype=np.int64))
 
 
-def _fuse(graph: ir.Graph, a: _Attention, qkv: list[ir.Value], lengths: _Lengths, shapes: dict, index: int) -> None:
+def _fuse(graph: ir.Graph, a: AttentionLayer, qkv: list[ir.Value], lengths: _Lengths, shapes: dict, index: int) -> None:
     """Replace layer `a` by GroupQueryAttention over qkv ([B, S, heads*D] each)."""
     anchor = a.output.producer()
     inputs = [*qkv, a.past_key, a.past_value, lengths.seqlens_k, lengths.total_sequence_length]
     if a.bias is not None:
         inputs.append(a.bias)
     gqa = ir.node(
-        ATTENTION_OP_TYPE, inputs,
+        GROUP_QUERY_ATTENTION, inputs,
         {"num_heads": a.heads, "kv_num_heads": a.kv_heads, "scale": float(a.scale)},
-        domain=DOMAIN, overload="bias" if a.bias is not None else "nobias", num_outputs=3,
+        domain=DOMAIN, overload=AttentionVariant(packed=False, bias=a.bias is not None).overload, num_outputs=3,
         name=f"GroupQueryAttention_{index}",
     )
     graph.insert_before(anchor, gqa)
@@ -555,7 +216,7 @@ class FuseGroupQueryAttentionPass(ir.passes.InPlacePass):
         inputs = {v.name: v for v in graph.inputs}
         matched = []
         for name, past_key in inputs.items():
-            found = _PAST.match(name)
+            found = PAST_KEY.match(name)
             past_value = inputs.get(f"past_key_values.{found.group(1)}.value") if found else None
             if past_value is not None:
                 attention = match_attention(graph, past_key, past_value)
@@ -588,4 +249,4 @@ def fuse_attention(model: ir.Model) -> int:
     return fuse.fused
 
 
-__all__ = ["FuseGroupQueryAttentionPass", "fuse_attention", "match_attention"]
+__all__ = ["FuseGroupQueryAttentionPass", "fuse_attention"]

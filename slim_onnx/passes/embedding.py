@@ -23,7 +23,7 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
-from slim_onnx.passes.rewrite import register_constant
+from slim_onnx.passes.graph import register_constant
 
 MIN_ROWS = 1024  # smaller tables (position or token-type embeddings) are not worth it
 

@@ -16,6 +16,8 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
+from slim_onnx.passes.graph import constant_source, weight_source
+
 
 @dataclasses.dataclass
 class LinearLayer:
@@ -48,26 +50,11 @@ class LinearLayer:
         return None if self.bias is None else self.bias.const_value.numpy().astype(np.float32).reshape(-1)
 
 
-def _constant(value: ir.Value | None) -> bool:
-    return value is not None and value.const_value is not None
-
-
-def _constant_source(value: ir.Value | None) -> ir.Value | None:
-    """The initializer behind `value`, following Identity nodes (exporters alias identical tensors,
-    e.g. equal biases, through Identity), or None when `value` is not a constant."""
-    while value is not None and not _constant(value):
-        producer = value.producer()
-        if producer is None or producer.op_type != "Identity" or producer.domain != "":
-            return None
-        value = producer.inputs[0]
-    return value
-
-
 def _is_constant_derived(value: ir.Value | None) -> bool:
     """A constant, or a Constant node, or a Cast/Identity of one: never a layer's activation."""
     if value is None:
         return False
-    if _constant(value):
+    if value.const_value is not None:
         return True
     producer = value.producer()
     if producer is None:
@@ -75,22 +62,6 @@ def _is_constant_derived(value: ir.Value | None) -> bool:
     if producer.op_type == "Constant":
         return True
     return producer.op_type in ("Cast", "Identity") and _is_constant_derived(producer.inputs[0])
-
-
-def _weight_source(value: ir.Value | None) -> tuple[ir.Value, bool, ir.Node | None] | None:
-    """(2-D initializer, transposed, Transpose node) behind a MatMul's second input, if any."""
-    if value is None:
-        return None
-    source = _constant_source(value)
-    if source is not None:
-        return (source, False, None) if len(source.const_value.shape) == 2 else None
-    producer = value.producer()
-    if producer is not None and producer.op_type == "Transpose" and producer.domain == "":
-        perm = producer.attributes.get("perm")
-        source = _constant_source(producer.inputs[0])
-        if (perm is None or list(perm.as_ints()) == [1, 0]) and source is not None and len(source.const_value.shape) == 2:
-            return source, True, producer
-    return None
 
 
 def _foldable_bias(node: ir.Node, n: int) -> tuple[ir.Value, ir.Node] | None:
@@ -102,20 +73,10 @@ def _foldable_bias(node: ir.Node, n: int) -> tuple[ir.Value, ir.Node] | None:
     add = uses[0].node
     if add.op_type != "Add" or add.domain != "" or len(add.inputs) != 2:
         return None
-    other = _constant_source(add.inputs[1 - uses[0].idx])
+    other = constant_source(add.inputs[1 - uses[0].idx])
     if other is None or int(np.prod(other.const_value.shape)) != n or other.const_value.shape[-1] != n:
         return None
     return other, add
-
-
-def _attr_int(node: ir.Node, name: str, default: int) -> int:
-    attr = node.attributes.get(name)
-    return default if attr is None else attr.as_int()
-
-
-def _attr_float(node: ir.Node, name: str, default: float) -> float:
-    attr = node.attributes.get(name)
-    return default if attr is None else attr.as_float()
 
 
 def _match(node: ir.Node, index: int) -> LinearLayer | None:
@@ -126,21 +87,22 @@ def _match(node: ir.Node, index: int) -> LinearLayer | None:
         return None
     bias = bias_add = None
     if node.op_type == "MatMul":
-        source = _weight_source(node.inputs[1])
+        source = weight_source(node.inputs[1])
         if source is None:
             return None
         weight, transposed, transpose_node = source
     else:
-        if _attr_int(node, "transA", 0) or _attr_float(node, "alpha", 1.0) != 1.0 or _attr_float(node, "beta", 1.0) != 1.0:
+        a = node.attributes
+        if a.get_int("transA", 0) or a.get_float("alpha", 1.0) != 1.0 or a.get_float("beta", 1.0) != 1.0:
             return None
-        weight = _constant_source(node.inputs[1])
+        weight = constant_source(node.inputs[1])
         if weight is None or len(weight.const_value.shape) != 2:
             return None
-        transposed, transpose_node = bool(_attr_int(node, "transB", 0)), None
+        transposed, transpose_node = bool(a.get_int("transB", 0)), None
     rows, cols = weight.const_value.shape
     k, n = (cols, rows) if transposed else (rows, cols)
     if node.op_type == "Gemm" and len(node.inputs) > 2 and node.inputs[2] is not None:
-        c = _constant_source(node.inputs[2])
+        c = constant_source(node.inputs[2])
         if c is None or int(np.prod(c.const_value.shape)) != n:
             return None
         bias = c

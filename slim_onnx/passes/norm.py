@@ -20,19 +20,7 @@ from __future__ import annotations
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
-from slim_onnx.passes.attention import _ints, _scalar
-from slim_onnx.passes.linear import _constant_source
-
-
-def _only_use(value: ir.Value, op_type: str) -> ir.Node | None:
-    uses = list(value.uses())
-    if len(uses) != 1 or value.is_graph_output() or uses[0].node.op_type != op_type or uses[0].node.domain != "":
-        return None
-    return uses[0].node
-
-
-def _uses(value: ir.Value, op_type: str) -> list[ir.Node]:
-    return [u.node for u in value.uses() if u.node.op_type == op_type and u.node.domain == ""]
+from slim_onnx.passes.graph import const_ints, const_scalar, constant_source, only_reader, readers
 
 
 def _float_cast(node: ir.Node | None) -> bool:
@@ -42,32 +30,32 @@ def _float_cast(node: ir.Node | None) -> bool:
 def _rms_norm(h: ir.Value) -> tuple[ir.Node, float, ir.Value, ir.Value] | None:
     """(the norm's last Mul, eps, gamma, c) when the RMSNorm above reads h (and only it reads its
     inner values; c, the float32 Cast of h, may have other readers: exports read the residual there)."""
-    casts = [n for n in _uses(h, "Cast") if _float_cast(n)]
+    casts = [n for n in readers(h, "Cast") if _float_cast(n)]
     for c in [h] + [n.outputs[0] for n in casts]:
-        for pow_node in _uses(c, "Pow"):
-            if _scalar(pow_node.inputs[1]) != 2:
+        for pow_node in readers(c, "Pow"):
+            if const_scalar(pow_node.inputs[1]) != 2:
                 continue
-            mean = _only_use(pow_node.outputs[0], "ReduceMean")
-            if mean is None or len(mean.inputs) < 2 or _ints(mean.inputs[1]) != [-1] or not mean.attributes.get_int("keepdims", 1):
+            mean = only_reader(pow_node.outputs[0], "ReduceMean")
+            if mean is None or len(mean.inputs) < 2 or const_ints(mean.inputs[1]) != [-1] or not mean.attributes.get_int("keepdims", 1):
                 continue
-            add = _only_use(mean.outputs[0], "Add")
-            eps = _scalar(add.inputs[1]) if add is not None else None
-            sqrt = _only_use(add.outputs[0], "Sqrt") if eps is not None else None
-            div = _only_use(sqrt.outputs[0], "Div") if sqrt is not None else None
-            if div is None or div.inputs[1] is not sqrt.outputs[0] or _scalar(div.inputs[0]) != 1:
+            add = only_reader(mean.outputs[0], "Add")
+            eps = const_scalar(add.inputs[1]) if add is not None else None
+            sqrt = only_reader(add.outputs[0], "Sqrt") if eps is not None else None
+            div = only_reader(sqrt.outputs[0], "Div") if sqrt is not None else None
+            if div is None or div.inputs[1] is not sqrt.outputs[0] or const_scalar(div.inputs[0]) != 1:
                 continue
-            scale = _only_use(div.outputs[0], "Mul")
+            scale = only_reader(div.outputs[0], "Mul")
             if scale is None or c not in scale.inputs:
                 continue
             y = scale.outputs[0]
-            cast = _only_use(y, "Cast")
+            cast = only_reader(y, "Cast")
             if cast is not None:
                 if not _float_cast(cast):
                     continue
                 y = cast.outputs[0]
-            last = _only_use(y, "Mul")
+            last = only_reader(y, "Mul")
             gamma = next((v for v in last.inputs if v is not y), None) if last is not None else None
-            gamma = _constant_source(gamma)  # exporters alias equal tensors (all-ones gammas) through Identity
+            gamma = constant_source(gamma)  # exporters alias equal tensors (all-ones gammas) through Identity
             tensor = gamma.const_value if gamma is not None else None
             if tensor is None or tensor.dtype != ir.DataType.FLOAT or len(tensor.shape) != 1:
                 continue
@@ -89,7 +77,7 @@ class FuseSkipRmsNormPass(ir.passes.InPlacePass):
         for add in [n for n in graph if n.op_type == "Add" and n.domain == ""]:
             h = add.outputs[0]
             found = _rms_norm(h) if len(add.inputs) == 2 and not h.is_graph_output() else None
-            if found is None or any(_constant_source(v) is not None for v in add.inputs):
+            if found is None or any(constant_source(v) is not None for v in add.inputs):
                 continue
             last, eps, gamma, c = found
             skip = ir.node("SkipSimplifiedLayerNormalization", [add.inputs[0], add.inputs[1], gamma],

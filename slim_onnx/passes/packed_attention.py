@@ -22,15 +22,15 @@ from __future__ import annotations
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
-from slim_onnx.fallback import ATTENTION_OP_TYPE, ATTENTION_PACKED_PREFIX, DOMAIN, OP_TYPE
-from slim_onnx.passes.attention import _ints, _producer, _scalar
-from slim_onnx.passes.rewrite import AddFallbackFunctionsPass, take_over_values
+from slim_onnx.passes.graph import const_ints, const_scalar, producer, take_over_values
+from slim_onnx.passes.rewrite import AddFallbackFunctionsPass
+from slim_onnx.schema import DOMAIN, GROUP_QUERY_ATTENTION, SLIM_MATMUL, AttentionVariant
 
 
 def _flat_view_source(value: ir.Value) -> ir.Value | None:
     """x when value = Reshape(x, [0, 0, -1])."""
-    reshape = _producer(value, "Reshape")
-    return reshape.inputs[0] if reshape is not None and _ints(reshape.inputs[1]) == [0, 0, -1] else None
+    reshape = producer(value, "Reshape")
+    return reshape.inputs[0] if reshape is not None and const_ints(reshape.inputs[1]) == [0, 0, -1] else None
 
 
 def _rotary(value: ir.Value) -> ir.Node | None:
@@ -42,12 +42,12 @@ def _rotary(value: ir.Value) -> ir.Node | None:
 
 def _row_positions(positions: ir.Value) -> bool:
     """positions = Reshape(Range(0, ReduceProd(Shape(t, 0, 2)), 1), Shape(t, 0, 2)): row b*S + s."""
-    reshape = _producer(positions, "Reshape")
-    rng = _producer(reshape.inputs[0], "Range") if reshape is not None else None
-    if rng is None or _scalar(rng.inputs[0]) != 0 or _scalar(rng.inputs[2]) != 1:
+    reshape = producer(positions, "Reshape")
+    rng = producer(reshape.inputs[0], "Range") if reshape is not None else None
+    if rng is None or const_scalar(rng.inputs[0]) != 0 or const_scalar(rng.inputs[2]) != 1:
         return False
-    count = _producer(rng.inputs[1], "ReduceProd")
-    shape = _producer(reshape.inputs[1], "Shape")
+    count = producer(rng.inputs[1], "ReduceProd")
+    shape = producer(reshape.inputs[1], "Shape")
     return (count is not None and count.inputs[0] is reshape.inputs[1] and shape is not None
             and shape.attributes.get_int("start", 0) == 0 and shape.attributes.get_int("end", -1) == 2)
 
@@ -62,12 +62,12 @@ def _packed_source(node: ir.Node) -> tuple[ir.Value, ir.Node, list[ir.Value]] | 
     if split is None or split.op_type != "Split" or list(split.outputs) != parts:
         return None
     p = split.inputs[0]
-    producer = p.producer()
-    if producer is None or producer.domain != DOMAIN or producer.op_type != OP_TYPE:
+    product = p.producer()
+    if product is None or product.domain != DOMAIN or product.op_type != SLIM_MATMUL:
         return None
     heads, kv_heads = node.attributes["num_heads"].as_int(), node.attributes["kv_num_heads"].as_int()
     d = node.inputs[3].shape[3] if node.inputs[3].shape is not None else None
-    if not isinstance(d, int) or _ints(split.inputs[1]) != [heads * d, kv_heads * d, kv_heads * d]:
+    if not isinstance(d, int) or const_ints(split.inputs[1]) != [heads * d, kv_heads * d, kv_heads * d]:
         return None
     if any(len(list(v.uses())) != 1 or v.is_graph_output() for v in parts):
         return None
@@ -97,8 +97,9 @@ class PackAttentionInputsPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         self.packed = 0
-        for node in [n for n in graph if n.domain == DOMAIN and n.op_type == ATTENTION_OP_TYPE]:
-            if node.overload.startswith(ATTENTION_PACKED_PREFIX):
+        for node in [n for n in graph if n.domain == DOMAIN and n.op_type == GROUP_QUERY_ATTENTION]:
+            variant = AttentionVariant.parse(node.overload)
+            if variant.packed:
                 continue
             found = _packed_source(node)
             if found is None:
@@ -106,8 +107,8 @@ class PackAttentionInputsPass(ir.passes.InPlacePass):
             p, q_rot, fed = found
             bias = node.inputs[7] if len(node.inputs) > 7 else None
             inputs = [p, None, None, *node.inputs[3:7], bias, q_rot.inputs[2], q_rot.inputs[3]]
-            packed = ir.node(ATTENTION_OP_TYPE, inputs, dict(node.attributes), domain=DOMAIN, num_outputs=3,
-                             overload=ATTENTION_PACKED_PREFIX + node.overload, name=node.name)
+            packed = ir.node(GROUP_QUERY_ATTENTION, inputs, dict(node.attributes), domain=DOMAIN, num_outputs=3,
+                             overload=AttentionVariant(packed=True, bias=variant.bias).overload, name=node.name)
             graph.insert_before(node, packed)
             take_over_values(graph, list(zip(node.outputs, packed.outputs)), [node])
             _shape_reads_to_product(fed, p)

@@ -10,54 +10,23 @@ compress_graph() composes them with onnx-ir's clean-up passes.
 
 from __future__ import annotations
 
-import numpy as np
+import dataclasses
+
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
-from slim_onnx.fallback import (
-    ATTENTION_OP_TYPE,
-    DOMAIN,
-    IR_VERSION,
-    OP_TYPE,
-    OPSET,
-    attention_fallback_function,
-    fallback_function,
-)
+from slim_onnx.fallback import attention_fallback_function, fallback_function
 from slim_onnx.format import SlimWeights
+from slim_onnx.passes.graph import register_constant
 from slim_onnx.passes.linear import LinearLayer, find_linear_layers
+from slim_onnx.schema import DOMAIN, GROUP_QUERY_ATTENTION, IR_VERSION, OPSET, SLIM_MATMUL, VARIANTS
 
 
-def register_constant(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    """An initializer `name` holding `array`, registered in `graph` (0-d arrays stay scalars, which
-    np.ascontiguousarray would make 1-d)."""
-    array = array if array.flags.c_contiguous else np.ascontiguousarray(array)
-    value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
-    graph.register_initializer(value)
-    return value
-
-
-def take_over_values(graph: ir.Graph, pairs: list[tuple[ir.Value, ir.Value]], dead: list[ir.Node]) -> None:
-    """Give each new value of `pairs` (old, new) the old one's type, shape, readers (graph outputs
-    included) and name; remove the `dead` nodes (readers before what they read), then the
-    initializers they read that nothing reads any more."""
-    names = []
-    for old, new in pairs:
-        new.type, new.shape = old.type, old.shape
-        ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
-        names.append(old.name)
-    read = [v for node in dead for v in node.inputs if v is not None and v.is_initializer()]
-    for node in dead:
-        graph.remove(node, safe=True)
-    for value in read:
-        if value.name in graph.initializers and not any(True for _ in value.uses()):
-            graph.initializers.pop(value.name)
-    for (_, new), name in zip(pairs, names):
-        new.name = name
-
-
-def slim_matmul_node(graph: ir.Graph, a: ir.Value, weights: SlimWeights, accuracy_level: int, name: str) -> ir.Node:
-    """A SlimMatMul node named `name` computing a @ weights, its initializers ("name/W", ...)
-    registered in `graph`; the caller inserts it."""
+def slim_matmul_node(
+    graph: ir.Graph, a: ir.Value, weights: SlimWeights, accuracy_level: int, name: str, activation: str = "none"
+) -> ir.Node:
+    """A SlimMatMul node named `name` computing a @ weights (then the activation, "none" or "swiglu"),
+    its initializers ("name/W", ...) registered in `graph`; the caller inserts it."""
     inputs: list[ir.Value | None] = [a]
     for key, array in weights.input_tensors().items():
         if array is None:
@@ -66,10 +35,11 @@ def slim_matmul_node(graph: ir.Graph, a: ir.Value, weights: SlimWeights, accurac
         inputs.append(register_constant(graph, f"{name}/{key}", array))
     while inputs[-1] is None:
         inputs.pop()
-    return ir.node(
-        OP_TYPE, inputs, attributes=weights.attributes(accuracy_level), domain=DOMAIN, overload=weights.variant,
-        name=name,
-    )
+    attributes = weights.attributes(accuracy_level)
+    if activation != "none":
+        attributes["activation"] = activation
+    variant = dataclasses.replace(weights.variant, swiglu=activation == "swiglu")
+    return ir.node(SLIM_MATMUL, inputs, attributes=attributes, domain=DOMAIN, overload=variant.overload, name=name)
 
 
 def _replace(layer: LinearLayer, weights: SlimWeights, accuracy_level: int) -> None:
@@ -111,7 +81,7 @@ class ReplaceLinearLayersPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified=bool(self.weights))
 
 
-_FALLBACKS = {OP_TYPE: fallback_function, ATTENTION_OP_TYPE: attention_fallback_function}
+_FALLBACKS = {SLIM_MATMUL: fallback_function, GROUP_QUERY_ATTENTION: attention_fallback_function}
 
 
 class AddFallbackFunctionsPass(ir.passes.InPlacePass):
@@ -124,9 +94,9 @@ class AddFallbackFunctionsPass(ir.passes.InPlacePass):
             if node.domain == DOMAIN and node.op_type in _FALLBACKS
         }
         modified = False
-        for op_type, variant in sorted(variants):
-            if (DOMAIN, op_type, variant) not in model.functions:
-                function = ir.serde.deserialize_function(_FALLBACKS[op_type](variant))
+        for op_type, overload in sorted(variants):
+            if (DOMAIN, op_type, overload) not in model.functions:
+                function = ir.serde.deserialize_function(_FALLBACKS[op_type](VARIANTS[op_type].parse(overload)))
                 model.functions[function.identifier()] = function
                 modified = True
         if variants:

@@ -17,9 +17,10 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from slim_onnx.fallback import DOMAIN, OP_TYPE
 from slim_onnx.format import SlimWeights, concatenate_columns
-from slim_onnx.passes.rewrite import register_constant, slim_matmul_node, take_over_values
+from slim_onnx.passes.graph import register_constant, take_over_values
+from slim_onnx.passes.rewrite import slim_matmul_node
+from slim_onnx.schema import DOMAIN, SLIM_MATMUL
 
 # SlimWeights fields in the order of the op's inputs 1..7 (SlimWeights.input_tensors)
 _FIELDS = ("w", "w_scales", "bias", "adapter_l", "adapter_l_scales", "adapter_r", "adapter_r_scales")
@@ -45,7 +46,7 @@ def node_weights(node: ir.Node) -> SlimWeights | None:
 def _siblings(graph: ir.Graph) -> list[list[ir.Node]]:
     by_input: dict[int, list[ir.Node]] = {}
     for node in graph:
-        if node.domain == DOMAIN and node.op_type == OP_TYPE:
+        if node.domain == DOMAIN and node.op_type == SLIM_MATMUL:
             by_input.setdefault(id(node.inputs[0]), []).append(node)
     return [group for group in by_input.values() if len(group) > 1]
 

@@ -17,36 +17,29 @@ becomes
 
 from __future__ import annotations
 
+import dataclasses
+
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
-from slim_onnx.fallback import DOMAIN, OP_TYPE, SWIGLU_SUFFIX
 from slim_onnx.format import TILE_N
-from slim_onnx.passes.attention import _ints
-from slim_onnx.passes.norm import _only_use
-from slim_onnx.passes.rewrite import AddFallbackFunctionsPass, take_over_values
-
-
-def _other(node: ir.Node, value: ir.Value) -> ir.Value | None:
-    """The other input of a two-input node one of whose inputs is `value`."""
-    if len(node.inputs) != 2 or value not in node.inputs:
-        return None
-    a, b = node.inputs
-    return b if a is value else a
+from slim_onnx.passes.graph import const_ints, only_reader, other_input, take_over_values
+from slim_onnx.passes.rewrite import AddFallbackFunctionsPass
+from slim_onnx.schema import DOMAIN, SLIM_MATMUL, SlimMatMulVariant
 
 
 def _halves(split: ir.Node, n: int) -> bool:
     if len(split.outputs) != 2 or split.attributes.get_int("axis", 0) not in (-1, len(split.inputs[0].shape or []) - 1):
         return False
     if len(split.inputs) > 1 and split.inputs[1] is not None:
-        return _ints(split.inputs[1]) == [n // 2, n // 2]
+        return const_ints(split.inputs[1]) == [n // 2, n // 2]
     return split.attributes.get_int("num_outputs", 0) == 2 and n % 2 == 0
 
 
 def _swiglu_output(node: ir.Node) -> tuple[ir.Node, list[ir.Node]] | None:
     """(the final Mul, the nodes to remove, readers first) when the module doc's pattern follows `node`."""
     n = node.attributes["N"].as_int()
-    split = _only_use(node.outputs[0], "Split")
+    split = only_reader(node.outputs[0], "Split")
     if split is None or not _halves(split, n) or n % (2 * TILE_N) != 0:
         return None
     gate, up = split.outputs
@@ -54,11 +47,11 @@ def _swiglu_output(node: ir.Node) -> tuple[ir.Node, list[ir.Node]] | None:
     sigmoid = next((r for r in readers if r.op_type == "Sigmoid" and r.domain == ""), None)
     if sigmoid is None or len(readers) != 2 or gate.is_graph_output():
         return None
-    silu = _only_use(sigmoid.outputs[0], "Mul")
-    if silu is None or _other(silu, sigmoid.outputs[0]) is not gate or silu not in readers:
+    silu = only_reader(sigmoid.outputs[0], "Mul")
+    if silu is None or other_input(silu, sigmoid.outputs[0]) is not gate or silu not in readers:
         return None
-    last = _only_use(silu.outputs[0], "Mul")
-    if last is None or _other(last, silu.outputs[0]) is not up or _only_use(up, "Mul") is not last:
+    last = only_reader(silu.outputs[0], "Mul")
+    if last is None or other_input(last, silu.outputs[0]) is not up or only_reader(up, "Mul") is not last:
         return None
     return last, [last, silu, sigmoid, split]
 
@@ -74,7 +67,7 @@ class FuseSwiGluPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         self.fused = 0
-        for node in [n for n in graph if n.domain == DOMAIN and n.op_type == OP_TYPE]:
+        for node in [n for n in graph if n.domain == DOMAIN and n.op_type == SLIM_MATMUL]:
             if node.attributes.get_string("activation", "none") != "none":
                 continue
             found = _swiglu_output(node)
@@ -83,7 +76,7 @@ class FuseSwiGluPass(ir.passes.InPlacePass):
             last, dead = found
             take_over_values(graph, [(last.outputs[0], node.outputs[0])], dead)
             node.attributes["activation"] = ir.Attr("activation", ir.AttributeType.STRING, "swiglu")
-            node.overload += SWIGLU_SUFFIX
+            node.overload = dataclasses.replace(SlimMatMulVariant.parse(node.overload), swiglu=True).overload
             self.fused += 1
         return ir.passes.PassResult(model, modified=bool(self.fused))
 

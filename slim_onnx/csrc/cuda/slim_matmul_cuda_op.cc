@@ -118,10 +118,6 @@ struct SlimMatMulCudaKernel {
 
 }  // namespace
 
-std::vector<OrtCustomOp*> SlimMatMulCudaOps() {
-  static SlimMatMulOp<SlimMatMulCudaKernel> int4(ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8);
-  static SlimMatMulOp<SlimMatMulCudaKernel> f16(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16);
-  return {&int4, &f16};
-}
+std::vector<OrtCustomOp*> SlimMatMulCudaOps() { return SlimMatMulOps<SlimMatMulCudaKernel>(); }
 
 }  // namespace slim
