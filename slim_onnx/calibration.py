@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
+import sys
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -41,17 +43,56 @@ class TextCalibration:
     seed: int = 0
     tokenizer: str | os.PathLike | None = None  # default: the model folder
 
+    def __post_init__(self) -> None:
+        if self.samples < 1:
+            raise CalibrationError(f"--calib-samples {self.samples}: expected at least 1 token window")
+        if self.seqlen < 1:
+            raise CalibrationError(f"--seqlen {self.seqlen}: expected at least 1 token per window")
 
-def read_text(path: str | os.PathLike) -> str:
+
+# What a text file should not hold: U+FFFD (what errors="replace" puts for bytes that are not
+# UTF-8) and control characters other than whitespace (NUL-padded or other binary data that happens
+# to be valid UTF-8).
+_NOT_TEXT = re.compile("[\x00-\x08\x0e-\x1f\x7f\ufffd]")
+BINARY_SHARE = 0.3  # above this share of such characters a file is refused as binary
+
+
+def _read_text_file(path: Path, log) -> str:
+    text = path.read_text(encoding="utf-8", errors="replace")
+    bad = _NOT_TEXT.subn("", text)[1]
+    if bad:
+        share = bad / len(text)
+        percent = f"{share:.1%}" if share >= 1e-3 else "under 0.1%"
+        problem = f"{path}: {percent} of its characters are not UTF-8 text"
+        if share > BINARY_SHARE:
+            raise CalibrationError(f"{problem}: is it a binary file? Pass a text file (or a folder of .txt files), "
+                                   "or an .npz of model inputs")
+        log(f"warning: {problem}")
+    return text
+
+
+def read_text(path: str | os.PathLike, log=None) -> str:
+    """A text file, or a folder's .txt files joined; a file that is mostly not UTF-8 text is refused,
+    one with some such characters gets a warning through `log` (default: stderr)."""
+    log = log or (lambda msg: print(msg, file=sys.stderr))
     p = Path(path)
     if p.is_dir():
         files = sorted(p.rglob("*.txt"))
         if not files:
             raise CalibrationError(f"{p} holds no .txt file")
-        return "\n\n".join(f.read_text(encoding="utf-8", errors="replace") for f in files)
+        return "\n\n".join(_read_text_file(f, log) for f in files)
     if not p.is_file():
         raise CalibrationError(f"calibration text {p} does not exist")
-    return p.read_text(encoding="utf-8", errors="replace")
+    return _read_text_file(p, log)
+
+
+def load_tokenizer(folder: str | os.PathLike):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except Exception as error:  # transformers raises OSError, ValueError, ... for a missing or broken tokenizer
+        raise CalibrationError(f"no usable tokenizer in {folder} ({error}); pass --tokenizer PATH") from None
 
 
 def token_windows(ids: np.ndarray, samples: int, seqlen: int, seed: int) -> np.ndarray:
@@ -99,14 +140,71 @@ def model_feeds(model: ir.Model, windows: np.ndarray) -> Iterator[dict[str, np.n
         yield feeds
 
 
-def npz_feeds(path: str | os.PathLike) -> list[dict[str, np.ndarray]]:
-    """Feeds from an .npz: arrays named like the model inputs; a leading axis indexes the batches."""
-    data = np.load(path)
-    names = list(data.files)
-    count = {len(data[n]) for n in names}
-    if len(count) != 1:
-        raise CalibrationError(f"{path}: every array needs the same number of batches (leading axis)")
-    return [{n: data[n][i] for n in names} for i in range(count.pop())]
+NPZ_CONVENTION = "one array per model input, named as the input, with a leading axis that indexes the batches"
+
+
+def _load_npz(path: Path) -> dict[str, np.ndarray]:
+    if not path.is_file():
+        raise CalibrationError(f"calibration data {path} does not exist")
+    try:
+        data = np.load(path)  # allow_pickle stays False: an .npz must not run code
+        if isinstance(data, np.lib.npyio.NpzFile):
+            with data:
+                return {name: data[name] for name in data.files}
+    except Exception as error:  # zipfile, zlib, pickle and format errors: the file is not a usable .npz
+        raise CalibrationError(f"{path} is not a readable .npz ({type(error).__name__}: {error}); "
+                               f"expected {NPZ_CONVENTION}") from None
+    raise CalibrationError(f"{path} holds one array (.npy), not an .npz archive: expected {NPZ_CONVENTION}")
+
+
+def _in_brackets(dims) -> str:
+    return "[" + ", ".join(map(str, dims)) + "]"
+
+
+def _check_npz_array(path: Path, name: str, array: np.ndarray, value: ir.Value) -> None:
+    """The array must be a batch axis followed by one feed of the input: its rank, fixed sizes and dtype."""
+    if value.shape is not None:
+        problem = (f"{path}: array {name!r} has shape {_in_brackets(array.shape)}, but input {name!r} is "
+                   f"{_in_brackets(value.shape)}: expected {_in_brackets(['batches', *value.shape])} "
+                   f"({NPZ_CONVENTION})")
+        if array.ndim != len(value.shape) + 1:
+            raise CalibrationError(problem)
+        for axis, dim in enumerate(value.shape):
+            if isinstance(dim, int) and array.shape[axis + 1] != dim:
+                raise CalibrationError(problem)
+    elif array.ndim == 0:
+        raise CalibrationError(f"{path}: array {name!r} is a scalar: {NPZ_CONVENTION}")
+    if value.dtype is not None and array.dtype != value.dtype.numpy():
+        raise CalibrationError(f"{path}: array {name!r} is {array.dtype}, but input {name!r} is "
+                               f"{value.dtype.numpy()}: convert it with .astype(np.{value.dtype.numpy()})")
+
+
+def npz_feeds(path: str | os.PathLike, model: ir.Model) -> list[dict[str, np.ndarray]]:
+    """Feeds from an .npz: one array per model input, named as the input; a leading axis indexes the
+    batches. Each array is checked against the model's input of its name."""
+    path = Path(path)
+    arrays = _load_npz(path)
+    inputs = {value.name: value for value in model.graph.inputs}
+    if not arrays:
+        raise CalibrationError(f"{path} holds no array: expected {NPZ_CONVENTION}")
+    for name, array in arrays.items():
+        if name not in inputs:
+            raise CalibrationError(f"{path}: array {name!r} is not an input of the model (its inputs: "
+                                   f"{', '.join(inputs)}); expected {NPZ_CONVENTION}")
+        _check_npz_array(path, name, array, inputs[name])
+    # an input that is also an initializer has a default value; the others must be fed
+    missing = [name for name in inputs if name not in arrays and name not in model.graph.initializers]
+    if missing:
+        raise CalibrationError(f"{path} has no array for model input {', '.join(map(repr, missing))}: "
+                               f"expected {NPZ_CONVENTION}")
+    counts = {name: len(array) for name, array in arrays.items()}
+    if len(set(counts.values())) != 1:
+        raise CalibrationError(f"{path}: every array needs the same number of batches (leading axis), got "
+                               + ", ".join(f"{name}: {count}" for name, count in counts.items()))
+    batches = counts.popitem()[1]
+    if batches == 0:
+        raise CalibrationError(f"{path} holds no batch (its arrays' leading axis has length 0)")
+    return [{name: array[i] for name, array in arrays.items()} for i in range(batches)]
 
 
 def _reads(node: onnx.NodeProto) -> set[str]:
@@ -169,8 +267,13 @@ def collect_statistics(
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every layer input
         session = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
         names = list(shared)
-        for feed in feeds:
-            outputs = session.run(names, feed)
+        for i, feed in enumerate(feeds):
+            try:
+                outputs = session.run(names, feed)
+            except Exception as error:  # onnxruntime's errors share no base class; sizes that disagree, ...
+                raise CalibrationError(
+                    f"onnxruntime could not run the calibration batch at index {i}: {error}"
+                ) from None
             for n, x in zip(names, outputs):
                 shared[n].update(x.astype(np.float32, copy=False))
             if progress is not None:

@@ -7,7 +7,9 @@ import json
 from pathlib import Path
 import sys
 
+EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
 
 
 def _add_compress(sub) -> None:
@@ -46,7 +48,7 @@ def _add_compress(sub) -> None:
     p.add_argument("--no-merge-siblings", action="store_true",
                    help="one SlimMatMul per layer (default: layers reading the same input, like q/k/v, share one "
                         "node, and a SwiGLU after a merged gate/up is folded into it)")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier slim-onnx output folder")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or messages")
     p.add_argument("-v", "--verbose", action="store_true", help="a line per layer (with its error) instead of progress bars")
 
@@ -67,13 +69,12 @@ def _compress(args) -> int:
         calibration = args.calib if args.calib.endswith(".npz") else TextCalibration(
             args.calib, args.calib_samples, args.seqlen, args.seed, args.tokenizer
         )
-    log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
     report = compress(
         args.input, args.output, config, calibration, include=args.include, exclude=args.exclude,
         compress_lm_head=not args.no_lm_head, accuracy_level=args.accuracy_level, overwrite=args.overwrite,
         sequential=args.sequential, fuse_attention=not args.no_fuse_attention,
-        quantize_embeddings=not args.no_quantize_embeddings, merge_siblings=not args.no_merge_siblings, log=log,
-        progress=progress_factory(not args.quiet and not args.verbose),
+        quantize_embeddings=not args.no_quantize_embeddings, merge_siblings=not args.no_merge_siblings,
+        log=_log(args.quiet), progress=progress_factory(not args.quiet and not args.verbose),
     )
     t = report["totals"]
     print(f"compressed {t['layers']} layers: {t['bytes_float16'] / 2**20:.1f} MiB (float16) -> "
@@ -84,6 +85,34 @@ def _compress(args) -> int:
     return 0
 
 
+def _log(quiet: bool):
+    return (lambda msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr))
+
+
+# The SlimMatMul attributes inspect shows, with the kernel's default where it has one (docs/op-spec.md)
+_SHOWN_ATTRIBUTES = {"K": None, "N": None, "group_size": None, "sparse": 1, "rank": 0, "adapter_format": "none"}
+
+
+def _slim_attributes(node, path) -> dict:
+    from slim_onnx.pipeline import InputError
+
+    values = {}
+    for name, default in _SHOWN_ATTRIBUTES.items():
+        attribute = node.attributes.get(name)
+        wanted = str if name == "adapter_format" else int
+        if attribute is None and default is None:
+            raise InputError(f"{path}: SlimMatMul node {node.name!r} has no attribute {name!r}: the model is damaged")
+        value = default if attribute is None else attribute.value
+        if type(value) is not wanted:
+            raise InputError(f"{path}: SlimMatMul node {node.name!r}: attribute {name!r} must be "
+                             f"{'a string' if wanted is str else 'an int'}, got {value!r}: the model is damaged")
+        values[name] = value
+    if values["rank"] and "adapter_format" not in node.attributes:
+        raise InputError(f"{path}: SlimMatMul node {node.name!r} has rank {values['rank']} but no attribute "
+                         "'adapter_format': the model is damaged")
+    return values
+
+
 def _inspect(args) -> int:
     import onnx_ir as ir
 
@@ -91,11 +120,12 @@ def _inspect(args) -> int:
     from slim_onnx.passes import find_linear_layers
     from slim_onnx.pipeline import load_model, resolve_model_path
 
-    model = load_model(resolve_model_path(args.model))
+    path = resolve_model_path(args.model)
+    model = load_model(path)
     rows = []
     for node in ir.traversal.RecursiveGraphIterator(model.graph):
         if node.domain == DOMAIN and node.op_type == SLIM_MATMUL:
-            a = {k: v.value for k, v in node.attributes.items()}
+            a = _slim_attributes(node, path)
             nbytes = sum(v.const_value.nbytes for v in node.inputs[1:] if v is not None and v.const_value is not None)
             rows.append({"layer": node.name, "format": f"{'2:4' if a['sparse'] else 'dense'} int4 g{a['group_size']}"
                          + (f" + rank {a['rank']} {a['adapter_format']}" if a["rank"] else ""),
@@ -118,7 +148,7 @@ def _eval(args) -> int:
     from slim_onnx.progress import progress_factory
 
     result = evaluate(args.model, args.text, args.reference, args.seqlen, args.windows, not args.no_library, args.tokenizer,
-                      progress=progress_factory(not args.quiet))
+                      progress=progress_factory(not args.quiet), log=_log(args.quiet))
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -127,6 +157,14 @@ def _eval(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _run(argv)
+    except KeyboardInterrupt:  # whatever was under way cleaned up after itself on the way out
+        print("slim-onnx: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _run(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="slim-onnx", description="SLiM compression for ONNX models")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="train a small Llama, export it with Optimum, compress it, evaluate both")
@@ -165,8 +203,16 @@ def main(argv: list[str] | None = None) -> int:
             return _eval(args)
         return _inspect(args)
     except (InputError, CalibrationError, CompressionError, ConfigError) as error:
-        print(f"slim-onnx: error: {error}", file=sys.stderr)
+        print(f"slim-onnx: error: {_one_line(error)}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except OSError as error:  # the machine's side (a full disk, a file that vanished), not the input's
+        print(f"slim-onnx: error: {_one_line(error)}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def _one_line(error: Exception) -> str:
+    """Messages quoted from onnxruntime or transformers may span lines; the CLI's error is one."""
+    return " ".join(str(error).split())
 
 
 if __name__ == "__main__":

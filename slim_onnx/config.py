@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from slim_onnx.format import BLOCK_K
 from slim_onnx.schema import ADAPTER_FORMATS
 
 SPARSITIES = ("2:4", "none")
@@ -82,10 +83,19 @@ class SlimConfig:
         one_of("mask_on", MASK_SOURCES)
         if self.bits not in (2, 3, 4, 5, 6, 7, 8):
             raise ConfigError(f"bits={self.bits}: expected 2..8 (the SlimMatMul kernels run 4)")
-        if self.group_size < 1 or self.adapter_group_size < 1 or self.rank_multiple < 1:
-            raise ConfigError("group_size, adapter_group_size and rank_multiple must be positive")
-        if self.rank < 0:
-            raise ConfigError(f"rank={self.rank} must be >= 0")
+        # The kernels read K in blocks of BLOCK_K, so a group of scales is whole blocks (the op also takes
+        # a group >= K, which one setting for every layer cannot promise).
+        for field in ("group_size", "adapter_group_size"):
+            size = getattr(self, field)
+            if size < BLOCK_K or size % BLOCK_K:
+                raise ConfigError(f"{field}={size}: expected a multiple of {BLOCK_K} (such as 32, 64 or 128): "
+                                  f"the SlimMatMul kernels read K in blocks of {BLOCK_K}")
+        if self.rank_multiple < 1:
+            raise ConfigError(f"rank_multiple={self.rank_multiple} must be positive")
+        if not 0 <= self.rank < math.inf:
+            raise ConfigError(f"rank={self.rank} must be a finite number >= 0")
+        if self.rank >= 1 and int(self.rank) != self.rank:
+            raise ConfigError(f"rank={self.rank}: a ratio must be < 1, an absolute rank an integer")
         if self.rank > 0 and self.adapter_format == "none":
             raise ConfigError("rank > 0 needs adapter_format 'int4' or 'float16'")
         if self.pruning == "sparsegpt" and self.quantizer != "gptq":
@@ -129,6 +139,4 @@ class SlimConfig:
             r = math.ceil(self.rank * limit - 1e-9)
             r = math.ceil(r / self.rank_multiple) * self.rank_multiple
             return max(1, min(r, limit))
-        if int(self.rank) != self.rank:
-            raise ConfigError(f"rank={self.rank}: a ratio must be < 1, an absolute rank an integer")
         return min(int(self.rank), limit)  # a narrower layer (e.g. grouped-query k/v) gets its full rank

@@ -12,17 +12,19 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import onnx_ir as ir
 import onnxruntime as ort
 
-from slim_onnx.calibration import CalibrationError, model_feeds, read_text
-from slim_onnx.pipeline import resolve_model_path
+from slim_onnx.calibration import CalibrationError, load_tokenizer, model_feeds, read_text
+from slim_onnx.pipeline import InputError, load_model, resolve_model_path
 from slim_onnx.runtime import session_options
 
 
-def _session(model_dir, with_library: bool) -> ort.InferenceSession:
+def _session(path: Path, with_library: bool) -> ort.InferenceSession:
     so = session_options() if with_library else ort.SessionOptions()
-    return ort.InferenceSession(str(resolve_model_path(model_dir)), so, providers=["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    except Exception as error:  # onnxruntime's errors share no base class
+        raise InputError(f"onnxruntime cannot load {path} ({error}); is it damaged or incomplete?") from None
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -31,27 +33,40 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
-def evaluate(model_dir, text_path, reference_dir=None, seqlen: int = 512, max_windows: int | None = None,
-             with_library: bool = True, tokenizer_dir=None, progress=None) -> dict:
-    from transformers import AutoTokenizer
+def _check_window_options(seqlen: int, max_windows: int | None) -> None:
+    if seqlen < 2:  # the first token of a window predicts nothing
+        raise CalibrationError(f"--seqlen {seqlen}: expected at least 2 tokens per window")
+    if max_windows is not None and max_windows < 1:
+        raise CalibrationError(f"--windows {max_windows}: expected at least 1 window")
 
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir or Path(resolve_model_path(model_dir)).parent)
-    ids = np.asarray(tokenizer(read_text(text_path))["input_ids"], dtype=np.int64)
+
+def evaluate(model_dir, text_path, reference_dir=None, seqlen: int = 512, max_windows: int | None = None,
+             with_library: bool = True, tokenizer_dir=None, progress=None, log=None) -> dict:
+    """log: called with warnings about the text (default: print to stderr)."""
+    _check_window_options(seqlen, max_windows)
+    path = resolve_model_path(model_dir)
+    model = load_model(path)  # its graph inputs tell model_feeds what to feed
+    tokenizer = load_tokenizer(tokenizer_dir or path.parent)
+    ids = np.asarray(tokenizer(read_text(text_path, log))["input_ids"], dtype=np.int64)
     count = len(ids) // seqlen if max_windows is None else min(max_windows, len(ids) // seqlen)
     if count < 1:
         raise CalibrationError(f"the text has {len(ids)} tokens, fewer than one window of {seqlen}")
     windows = ids[: count * seqlen].reshape(count, seqlen)
-    session = _session(model_dir, with_library)
-    model = ir.load(resolve_model_path(model_dir))  # its graph inputs tell model_feeds what to feed
-    ref = _session(reference_dir, with_library) if reference_dir else None
+    session = _session(path, with_library)
+    ref = _session(resolve_model_path(reference_dir), with_library) if reference_dir else None
     bar = progress("evaluating", count) if progress else None  # progress: a factory (label, total)
     output_names = [o.name for o in session.get_outputs()]
     causal = "logits" in output_names
     nll, kl, agree, cosines, tokens = 0.0, 0.0, 0, [], 0
     name = "logits" if causal else output_names[0]
+    if ref is not None and name not in [o.name for o in ref.get_outputs()]:
+        raise InputError(f"the reference {reference_dir} has no output {name!r}: is it an export of the same model?")
     for window, feeds in zip(windows, model_feeds(model, windows)):
         out = session.run([name], feeds)[0][0]
         ref_out = ref.run([name], feeds)[0][0] if ref is not None else None
+        if ref_out is not None and ref_out.shape != out.shape:
+            raise InputError(f"the reference's {name!r} has shape {list(ref_out.shape)}, this model's "
+                             f"{list(out.shape)}: is the reference an export of the same model?")
         if causal:
             logp = _log_softmax(out[:-1])
             nll -= logp[np.arange(seqlen - 1), window[1:]].sum()

@@ -3,18 +3,22 @@
   load (onnx-ir, external data mapped lazily) -> find linear layers -> calibrate in onnxruntime ->
   compress each layer (SlimConfig) -> rewrite the graph (passes) -> write to a temporary folder,
   copy the export's other files, write slim_report.json -> rename to the output folder.
-The input is never modified and the output folder appears only when complete.
+The input is never modified and the output folder appears only when complete; an earlier output that
+--overwrite replaces is renamed aside and deleted only once the new one is in place.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import re
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -22,7 +26,8 @@ import numpy as np
 import onnx_ir as ir
 
 from slim_onnx.algorithms.layer import CompressionError, compress_layer
-from slim_onnx.calibration import CalibrationError, TextCalibration, collect_statistics, model_feeds, npz_feeds, read_text, token_windows
+from slim_onnx.calibration import (CalibrationError, TextCalibration, collect_statistics, load_tokenizer, model_feeds,
+                                   npz_feeds, read_text, token_windows)
 from slim_onnx.config import SlimConfig
 from slim_onnx.schema import DOMAIN, SLIM_MATMUL
 from slim_onnx.passes import compress_graph, find_linear_layers
@@ -32,6 +37,7 @@ from slim_onnx.passes import quantize_embeddings as quantize_embedding_tables
 from slim_onnx.passes.linear import LinearLayer
 
 MODEL_FILE_NAMES = ("model.onnx", "decoder_model_merged.onnx", "decoder_model.onnx")
+REPORT_NAME = "slim_report.json"  # also what marks a folder as slim-onnx's output, which --overwrite may replace
 LARGE_MODEL_BYTES = 1 << 30  # above this, or when the input had it, tensors go to external data
 
 
@@ -61,6 +67,72 @@ def load_model(path: Path) -> ir.Model:
         raise InputError(f"{path} is not a readable ONNX model ({type(error).__name__}: {error}); is it truncated?") from None
 
 
+def _check_output(src: Path, given_folder: bool, out: Path, overwrite: bool) -> None:
+    """Refuse, before any work, an output that is the input's folder or holds it, one inside an input
+    folder, one that exists (unless --overwrite, and then only an earlier slim-onnx output folder),
+    and one whose folder cannot be written. `out` is resolved (symbolic links followed). A folder
+    beside an input .onnx file is fine: it adds a folder there and changes nothing."""
+    input_dir = src.parent.resolve()
+    if out == input_dir:
+        what = "the input folder" if given_folder else f"the folder of the input {src}"
+        raise InputError(f"{out} is {what}: choose another output folder (the input is never modified)")
+    if input_dir.is_relative_to(out):
+        raise InputError(f"{out} holds the input {src}: choose an output folder that does not contain the input")
+    if given_folder and out.is_relative_to(input_dir):
+        raise InputError(f"{out} is inside the input folder {input_dir}: choose an output folder outside it")
+    _check_replaceable(out, overwrite)
+    _check_writable(out)
+
+
+def _check_replaceable(out: Path, overwrite: bool) -> None:
+    if not out.exists():
+        return
+    if not overwrite:
+        raise InputError(f"{out} exists: choose another output folder or pass --overwrite")
+    if not out.is_dir():
+        raise InputError(f"{out} is not a folder: --overwrite replaces only an earlier slim-onnx output folder")
+    if not (out / REPORT_NAME).is_file():
+        raise InputError(f"{out} is not an earlier slim-onnx output (it has no {REPORT_NAME}): --overwrite replaces "
+                         "only those; choose another output folder")
+
+
+def _check_writable(out: Path) -> None:
+    """Write and remove a probe file where the output's temporary folder will go (the nearest folder
+    that exists: the missing ones are made at the end)."""
+    existing = next(p for p in out.parents if p.exists())
+    if not existing.is_dir():
+        raise InputError(f"cannot create {out}: {existing} is not a folder")
+    with _interrupts_deferred():
+        try:
+            handle, probe = tempfile.mkstemp(prefix=".slim-onnx-probe-", dir=existing)
+        except OSError as error:
+            raise InputError(f"cannot write in {existing} ({error.strerror}): choose an output folder where you "
+                             "can write") from None
+        os.close(handle)
+        os.remove(probe)
+
+
+def _check_patterns(include, exclude) -> None:
+    for option, patterns in (("--include", include), ("--exclude", exclude)):
+        for pattern in patterns or ():
+            try:
+                re.compile(pattern)
+            except re.error as error:
+                raise InputError(f"{option} {pattern!r} is not a valid regular expression: {error}") from None
+
+
+def _warn_clamped_ranks(layers: list[LinearLayer], config: SlimConfig, log) -> None:
+    """An absolute rank above a layer's min(K, N) is cut to it: say so once per distinct limit."""
+    clamped: dict[int, list[str]] = {}
+    for layer in layers:
+        used = config.resolve_rank(layer.k, layer.n)
+        if config.rank >= 1 and used < config.rank:
+            clamped.setdefault(used, []).append(layer.name)
+    for used, names in clamped.items():
+        which = names[0] if len(names) == 1 else f"{names[0]} and {len(names) - 1} more layers"
+        log(f"warning: rank {int(config.rank)} > min(K, N) = {used} for {which}: using {used}")
+
+
 def _selected(layers, include, exclude, compress_lm_head: bool):
     chosen = []
     for layer in layers:
@@ -74,22 +146,17 @@ def _selected(layers, include, exclude, compress_lm_head: bool):
     return chosen
 
 
-def _calibration_feeds(model: ir.Model, model_dir: Path, calibration):
+def _calibration_feeds(model: ir.Model, model_dir: Path, calibration, log):
     if calibration is None:
         return None
     if isinstance(calibration, (str, os.PathLike)) and str(calibration).endswith(".npz"):
-        return npz_feeds(calibration)
+        return npz_feeds(calibration, model)
     if isinstance(calibration, (str, os.PathLike)):
         calibration = TextCalibration(calibration)
     if isinstance(calibration, TextCalibration):
-        from transformers import AutoTokenizer
-
-        tokenizer_dir = calibration.tokenizer or model_dir
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-        except Exception as error:
-            raise CalibrationError(f"no tokenizer in {tokenizer_dir} ({error}); pass --tokenizer PATH") from None
-        ids = np.asarray(tokenizer(read_text(calibration.path))["input_ids"], dtype=np.int64)
+        text = read_text(calibration.path, log)
+        tokenizer = load_tokenizer(calibration.tokenizer or model_dir)
+        ids = np.asarray(tokenizer(text)["input_ids"], dtype=np.int64)
         return list(model_feeds(model, token_windows(ids, calibration.samples, calibration.seqlen, calibration.seed)))
     return list(calibration)  # an iterable of feed dicts
 
@@ -134,11 +201,9 @@ def compress(
     log = log or (lambda msg: print(msg, file=sys.stderr))
     start = time.perf_counter()
     src = resolve_model_path(model_path)
-    out = Path(output_dir)
-    if out.exists() and not overwrite:
-        raise InputError(f"{out} exists: choose another output folder or pass --overwrite")
-    if out.resolve() == src.parent.resolve():
-        raise InputError("the output folder must differ from the input folder (the input is never modified)")
+    out = Path(output_dir).resolve()
+    _check_output(src, Path(model_path).is_dir(), out, overwrite)
+    _check_patterns(include, exclude)
     model = load_model(src)
     bytes_before = _initializer_bytes(model)
     if any(n.domain == DOMAIN and n.op_type == SLIM_MATMUL for n in ir.traversal.RecursiveGraphIterator(model.graph)):
@@ -158,10 +223,11 @@ def compress(
         kept.append(layer)
     if not kept:
         raise InputError("no layer left to compress after --include/--exclude")
+    _warn_clamped_ranks(kept, config, log)
 
     feeds = None
     if config.needs_statistics:
-        feeds = _calibration_feeds(model, src.parent, calibration)
+        feeds = _calibration_feeds(model, src.parent, calibration, log)
         if feeds is None:
             raise InputError("this configuration needs calibration data: pass --calib TEXT_OR_NPZ")
     had_external = any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
@@ -235,7 +301,7 @@ def compress(
             "seconds": round(time.perf_counter() - start, 1),
         },
     }
-    _write_output(model, src, out, report, had_external, overwrite)
+    _write_output(model, src, out, report, had_external, overwrite, log)
     return report
 
 
@@ -273,27 +339,72 @@ def _initializer_bytes(model: ir.Model) -> int:
     return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
 
 
-def _write_output(model: ir.Model, src: Path, out: Path, report: dict, had_external: bool, overwrite: bool) -> None:
-    parent = out.resolve().parent
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
+@contextlib.contextmanager
+def _interrupts_deferred():
+    """Hold a Ctrl-C until the block has run: its steps must not be left half done. (Signal handlers
+    can only be set in the main thread; elsewhere no Ctrl-C arrives anyway.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received and callable(previous):
+        previous(signal.SIGINT, None)  # the default handler raises KeyboardInterrupt
+
+
+def _write_output(
+    model: ir.Model, src: Path, out: Path, report: dict, had_external: bool, overwrite: bool, log
+) -> None:
+    """Write everything into a temporary folder beside `out`, then move it into place. On failure
+    the temporary folder and the folders made for it are removed."""
+    made = [folder for folder in out.parents if not folder.exists()]  # deepest first
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         if src.parent.is_dir():
             for item in src.parent.iterdir():  # tokenizer, config, generation config, ...
-                if item.is_file() and item.suffix != ".onnx" and not item.name.endswith((".onnx_data", ".onnx.data")) and item.name != "slim_report.json":
+                if item.is_file() and item.suffix != ".onnx" and not item.name.endswith((".onnx_data", ".onnx.data")) and item.name != REPORT_NAME:
                     shutil.copy2(item, tmp / item.name)
         target = tmp / src.name
         if had_external or report["totals"]["model_bytes_after"] > LARGE_MODEL_BYTES:
             ir.save(model, target, external_data=src.name + "_data")
         else:
             ir.save(model, target)
-        (tmp / "slim_report.json").write_text(json.dumps(report, indent=2))
-        if out.exists() and overwrite:
-            shutil.rmtree(out)
-        tmp.rename(out)
+        (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2))
+        _check_replaceable(out, overwrite)  # again: something may have appeared there during the work
+        _move_into_place(tmp, out, log)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with _interrupts_deferred():
+            shutil.rmtree(tmp, ignore_errors=True)
+            for folder in made:
+                with contextlib.suppress(OSError):  # not empty: something else was put there meanwhile
+                    folder.rmdir()
         raise
+
+
+def _move_into_place(tmp: Path, out: Path, log) -> None:
+    """Rename the finished folder to `out`. An earlier output there is renamed aside first and
+    deleted only once the new one is in place, so `out` always holds one of the two."""
+    with _interrupts_deferred():
+        if not out.exists():
+            tmp.rename(out)
+            return
+        old = tmp.with_name(tmp.name + ".old")
+        out.rename(old)
+        try:
+            tmp.rename(out)
+        except BaseException:
+            old.rename(out)
+            raise
+        try:
+            shutil.rmtree(old)
+        except OSError as error:
+            log(f"warning: {out} is replaced, but its previous contents, now in {old}, could not all be deleted "
+                f"({error})")
 
 
 __all__ = ["CalibrationError", "CompressionError", "InputError", "compress"]
