@@ -13,7 +13,8 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command stopped by 
 
 
 def _add_compress(sub) -> None:
-    from slim_onnx.config import ADAPTER_FORMATS, LOWRANKS, PRUNINGS, QUANTIZERS, SPARSITIES, SlimConfig
+    from slim_onnx.config import (ACCURACY_LEVELS, ADAPTER_FORMATS, LOWRANKS, PRUNINGS, QUANTIZERS, SPARSITIES,
+                                  GraphOptions, SlimConfig)
 
     d = SlimConfig()
     p = sub.add_parser("compress", help="compress an ONNX model or Optimum export folder into SlimMatMul")
@@ -32,7 +33,8 @@ def _add_compress(sub) -> None:
     p.add_argument("--lowrank", choices=LOWRANKS, default=d.lowrank)
     p.add_argument("--adapter-format", choices=ADAPTER_FORMATS, default=d.adapter_format)
     p.add_argument("--requantize", action="store_true")
-    p.add_argument("--accuracy-level", type=int, default=4, help="4: int8 activations in the CPU kernel (default); 0: float32")
+    p.add_argument("--accuracy-level", type=int, choices=ACCURACY_LEVELS, default=GraphOptions().accuracy_level,
+                   help="4: int8 activations in the CPU kernel (default); 0: float32")
     p.add_argument("--include", action="append", help="regex on node names; repeatable")
     p.add_argument("--exclude", action="append", help="regex on node names; repeatable")
     p.add_argument("--no-lm-head", action="store_true", help="keep lm_head dense")
@@ -55,7 +57,7 @@ def _add_compress(sub) -> None:
 
 def _compress(args) -> int:
     from slim_onnx.calibration import TextCalibration
-    from slim_onnx.config import SlimConfig
+    from slim_onnx.config import GraphOptions, SlimConfig
     from slim_onnx.pipeline import compress
     from slim_onnx.progress import progress_factory
 
@@ -69,11 +71,14 @@ def _compress(args) -> int:
         calibration = args.calib if args.calib.endswith(".npz") else TextCalibration(
             args.calib, args.calib_samples, args.seqlen, args.seed, args.tokenizer
         )
+    fuse, merge = not args.no_fuse_attention, not args.no_merge_siblings
+    graph = GraphOptions(
+        accuracy_level=args.accuracy_level, quantize_embeddings=not args.no_quantize_embeddings, fuse_attention=fuse,
+        fuse_norms=fuse, merge_siblings=merge, fuse_swiglu=merge, pack_attention=merge,
+    )
     report = compress(
-        args.input, args.output, config, calibration, include=args.include, exclude=args.exclude,
-        compress_lm_head=not args.no_lm_head, accuracy_level=args.accuracy_level, overwrite=args.overwrite,
-        sequential=args.sequential, fuse_attention=not args.no_fuse_attention,
-        quantize_embeddings=not args.no_quantize_embeddings, merge_siblings=not args.no_merge_siblings,
+        args.input, args.output, config, calibration, graph=graph, include=args.include, exclude=args.exclude,
+        compress_lm_head=not args.no_lm_head, overwrite=args.overwrite, sequential=args.sequential,
         log=_log(args.quiet), progress=progress_factory(not args.quiet and not args.verbose),
     )
     t = report["totals"]

@@ -140,3 +140,49 @@ class SlimConfig:
             r = math.ceil(r / self.rank_multiple) * self.rank_multiple
             return max(1, min(r, limit))
         return min(int(self.rank), limit)  # a narrower layer (e.g. grouped-query k/v) gets its full rank
+
+
+ACCURACY_LEVELS = (0, 1, 2, 3, 4)  # as MatMulNBits; SlimMatMul's CPU kernel runs 4 as int8, the others in float32
+
+
+@dataclasses.dataclass(frozen=True)
+class GraphOptions:
+    """How the compressed model's graph is written, every choice in one object (passes/manager.py).
+
+    accuracy_level: each SlimMatMul's activation path on the CPU: 4 quantizes activations to int8
+        (fast), 0 keeps them float32.
+    quantize_embeddings: token-embedding tables that nothing else reads as int8 rows with group
+        scales (passes/embedding.py).
+    fuse_attention: each cached decoder attention layer as one GroupQueryAttention node
+        (passes/attention.py); needs onnxruntime >= 1.22 to load, and is skipped on older ones.
+    fuse_norms: each residual Add and the RMSNorm after it as SkipSimplifiedLayerNormalization
+        (passes/norm.py).
+    merge_siblings: one SlimMatMul node (and a Split) for layers that read the same activation,
+        such as q/k/v and gate/up (passes/siblings.py).
+    fuse_swiglu: the SwiGLU after a merged gate/up folded into its node (passes/swiglu.py).
+    pack_attention: the merged q/k/v product fed to the fused attention directly, rotary included
+        (passes/packed_attention.py).
+    """
+
+    accuracy_level: int = 4
+    quantize_embeddings: bool = True
+    fuse_attention: bool = True
+    fuse_norms: bool = True
+    merge_siblings: bool = True
+    fuse_swiglu: bool = True
+    pack_attention: bool = True
+
+    PASSES = ("quantize_embeddings", "fuse_attention", "fuse_norms", "merge_siblings", "fuse_swiglu", "pack_attention")
+
+    def __post_init__(self) -> None:
+        if self.accuracy_level not in ACCURACY_LEVELS:
+            raise ConfigError(f"accuracy_level={self.accuracy_level}: expected one of {ACCURACY_LEVELS} "
+                              "(4: int8 activations, 0: float32)")
+
+    @classmethod
+    def only(cls, *passes: str) -> GraphOptions:
+        """The named passes (of PASSES) switched on, the others off."""
+        unknown = set(passes) - set(cls.PASSES)
+        if unknown:
+            raise ConfigError(f"unknown graph passes {sorted(unknown)}: expected some of {cls.PASSES}")
+        return cls(**{name: name in passes for name in cls.PASSES})

@@ -8,6 +8,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from slim_onnx.config import GraphOptions
 from slim_onnx.format import SlimWeights
 from slim_onnx.passes.rewrite import AddFallbackFunctionsPass, slim_matmul_node
 from slim_onnx.schema import IR_VERSION, OPSET
@@ -27,7 +28,8 @@ def _one_node_graph(
 
 
 def make_slim_matmul_node(
-    weights: SlimWeights, a_name: str, y_name: str, node_name: str, accuracy_level: int = 4, activation: str = "none"
+    weights: SlimWeights, a_name: str, y_name: str, node_name: str,
+    accuracy_level: int = GraphOptions().accuracy_level, activation: str = "none",
 ) -> tuple[onnx.NodeProto, list[onnx.TensorProto]]:
     """One SlimMatMul node computing y = a @ W (+ adapters, + bias), and the initializers it reads;
     with activation="swiglu", y = silu(p[..., :N/2]) * p[..., N/2:] of that product p.
@@ -48,7 +50,7 @@ def add_fallback_functions(model: onnx.ModelProto) -> None:
 
 
 def make_slim_matmul_model(
-    weights: SlimWeights, dtype: type = np.float32, accuracy_level: int = 4, batch_dims: int = 1,
+    weights: SlimWeights, dtype: type = np.float32, accuracy_level: int = GraphOptions().accuracy_level, batch_dims: int = 1,
     activation: str = "none",
 ) -> onnx.ModelProto:
     """A one-node model Y = SlimMatMul(A) with `batch_dims` symbolic leading dimensions."""

@@ -1,8 +1,10 @@
 """slim_onnx.compress: an ONNX model or Optimum export folder in, a compressed folder out.
 
-  load (onnx-ir, external data mapped lazily) -> find linear layers -> calibrate in onnxruntime ->
-  compress each layer (SlimConfig) -> rewrite the graph (passes) -> write to a temporary folder,
-  copy the export's other files, write slim_report.json -> rename to the output folder.
+  load (onnx-ir, external data mapped lazily) -> select_layers -> per block of layers (one block,
+  or each transformer block with --sequential): calibrate in onnxruntime, compress_layers
+  (SlimConfig), replace them in the graph -> rewrite_graph (GraphOptions: passes/manager.py) ->
+  write to a temporary folder with the export's other files and slim_report.json -> rename to the
+  output folder.
 The input is never modified and the output folder appears only when complete; an earlier output that
 --overwrite replaces is renamed aside and deleted only once the new one is in place.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import json
 import os
 import re
@@ -28,13 +31,10 @@ import onnx_ir as ir
 from slim_onnx.algorithms.layer import CompressionError, compress_layer
 from slim_onnx.calibration import (CalibrationError, TextCalibration, collect_statistics, load_tokenizer, model_feeds,
                                    npz_feeds, read_text, token_windows)
-from slim_onnx.config import SlimConfig
-from slim_onnx.schema import DOMAIN, SLIM_MATMUL
-from slim_onnx.passes import compress_graph, find_linear_layers
-from slim_onnx.passes import fuse_attention as fuse_attention_layers
-from slim_onnx.passes import fuse_skip_rms_norm, fuse_swiglu, merge_sibling_layers, pack_attention_inputs
-from slim_onnx.passes import quantize_embeddings as quantize_embedding_tables
+from slim_onnx.config import GraphOptions, SlimConfig
+from slim_onnx.passes import GraphRewrite, compress_graph, find_linear_layers, rewrite_graph
 from slim_onnx.passes.linear import LinearLayer
+from slim_onnx.schema import DOMAIN, SLIM_MATMUL
 
 MODEL_FILE_NAMES = ("model.onnx", "decoder_model_merged.onnx", "decoder_model.onnx")
 REPORT_NAME = "slim_report.json"  # also what marks a folder as slim-onnx's output, which --overwrite may replace
@@ -161,21 +161,75 @@ def _calibration_feeds(model: ir.Model, model_dir: Path, calibration, log):
     return list(calibration)  # an iterable of feed dicts
 
 
+def select_layers(model: ir.Model, config: SlimConfig, include, exclude, compress_lm_head: bool, log):
+    """(every linear layer, the ones to compress): --include/--exclude/--no-lm-head applied, and layers
+    that cannot be 2:4-sparse kept dense (an error when --include names them)."""
+    layers = find_linear_layers(model)
+    if not layers:
+        raise InputError("the model has no weight MatMul/Gemm layer to compress")
+    explicit = set(include or ())
+    kept = []
+    for layer in _selected(layers, include, exclude, compress_lm_head):
+        if config.sparsity == "2:4" and layer.k % 4:
+            if any(re.fullmatch(p, layer.name) for p in explicit):
+                raise InputError(f"layer {layer.name}: K={layer.k} is not divisible by 4, so it cannot be 2:4-sparse")
+            log(f"warning: keeping {layer.name} dense (K={layer.k} is not divisible by 4)")
+            continue
+        kept.append(layer)
+    if not kept:
+        raise InputError("no layer left to compress after --include/--exclude")
+    _warn_clamped_ranks(kept, config, log)
+    return layers, kept
+
+
+def calibrate(model: ir.Model, layers: list[LinearLayer], feeds: list | None, config: SlimConfig, progress=None) -> dict:
+    """The input statistics of `layers` (LayerStatistics by name) on `model` as it is now; none
+    without feeds (configurations that need no statistics)."""
+    if feeds is None:
+        return {}
+    return collect_statistics(model, layers, feeds, hessian=config.needs_hessian, progress=progress)
+
+
+def compress_layers(layers: list[LinearLayer], stats: dict, config: SlimConfig, done=None) -> tuple[dict, list[dict]]:
+    """(SlimWeights by layer name, reports) of `layers`, with their calibration statistics by name;
+    done(layer, report) is called as each layer is finished."""
+    weights, reports = {}, []
+    for layer in layers:
+        result = compress_layer(layer.weight_array(), stats.get(layer.name), config, layer.name, layer.bias_array())
+        weights[layer.name] = result.weights
+        reports.append(result.report)
+        if done:
+            done(layer, result.report)
+    return weights, reports
+
+
+def _layer_logger(total: int, log, bar):
+    """done() for compress_layers: advances the progress bar, or logs a line per layer."""
+    finished = itertools.count(1)
+
+    def done(layer: LinearLayer, report: dict) -> None:
+        if bar:
+            bar()
+            return
+        error = report.get("output_error")  # needs calibration statistics; else the weight error
+        what = f"output error {error:.4f}" if error is not None else f"weight error {report['weight_error']:.4f}"
+        log(f"[{next(finished)}/{total}] {layer.name} {layer.k}x{layer.n}: {what}")
+
+    return done
+
+
 def compress(
     model_path: str | os.PathLike,
     output_dir: str | os.PathLike,
     config: SlimConfig = SlimConfig(),
     calibration=None,
     *,
+    graph: GraphOptions = GraphOptions(),
     include: list[str] | None = None,
     exclude: list[str] | None = None,
     compress_lm_head: bool = True,
-    accuracy_level: int = 4,
     overwrite: bool = False,
     sequential: bool = False,
-    fuse_attention: bool = True,
-    quantize_embeddings: bool = True,
-    merge_siblings: bool = True,
     log=None,
     progress=None,
 ) -> dict:
@@ -183,17 +237,10 @@ def compress(
 
     calibration: a text file or folder (TextCalibration for options), an .npz of inputs, an
     iterable of feed dicts, or None (only for configurations that need no statistics).
+    graph: how the graph is written (accuracy level, fusions: GraphOptions).
+    include, exclude: regexes on layer (node) names; compress_lm_head: False keeps lm_head dense.
     sequential: calibrate each transformer block on the model whose earlier blocks are already
     compressed (as SparseGPT and SLiM do); one calibration pass per block.
-    fuse_attention: afterwards, fuse each cached decoder attention layer into one
-    GroupQueryAttention node (passes/attention.py), and each residual Add with the RMSNorm after it
-    (passes/norm.py); what does not match stays as exported.
-    quantize_embeddings: store token-embedding tables that nothing else reads as int8 rows with
-    group scales (passes/embedding.py).
-    merge_siblings: one SlimMatMul node (and a Split) for layers that read the same activation, such
-    as q/k/v and gate/up (passes/siblings.py), and the SwiGLU after a merged gate/up folded into
-    its node (passes/swiglu.py); with fuse_attention too, the merged q/k/v product feeds the
-    attention directly, rotary included (passes/packed_attention.py).
     log: called with each message (default: print to stderr); progress: an optional factory
     `progress(label, total)` returning a callable advanced once per calibration batch and per layer,
     which replaces the per-layer messages.
@@ -204,27 +251,12 @@ def compress(
     out = Path(output_dir).resolve()
     _check_output(src, Path(model_path).is_dir(), out, overwrite)
     _check_patterns(include, exclude)
+    graph = _loadable(graph, log)
     model = load_model(src)
     bytes_before = _initializer_bytes(model)
     if any(n.domain == DOMAIN and n.op_type == SLIM_MATMUL for n in ir.traversal.RecursiveGraphIterator(model.graph)):
         raise InputError(f"{src} is already compressed (it holds SlimMatMul nodes)")
-    layers = find_linear_layers(model)
-    if not layers:
-        raise InputError(f"{src} has no weight MatMul/Gemm layer to compress")
-    chosen = _selected(layers, include, exclude, compress_lm_head)
-    explicit = set(include or ())
-    kept = []
-    for layer in chosen:
-        if config.sparsity == "2:4" and layer.k % 4:
-            if any(re.fullmatch(p, layer.name) for p in explicit):
-                raise InputError(f"layer {layer.name}: K={layer.k} is not divisible by 4, so it cannot be 2:4-sparse")
-            log(f"warning: keeping {layer.name} dense (K={layer.k} is not divisible by 4)")
-            continue
-        kept.append(layer)
-    if not kept:
-        raise InputError("no layer left to compress after --include/--exclude")
-    _warn_clamped_ranks(kept, config, log)
-
+    layers, kept = select_layers(model, config, include, exclude, compress_lm_head, log)
     feeds = None
     if config.needs_statistics:
         feeds = _calibration_feeds(model, src.parent, calibration, log)
@@ -234,64 +266,29 @@ def compress(
 
     # One pass over all layers, or (sequential) block by block, each block calibrated on the model
     # whose earlier blocks are already compressed, so that its statistics see their error.
-    groups = transformer_blocks(kept) if sequential and feeds is not None else [kept]
+    blocks = transformer_blocks(kept) if sequential and feeds is not None else [kept]
     weights, reports = {}, []
-    layer_bar = progress("compressing", len(kept)) if progress else None
-    for group in groups:
-        stats = {}
-        if feeds is not None:
-            if not progress:
-                log(f"calibrating {len(group)} layers on {len(feeds)} batches")
-            batch_bar = progress("calibrating", len(feeds)) if progress and len(groups) == 1 else None
-            stats = collect_statistics(model, group, feeds, hessian=config.needs_hessian, progress=batch_bar)
-        block_weights = {}
-        for layer in group:
-            result = compress_layer(layer.weight_array(), stats.get(layer.name), config, layer.name, layer.bias_array())
-            block_weights[layer.name] = result.weights
-            reports.append(result.report)
-            if layer_bar:
-                layer_bar()
-            else:
-                error = result.report.get("output_error")  # needs calibration statistics; else the weight error
-                what = f"output error {error:.4f}" if error is not None else f"weight error {result.report['weight_error']:.4f}"
-                log(f"[{len(reports)}/{len(kept)}] {layer.name} {layer.k}x{layer.n}: {what}")
+    done = _layer_logger(len(kept), log, progress("compressing", len(kept)) if progress else None)
+    for block in blocks:
+        if feeds is not None and not progress:
+            log(f"calibrating {len(block)} layers on {len(feeds)} batches")
+        batch_bar = progress("calibrating", len(feeds)) if progress and feeds is not None and len(blocks) == 1 else None
+        stats = calibrate(model, block, feeds, config, batch_bar)
+        block_weights, block_reports = compress_layers(block, stats, config, done)
         del stats  # bounded memory: one block's statistics at a time in sequential mode
-        model = compress_graph(model, block_weights, accuracy_level)
+        model = compress_graph(model, block_weights, graph.accuracy_level)
         weights.update(block_weights)
-    embeddings = quantize_embedding_tables(model) if quantize_embeddings else []
-    for e in embeddings:
-        log(f"embedding {e.name} {e.rows}x{e.hidden}: int8, group {e.group_size} "
-            f"({e.bytes_before / 2**20:.1f} -> {e.bytes_after / 2**20:.1f} MiB)")
-    if fuse_attention and not _runtime_takes_fused_attention():
-        log(f"warning: not fusing attention: onnxruntime {_onnxruntime_version()} cannot load the fused model's "
-            f"fallback (GroupQueryAttention with attention_bias needs onnxruntime >= 1.22)")
-        fuse_attention = False
-    fused = fuse_attention_layers(model) if fuse_attention else 0
-    if fused:
-        log(f"fused {fused} attention layers into GroupQueryAttention")
-    norms = fuse_skip_rms_norm(model) if fuse_attention else 0
-    merged = merge_sibling_layers(model) if merge_siblings else []
-    if merged:
-        log(f"merged {sum(map(len, merged))} layers that share their input into {len(merged)} SlimMatMul nodes")
-    swiglus = fuse_swiglu(model) if merged else 0
-    if swiglus:
-        log(f"folded {swiglus} SwiGLU activations into their gate/up SlimMatMul")
-    packed = pack_attention_inputs(model) if fused and merged else 0
-    if packed:
-        log(f"fed {packed} attention layers their merged q/k/v product and rotary caches directly")
-
+        reports += block_reports
+    rewrite = rewrite_graph(model, graph)
+    _log_rewrite(rewrite, log)
     report = {
         "model": str(src),
-        "config": {k: getattr(config, k) for k in config.__dataclass_fields__},
-        "sequential": len(groups) > 1,
+        "config": dataclasses.asdict(config),
+        "graph": dataclasses.asdict(graph),
+        "sequential": len(blocks) > 1,
         "layers": reports,
         "kept_dense": [l.name for l in layers if l.name not in weights],
-        "attention_fused": fused,
-        "skip_norms_fused": norms,
-        "embeddings": [dataclasses.asdict(e) for e in embeddings],
-        "merged_siblings": merged,
-        "swiglu_fused": swiglus,
-        "attention_packed": packed,
+        **dataclasses.asdict(rewrite),
         "totals": {
             "layers": len(reports),
             "bytes_float16": sum(r["bytes_float16"] for r in reports),
@@ -303,6 +300,30 @@ def compress(
     }
     _write_output(model, src, out, report, had_external, overwrite, log)
     return report
+
+
+def _loadable(graph: GraphOptions, log) -> GraphOptions:
+    """`graph` without the attention fusion when this onnxruntime could not load its fallback."""
+    if graph.fuse_attention and not _runtime_takes_fused_attention():
+        log(f"warning: not fusing attention: onnxruntime {_onnxruntime_version()} cannot load the fused model's "
+            f"fallback (GroupQueryAttention with attention_bias needs onnxruntime >= 1.22)")
+        return dataclasses.replace(graph, fuse_attention=False)
+    return graph
+
+
+def _log_rewrite(rewrite: GraphRewrite, log) -> None:
+    for e in rewrite.embeddings:
+        log(f"embedding {e.name} {e.rows}x{e.hidden}: int8, group {e.group_size} "
+            f"({e.bytes_before / 2**20:.1f} -> {e.bytes_after / 2**20:.1f} MiB)")
+    if rewrite.attention_fused:
+        log(f"fused {rewrite.attention_fused} attention layers into GroupQueryAttention")
+    if rewrite.merged_siblings:
+        log(f"merged {sum(map(len, rewrite.merged_siblings))} layers that share their input into "
+            f"{len(rewrite.merged_siblings)} SlimMatMul nodes")
+    if rewrite.swiglu_fused:
+        log(f"folded {rewrite.swiglu_fused} SwiGLU activations into their gate/up SlimMatMul")
+    if rewrite.attention_packed:
+        log(f"fed {rewrite.attention_packed} attention layers their merged q/k/v product and rotary caches directly")
 
 
 _BLOCK_INDEX = re.compile(r"(?:layers|layer|blocks|block|h)[./_](\d+)(?:[./_]|$)")
@@ -407,4 +428,4 @@ def _move_into_place(tmp: Path, out: Path, log) -> None:
                 f"({error})")
 
 
-__all__ = ["CalibrationError", "CompressionError", "InputError", "compress"]
+__all__ = ["CalibrationError", "CompressionError", "InputError", "calibrate", "compress", "compress_layers", "select_layers"]

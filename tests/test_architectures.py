@@ -10,6 +10,7 @@ outputs to ~1e-3; 1e-2 relative is the sanity bound. This is the check that the 
 weight, bias and transpose in the right place; the kernel and fallback paths must then agree too.
 """
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -21,10 +22,12 @@ import pytest
 import slim_onnx
 import slim_onnx.passes
 from slim_onnx.calibration import model_feeds
+from slim_onnx.config import GraphOptions
 
 HIDDEN = 64
 LOSSLESS = slim_onnx.SlimConfig(sparsity="none", pruning="magnitude", quantizer="absmax", group_size=32,
                                 lowrank="naive", adapter_format="float16", rank=HIDDEN)
+FLOAT_GRAPH = GraphOptions(accuracy_level=0)  # float32 activations: outputs agree to float rounding
 
 
 def export(model, root: Path, task: str, dtype: str = "fp32") -> Path:
@@ -46,8 +49,9 @@ def feeds_for(model_path: Path, vocab: int, seq: int = 12) -> dict:
     return next(model_feeds(ir.load(str(model_path)), tokens))
 
 
-def compress_and_compare(src: Path, out: Path, vocab: int, **options) -> onnx.ModelProto:
-    slim_onnx.compress(src, out, LOSSLESS, None, accuracy_level=0, log=lambda msg: None, **options)
+def compress_and_compare(src: Path, out: Path, vocab: int, **graph_options) -> onnx.ModelProto:
+    graph = dataclasses.replace(FLOAT_GRAPH, **graph_options)
+    slim_onnx.compress(src, out, LOSSLESS, None, graph=graph, log=lambda msg: None)
     feeds = feeds_for(src / "model.onnx", vocab)
     dense = outputs(src / "model.onnx", feeds, library=False)
     kernel = outputs(out / "model.onnx", feeds, library=True)
@@ -89,13 +93,14 @@ def test_qwen2_folds_qkv_biases(tmp_path):
     src = export(small_decoder(Qwen2Config, Qwen2ForCausalLM, False), tmp_path, "text-generation-with-past")
     original = onnx.load(str(src / "model.onnx"))
     # only the layers change; one SlimMatMul per layer
-    model = compress_and_compare(src, tmp_path / "slim", 128, fuse_attention=False, merge_siblings=False)
+    model = compress_and_compare(src, tmp_path / "slim", 128, fuse_attention=False, fuse_norms=False,
+                                 merge_siblings=False)
     assert op_count(model, "SlimMatMul") == 2 * 7 + 1
     biased = [n for n in model.graph.node if n.op_type == "SlimMatMul" and len(n.input) > 3 and n.input[3]]
     assert len(biased) == 2 * 3  # q, k, v of each block carry their bias (most reach it through Identity aliases)
     # merged: q/k/v and gate/up of each block share one node, the biases side by side; the SwiGLU
     # after gate/up folded into it (only the q/k/v Splits remain)
-    merged = compress_and_compare(src, tmp_path / "merged", 128, fuse_attention=False)
+    merged = compress_and_compare(src, tmp_path / "merged", 128, fuse_attention=False, fuse_norms=False)
     assert op_count(merged, "SlimMatMul") == 2 * 4 + 1 and op_count(merged, "Split") == 2
     assert op_count(merged, "Sigmoid") == 0
     assert op_count(model, "Add") == op_count(original, "Add") - 2 * 3
@@ -186,9 +191,9 @@ def test_attention_fusion_reproduces_the_export(tmp_path, family):
     classes = (Qwen2Config, Qwen2ForCausalLM) if family == "qwen2" else (LlamaConfig, LlamaForCausalLM)
     src = export(small_decoder(*classes, True), tmp_path, "text-generation-with-past")
     model = ir.load(str(src / "model.onnx"))
-    assert slim_onnx.passes.fuse_attention(model) == 2
+    rewrite = slim_onnx.passes.rewrite_graph(model, GraphOptions.only("fuse_attention", "fuse_norms"))
     # every RMSNorm after a residual Add: both of layer 1, layer 0's second, the final one
-    assert slim_onnx.passes.fuse_skip_rms_norm(model) == 4
+    assert (rewrite.attention_fused, rewrite.skip_norms_fused) == (2, 4)
     ir.save(model, tmp_path / "fused.onnx")
     fused_proto = onnx.load(str(tmp_path / "fused.onnx"))
     onnx.checker.check_model(fused_proto)
@@ -241,7 +246,7 @@ def test_compressed_decoder_feeds_packed_qkv_to_the_attention(tmp_path, family):
 
     classes = (Qwen2Config, Qwen2ForCausalLM) if family == "qwen2" else (LlamaConfig, LlamaForCausalLM)
     src = export(small_decoder(*classes, True), tmp_path, "text-generation-with-past")
-    report = slim_onnx.compress(src, tmp_path / "slim", LOSSLESS, None, accuracy_level=0, log=lambda msg: None)
+    report = slim_onnx.compress(src, tmp_path / "slim", LOSSLESS, None, graph=FLOAT_GRAPH, log=lambda msg: None)
     assert (report["attention_fused"], report["attention_packed"], report["swiglu_fused"]) == (2, 2, 2)
     model = onnx.load(str(tmp_path / "slim" / "model.onnx"))
     onnx.checker.check_model(model)
@@ -259,6 +264,6 @@ def test_attention_fusion_leaves_other_attention_alone(tmp_path):
     src = export(small_decoder(LlamaConfig, LlamaForCausalLM, True), tmp_path, "text-generation-with-past", dtype="fp16")
     model = ir.load(str(src / "model.onnx"))
     before = len(model.graph)
-    fused = slim_onnx.passes.fuse_attention(model)
-    norms = slim_onnx.passes.fuse_skip_rms_norm(model)  # float16 gammas: SkipSimplifiedLayerNorm would change the math
-    assert (fused, norms, len(model.graph)) == (0, 0, before)
+    # float16 gammas: SkipSimplifiedLayerNorm would change the math
+    rewrite = slim_onnx.passes.rewrite_graph(model, GraphOptions.only("fuse_attention", "fuse_norms"))
+    assert (rewrite.attention_fused, rewrite.skip_norms_fused, len(model.graph)) == (0, 0, before)

@@ -13,6 +13,7 @@ from conftest import random_weights
 from test_kernel import SHAPES
 
 import slim_onnx
+from slim_onnx.config import GraphOptions
 from slim_onnx import make_slim_matmul_model, reference_slim_matmul
 from slim_onnx.cuda_kernels import CudaSlimMatMul, built_with_cuda
 
@@ -156,8 +157,8 @@ def test_compressed_model_on_cuda_matches_the_cpu_path(rng, tmp_path):
 
     onnx.save(dense_block_model(rng), str(tmp_path / "dense.onnx"))
     calib = [{"x": rng.standard_normal((64, 256)).astype(np.float32)} for _ in range(4)]
-    slim_onnx.compress(tmp_path / "dense.onnx", tmp_path / "slim", calibration=calib, accuracy_level=0,
-                       sequential=True, log=lambda msg: None)
+    slim_onnx.compress(tmp_path / "dense.onnx", tmp_path / "slim", calibration=calib,
+                       graph=GraphOptions(accuracy_level=0), sequential=True, log=lambda msg: None)
     model = onnx.load(str(tmp_path / "slim" / "dense.onnx"))
     x = rng.standard_normal((5, 256)).astype(np.float32)
     session = cuda_session(model, profile_dir=tmp_path)

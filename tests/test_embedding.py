@@ -1,6 +1,8 @@
 """Token-embedding tables as int8 rows (slim_onnx/passes/embedding.py), on a tiny Llama export with
 a vocabulary large enough to be rewritten."""
 
+import dataclasses
+
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -9,7 +11,7 @@ import pytest
 
 import slim_onnx
 from slim_onnx.passes.embedding import MIN_ROWS, dequantize_rows, group_size, quantize_rows_int8
-from test_architectures import LOSSLESS, export, feeds_for, outputs
+from test_architectures import FLOAT_GRAPH, LOSSLESS, export, feeds_for, outputs
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +42,7 @@ def test_group_size_divides_hidden():
 
 
 def test_compressed_embedding_gathers_int8_rows(llama, tmp_path):
-    report = slim_onnx.compress(llama, tmp_path / "slim", LOSSLESS, None, accuracy_level=0, log=lambda msg: None)
+    report = slim_onnx.compress(llama, tmp_path / "slim", LOSSLESS, None, graph=FLOAT_GRAPH, log=lambda msg: None)
     (embedding,) = report["embeddings"]
     assert embedding["rows"] == MIN_ROWS + 24 and embedding["group_size"] == 32
     # int8 values plus a float16 scale per 32: (1 + 2/32) / 4 of the float32 table
@@ -71,7 +73,7 @@ def test_compressed_embedding_gathers_int8_rows(llama, tmp_path):
 
 def test_table_read_by_a_dense_lm_head_is_kept(llama, tmp_path):
     report = slim_onnx.compress(llama, tmp_path / "slim", LOSSLESS, None, compress_lm_head=False,
-                                accuracy_level=0, log=lambda msg: None)
+                                graph=FLOAT_GRAPH, log=lambda msg: None)
     assert report["embeddings"] == []
     model = onnx.load(str(tmp_path / "slim" / "model.onnx"))
     assert "model.embed_tokens.weight" in {t.name for t in model.graph.initializer}
@@ -80,6 +82,6 @@ def test_table_read_by_a_dense_lm_head_is_kept(llama, tmp_path):
 
 
 def test_no_quantize_embeddings_keeps_the_table(llama, tmp_path):
-    report = slim_onnx.compress(llama, tmp_path / "slim", LOSSLESS, None, quantize_embeddings=False,
-                                accuracy_level=0, log=lambda msg: None)
+    report = slim_onnx.compress(llama, tmp_path / "slim", LOSSLESS, None,
+                                graph=dataclasses.replace(FLOAT_GRAPH, quantize_embeddings=False), log=lambda msg: None)
     assert report["embeddings"] == []

@@ -8,7 +8,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import slim_onnx
-from slim_onnx.passes import compress_graph, find_linear_layers
+from slim_onnx.config import GraphOptions
+from slim_onnx.passes import compress_graph, find_linear_layers, rewrite_graph
 
 K, N, V = 32, 24, 40
 
@@ -101,7 +102,7 @@ def test_compress_graph_replaces_layers_and_keeps_the_rest(rng):
 def test_unknown_layer_name_is_an_error(rng):
     model = ir.from_proto(build_model(rng))
     with pytest.raises(Exception, match="no linear layer named 'nope'"):
-        compress_graph(model, {"nope": slim_onnx.pack_weight(np.ones((8, 8), np.float32), 8, sparse=False)})
+        compress_graph(model, {"nope": slim_onnx.pack_weight(np.ones((8, 8), np.float32), 8, sparse=False)}, 0)
 
 
 def test_merge_siblings_keeps_every_output(rng):
@@ -115,7 +116,7 @@ def test_merge_siblings_keeps_every_output(rng):
     from conftest import random_weights
 
     from slim_onnx.op import add_fallback_functions, make_slim_matmul_node
-    from slim_onnx.passes import merge_sibling_layers
+    from slim_onnx.passes import MergeSiblingLayersPass, run_passes
 
     parts = [random_weights(rng, K, n, group_size=32, adapter_format="int4", rank=8, bias=True) for n in (N, 8, 16)]
     nodes, inits = [], []
@@ -129,7 +130,9 @@ def test_merge_siblings_keeps_every_output(rng):
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
     add_fallback_functions(proto)
     model = ir.serde.deserialize_model(proto)
-    assert merge_sibling_layers(model) == [["layer0", "layer1", "layer2"]]
+    merge = MergeSiblingLayersPass()
+    run_passes(model, [merge])
+    assert merge.merged == [["layer0", "layer1", "layer2"]]
     merged = ir.serde.serialize_model(model)
     onnx.checker.check_model(merged)
     assert [n.op_type for n in merged.graph.node].count("SlimMatMul") == 2
@@ -169,11 +172,10 @@ def test_swiglu_folds_into_the_merged_gate_up_layer(rng):
     """After the merge, Split + Sigmoid + two Muls become activation="swiglu" on the one SlimMatMul:
     same outputs as the export-shaped graph on both paths, a checker-clean model whose only functions
     are the variants in use."""
-    from slim_onnx.passes import fuse_swiglu, merge_sibling_layers
-
     proto = swiglu_mlp(rng, gate_also_read=False)
     model = ir.serde.deserialize_model(proto)
-    assert len(merge_sibling_layers(model)) == 1 and fuse_swiglu(model) == 1
+    rewrite = rewrite_graph(model, GraphOptions.only("merge_siblings", "fuse_swiglu"))
+    assert len(rewrite.merged_siblings) == 1 and rewrite.swiglu_fused == 1
     fused = ir.serde.serialize_model(model)
     onnx.checker.check_model(fused)
     assert [n.op_type for n in fused.graph.node] == ["SlimMatMul"]
@@ -189,11 +191,9 @@ def test_swiglu_folds_into_the_merged_gate_up_layer(rng):
 
 
 def test_swiglu_is_not_folded_when_the_gate_is_read_elsewhere(rng):
-    from slim_onnx.passes import fuse_swiglu, merge_sibling_layers
-
     model = ir.serde.deserialize_model(swiglu_mlp(rng, gate_also_read=True))
-    merge_sibling_layers(model)
-    assert fuse_swiglu(model) == 0
+    rewrite = rewrite_graph(model, GraphOptions.only("merge_siblings", "fuse_swiglu"))
+    assert len(rewrite.merged_siblings) == 1 and rewrite.swiglu_fused == 0
     assert sorted(n.op_type for n in model.graph) == ["Mul", "Mul", "Sigmoid", "SlimMatMul", "Split"]
 
 
@@ -262,11 +262,9 @@ def causal_feeds(rng, model: onnx.ModelProto, batch: int, seq: int, past: int) -
 def test_attention_fusion_on_a_hand_built_layer(rng, heads, kv_heads):
     """Fused into one GroupQueryAttention with the export's outputs (present caches included), on our
     kernel and on the fallback (com.microsoft's op), for a decode step and a prompt on a cache."""
-    from slim_onnx.passes import fuse_attention
-
     proto = attention_layer(rng, heads, kv_heads)
     model = ir.serde.deserialize_model(proto)
-    assert fuse_attention(model) == 1
+    assert rewrite_graph(model, GraphOptions.only("fuse_attention")).attention_fused == 1
     fused = ir.serde.serialize_model(model)
     ops = [n.op_type for n in fused.graph.node]
     assert ops.count("GroupQueryAttention") == 1 and "Softmax" not in ops and "Concat" not in ops
@@ -287,8 +285,6 @@ def test_attention_fusion_on_a_hand_built_layer(rng, heads, kv_heads):
     dict(heads=3, kv_heads=2),  # heads not a multiple of the kv heads
 ])
 def test_attention_fusion_leaves_other_shapes_alone(rng, change):
-    from slim_onnx.passes import fuse_attention
-
     options = dict(heads=4, kv_heads=2, head_size=8) | change
     if options["heads"] % options["kv_heads"]:  # build with repeat_kv of 2, then claim 3 heads in the split
         proto = attention_layer(rng, heads=4, kv_heads=2)
@@ -297,7 +293,7 @@ def test_attention_fusion_leaves_other_shapes_alone(rng, change):
     else:
         proto = attention_layer(rng, **options)
     model = ir.serde.deserialize_model(proto)
-    assert fuse_attention(model) == 0
+    assert rewrite_graph(model, GraphOptions.only("fuse_attention")).attention_fused == 0
     assert sorted(n.op_type for n in model.graph) == sorted(n.op_type for n in proto.graph.node)
 
 
@@ -330,11 +326,9 @@ def rms_norm_block(rng, gamma_constant=True, mean_axis=-1, power=2.0, hidden=16)
 
 
 def test_skip_rms_norm_fusion_on_a_hand_built_block(rng):
-    from slim_onnx.passes import fuse_skip_rms_norm
-
     proto = rms_norm_block(rng)
     model = ir.serde.deserialize_model(proto)
-    assert fuse_skip_rms_norm(model) == 1
+    assert rewrite_graph(model, GraphOptions.only("fuse_norms")).skip_norms_fused == 1
     fused = ir.serde.serialize_model(model)
     assert sorted(n.op_type for n in fused.graph.node) == ["Add", "SkipSimplifiedLayerNormalization"]
     feeds = {"a": rng.standard_normal((2, 3, 16)).astype(np.float32), "b": rng.standard_normal((2, 3, 16)).astype(np.float32)}
@@ -343,9 +337,7 @@ def test_skip_rms_norm_fusion_on_a_hand_built_block(rng):
 
 @pytest.mark.parametrize("change", [dict(gamma_constant=False), dict(mean_axis=1), dict(power=3.0)])
 def test_skip_rms_norm_fusion_leaves_other_norms_alone(rng, change):
-    from slim_onnx.passes import fuse_skip_rms_norm
-
     proto = rms_norm_block(rng, **change)
     model = ir.serde.deserialize_model(proto)
-    assert fuse_skip_rms_norm(model) == 0
+    assert rewrite_graph(model, GraphOptions.only("fuse_norms")).skip_norms_fused == 0
     assert sorted(n.op_type for n in model.graph) == sorted(n.op_type for n in proto.graph.node)

@@ -27,7 +27,8 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 import slim_onnx
-from slim_onnx.passes import fuse_attention, fuse_skip_rms_norm
+from slim_onnx.config import GraphOptions
+from slim_onnx.passes import rewrite_graph
 from slim_onnx.pipeline import resolve_model_path
 
 
@@ -44,12 +45,10 @@ def matmul_nbits_model(dense: Path, out: Path) -> Path:
 
 
 def attention_fused_model(src: Path, out: Path) -> Path:
-    """`src` with the graph fusions `slim-onnx compress` applies (slim_onnx.passes.fuse_attention and
-    fuse_skip_rms_norm)."""
+    """`src` with the attention and norm fusions `slim-onnx compress` applies (passes/manager.py)."""
     model = ir.load(src)
-    if not fuse_attention(model):
+    if not rewrite_graph(model, GraphOptions.only("fuse_attention", "fuse_norms")).attention_fused:
         raise SystemExit(f"{src}: no attention layer matched the GroupQueryAttention fusion")
-    fuse_skip_rms_norm(model)
     out.mkdir()
     ir.save(model, out / "model.onnx", external_data="model.onnx_data")
     return out / "model.onnx"

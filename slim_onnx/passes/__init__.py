@@ -1,22 +1,24 @@
-"""onnx-ir graph passes: finding linear layers and rewriting them into SlimMatMul; fusing attention
-and residual RMSNorms;
-quantizing embedding tables; merging layers that share their input; folding SwiGLU into the merged
-gate/up layer, and the merged q/k/v layer straight into the fused attention."""
+"""onnx-ir graph passes: finding linear layers and rewriting them into SlimMatMul (rewrite.py); then
+the graph rewrite of manager.py: embedding tables quantized, attention and residual RMSNorms fused,
+layers that share their input merged, SwiGLU folded into the merged gate/up layer, and the merged
+q/k/v layer fed straight into the fused attention. Shared graph helpers: graph.py."""
 
-from slim_onnx.passes.attention import FuseGroupQueryAttentionPass, fuse_attention
-from slim_onnx.passes.embedding import QuantizeEmbeddingsPass, quantize_embeddings
+from slim_onnx.passes.attention import FuseGroupQueryAttentionPass
+from slim_onnx.passes.embedding import QuantizeEmbeddingsPass
 from slim_onnx.passes.linear import LinearLayer, find_linear_layers
-from slim_onnx.passes.norm import FuseSkipRmsNormPass, fuse_skip_rms_norm
-from slim_onnx.passes.packed_attention import PackAttentionInputsPass, pack_attention_inputs
-from slim_onnx.passes.rewrite import AddFallbackFunctionsPass, ReplaceLinearLayersPass, compress_graph
-from slim_onnx.passes.siblings import MergeSiblingLayersPass, merge_sibling_layers
-from slim_onnx.passes.swiglu import FuseSwiGluPass, fuse_swiglu
+from slim_onnx.passes.manager import GraphRewrite, rewrite_graph
+from slim_onnx.passes.norm import FuseSkipRmsNormPass
+from slim_onnx.passes.packed_attention import PackAttentionInputsPass
+from slim_onnx.passes.rewrite import AddFallbackFunctionsPass, ReplaceLinearLayersPass, compress_graph, run_passes
+from slim_onnx.passes.siblings import MergeSiblingLayersPass
+from slim_onnx.passes.swiglu import FuseSwiGluPass
 
 __all__ = [
     "AddFallbackFunctionsPass",
     "FuseGroupQueryAttentionPass",
     "FuseSkipRmsNormPass",
     "FuseSwiGluPass",
+    "GraphRewrite",
     "LinearLayer",
     "MergeSiblingLayersPass",
     "PackAttentionInputsPass",
@@ -24,10 +26,6 @@ __all__ = [
     "ReplaceLinearLayersPass",
     "compress_graph",
     "find_linear_layers",
-    "fuse_attention",
-    "fuse_skip_rms_norm",
-    "fuse_swiglu",
-    "merge_sibling_layers",
-    "pack_attention_inputs",
-    "quantize_embeddings",
+    "rewrite_graph",
+    "run_passes",
 ]

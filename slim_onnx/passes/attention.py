@@ -42,7 +42,6 @@ import dataclasses
 
 import numpy as np
 import onnx_ir as ir
-import onnx_ir.passes.common as common_passes
 
 from slim_onnx.passes.attention_match import (
     PAST_KEY,
@@ -52,8 +51,7 @@ from slim_onnx.passes.attention_match import (
     rotary_source,
     split_heads_source,
 )
-from slim_onnx.passes.graph import register_constant
-from slim_onnx.passes.rewrite import AddFallbackFunctionsPass
+from slim_onnx.passes.graph import register_constant, remove_dead_producers
 from slim_onnx.schema import DOMAIN, GROUP_QUERY_ATTENTION, AttentionVariant
 
 
@@ -165,10 +163,11 @@ def _retarget_shape_reads(graph: ir.Graph, before: ir.Node, a: AttentionLayer, t
                 start, end = node.attributes.get_int("start", 0), node.attributes.get_int("end", None)
                 if start == 0 and end is None:
                     node.outputs[0].replace_all_uses_with(shapes[key])
-                    continue
-                sliced = ir.node("Slice", [shapes[key], _const(graph, [start]), _const(graph, [4 if end is None else end])])
-                graph.insert_before(before, sliced)
-                node.outputs[0].replace_all_uses_with(sliced.outputs[0])
+                else:
+                    sliced = ir.node("Slice", [shapes[key], _const(graph, [start]), _const(graph, [4 if end is None else end])])
+                    graph.insert_before(before, sliced)
+                    node.outputs[0].replace_all_uses_with(sliced.outputs[0])
+                graph.remove(node, safe=True)  # so that the cache tensor it read can die with the layer
 
 
 def _const(graph: ir.Graph, ints: list[int] | int) -> ir.Value:
@@ -205,7 +204,9 @@ class FuseGroupQueryAttentionPass(ir.passes.InPlacePass):
     """Fuse each layer's cached attention into slim_onnx::GroupQueryAttention (see module doc).
 
     `fused` holds the count of layers after a call, `rotaries` that of rotary embeddings folded into
-    RotaryEmbedding; dead nodes are left for RemoveUnusedNodesPass."""
+    RotaryEmbedding. The layers' old nodes are removed; the new ones are inserted before each layer's
+    output, some after nodes that read them, so a TopologicalSortPass must follow.
+    """
 
     def __init__(self):
         super().__init__()
@@ -231,22 +232,12 @@ class FuseGroupQueryAttentionPass(ir.passes.InPlacePass):
                 qkv = [to_bsd(anchor, a.query, a.heads), to_bsd(anchor, a.key, a.kv_heads), to_bsd(anchor, a.value, a.kv_heads)]
                 lengths = lengths or _lengths(graph, anchor, a.past_key, qkv[1])
                 _fuse(graph, a, qkv, lengths, shapes, index)
+            # after every layer is fused: the layers share nodes (rotary tables, shape arithmetic)
+            remove_dead_producers(graph, [v for a in matched for v in (a.output, a.present_key, a.present_value)])
             self.rotaries = to_bsd.rotaries
             model.opset_imports.setdefault("com.microsoft", 1)
         self.fused = len(matched)
         return ir.passes.PassResult(model, modified=bool(matched))
 
 
-def fuse_attention(model: ir.Model) -> int:
-    """Fuse every matching attention layer of `model` in place, drop the dead nodes, keep the graph
-    sorted; returns the number of layers fused."""
-    fuse = FuseGroupQueryAttentionPass()
-    # Sorted before the clean-up: the new shape nodes sit after some of their (soon dead) readers,
-    # and the removal sweeps the graph once in reverse order.
-    ir.passes.Sequential(
-        fuse, AddFallbackFunctionsPass(), common_passes.TopologicalSortPass(), common_passes.RemoveUnusedNodesPass()
-    )(model)
-    return fuse.fused
-
-
-__all__ = ["FuseGroupQueryAttentionPass", "fuse_attention"]
+__all__ = ["FuseGroupQueryAttentionPass"]

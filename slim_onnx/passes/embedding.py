@@ -122,11 +122,4 @@ class QuantizeEmbeddingsPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified=bool(self.quantized))
 
 
-def quantize_embeddings(model: ir.Model) -> list[QuantizedEmbedding]:
-    """Apply QuantizeEmbeddingsPass to `model` in place; returns what was quantized."""
-    quantize = QuantizeEmbeddingsPass()
-    quantize(model)
-    return quantize.quantized
-
-
-__all__ = ["QuantizeEmbeddingsPass", "QuantizedEmbedding", "dequantize_rows", "quantize_embeddings", "quantize_rows_int8"]
+__all__ = ["QuantizeEmbeddingsPass", "QuantizedEmbedding", "dequantize_rows", "quantize_rows_int8"]

@@ -116,6 +116,20 @@ def take_over_values(graph: ir.Graph, pairs: list[tuple[ir.Value, ir.Value]], de
         new.name = name
 
 
+def remove_dead_producers(graph: ir.Graph, values: list[ir.Value]) -> None:
+    """Remove the producers of `values` that nothing reads any more, and theirs in turn: what a rewrite
+    left behind, so that the next pass matches a clean graph (readers are removed before what they
+    read; a node with a live output, or a graph input or initializer, ends the walk)."""
+    pending = [v.producer() for v in values if v is not None and v.producer() is not None]
+    while pending:
+        node = pending.pop()
+        if node.graph is not graph or any(out.is_graph_output() or any(True for _ in out.uses()) for out in node.outputs):
+            continue
+        inputs = [v for v in node.inputs if v is not None]
+        graph.remove(node, safe=True)
+        pending.extend(v.producer() for v in inputs if v.producer() is not None)
+
+
 __all__ = [
     "const_ints",
     "const_scalar",
@@ -126,6 +140,7 @@ __all__ = [
     "producer",
     "readers",
     "register_constant",
+    "remove_dead_producers",
     "take_over_values",
     "weight_source",
 ]

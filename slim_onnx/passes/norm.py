@@ -18,9 +18,8 @@ becomes
 from __future__ import annotations
 
 import onnx_ir as ir
-import onnx_ir.passes.common as common_passes
 
-from slim_onnx.passes.graph import const_ints, const_scalar, constant_source, only_reader, readers
+from slim_onnx.passes.graph import const_ints, const_scalar, constant_source, only_reader, readers, remove_dead_producers
 
 
 def _float_cast(node: ir.Node | None) -> bool:
@@ -64,8 +63,8 @@ def _rms_norm(h: ir.Value) -> tuple[ir.Node, float, ir.Value, ir.Value] | None:
 
 
 class FuseSkipRmsNormPass(ir.passes.InPlacePass):
-    """Fuse residual Add + RMSNorm pairs of the main graph (see module doc); `fused` counts them
-    after a call. Dead nodes are left for RemoveUnusedNodesPass."""
+    """Fuse residual Add + RMSNorm pairs of the main graph (see module doc), removing the old nodes;
+    `fused` counts them after a call."""
 
     def __init__(self):
         super().__init__()
@@ -89,18 +88,11 @@ class FuseSkipRmsNormPass(ir.passes.InPlacePass):
             h.replace_all_uses_with(total)
             if c is not h:  # a Cast to float32 of a float32 sum (gamma is float32): the same values
                 c.replace_all_uses_with(total)
+            remove_dead_producers(graph, [last.outputs[0], c, h])
             self.fused += 1
         if self.fused:
             model.opset_imports.setdefault("com.microsoft", 1)
         return ir.passes.PassResult(model, modified=bool(self.fused))
 
 
-def fuse_skip_rms_norm(model: ir.Model) -> int:
-    """Apply FuseSkipRmsNormPass to `model` in place, drop the dead nodes, keep the graph sorted;
-    returns the number of pairs fused."""
-    fuse = FuseSkipRmsNormPass()
-    ir.passes.Sequential(fuse, common_passes.TopologicalSortPass(), common_passes.RemoveUnusedNodesPass())(model)
-    return fuse.fused
-
-
-__all__ = ["FuseSkipRmsNormPass", "fuse_skip_rms_norm"]
+__all__ = ["FuseSkipRmsNormPass"]

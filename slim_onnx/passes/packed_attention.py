@@ -20,10 +20,8 @@ becomes
 from __future__ import annotations
 
 import onnx_ir as ir
-import onnx_ir.passes.common as common_passes
 
-from slim_onnx.passes.graph import const_ints, const_scalar, producer, take_over_values
-from slim_onnx.passes.rewrite import AddFallbackFunctionsPass
+from slim_onnx.passes.graph import const_ints, const_scalar, producer, remove_dead_producers, take_over_values
 from slim_onnx.schema import DOMAIN, GROUP_QUERY_ATTENTION, SLIM_MATMUL, AttentionVariant
 
 
@@ -87,8 +85,8 @@ def _shape_reads_to_product(fed: list[ir.Value], p: ir.Value) -> None:
 
 class PackAttentionInputsPass(ir.passes.InPlacePass):
     """Feed each matching slim_onnx::GroupQueryAttention of the main graph its packed q/k/v product and
-    rotary caches (see module doc); `packed` counts them after a call. Dead nodes are left for
-    RemoveUnusedNodesPass; needs AddFallbackFunctionsPass afterwards (new overloads)."""
+    rotary caches (see module doc), removing the nodes in between; `packed` counts them after a call.
+    The new overloads need AddFallbackFunctionsPass afterwards."""
 
     def __init__(self):
         super().__init__()
@@ -112,19 +110,9 @@ class PackAttentionInputsPass(ir.passes.InPlacePass):
             graph.insert_before(node, packed)
             take_over_values(graph, list(zip(node.outputs, packed.outputs)), [node])
             _shape_reads_to_product(fed, p)
+            remove_dead_producers(graph, fed)
             self.packed += 1
         return ir.passes.PassResult(model, modified=bool(self.packed))
 
 
-def pack_attention_inputs(model: ir.Model) -> int:
-    """Apply PackAttentionInputsPass to `model` in place with the fallback functions it needs (and
-    without those no node uses any more), drop the dead nodes; returns the number of layers packed."""
-    pack = PackAttentionInputsPass()
-    ir.passes.Sequential(
-        pack, AddFallbackFunctionsPass(), common_passes.RemoveUnusedFunctionsPass(),
-        common_passes.TopologicalSortPass(), common_passes.RemoveUnusedNodesPass(),
-    )(model)
-    return pack.packed
-
-
-__all__ = ["PackAttentionInputsPass", "pack_attention_inputs"]
+__all__ = ["PackAttentionInputsPass"]

@@ -5,7 +5,7 @@
                                     is removed unless something else still reads it (tied embeddings)
   AddFallbackFunctionsPass()        the model-local function of every variant of our ops in use
                                     (SlimMatMul, GroupQueryAttention), the custom opset import, IR 10
-compress_graph() composes them with onnx-ir's clean-up passes.
+run_passes() ends every rewrite with the clean-up; compress_graph() is the first rewrite.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def _replace(layer: LinearLayer, weights: SlimWeights, accuracy_level: int) -> N
 class ReplaceLinearLayersPass(ir.passes.InPlacePass):
     """Replace the layers named in `weights` (LinearLayer.name -> SlimWeights) by SlimMatMul nodes."""
 
-    def __init__(self, weights: dict[str, SlimWeights], accuracy_level: int = 4):
+    def __init__(self, weights: dict[str, SlimWeights], accuracy_level: int):
         super().__init__()
         self.weights = weights
         self.accuracy_level = accuracy_level
@@ -106,17 +106,26 @@ class AddFallbackFunctionsPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified=modified)
 
 
-def compress_graph(model: ir.Model, weights: dict[str, SlimWeights], accuracy_level: int = 4) -> ir.Model:
-    """Replace layers, add fallback functions, drop what became unused, keep the graph sorted."""
-    passes = ir.passes.Sequential(
-        ReplaceLinearLayersPass(weights, accuracy_level),
-        AddFallbackFunctionsPass(),
+def run_passes(model: ir.Model, passes: list[ir.passes.PassBase]) -> ir.Model:
+    """`passes` in order, then the clean-up every rewrite ends with, once, in place: the graph sorted,
+    what nothing reads removed, and the fallback function of every variant in use (and of no other)."""
+    clean_up = [
+        common_passes.TopologicalSortPass(),  # before the removal, which sweeps the graph once, readers first
         common_passes.RemoveUnusedNodesPass(),
-        common_passes.TopologicalSortPass(),
-    )
+        AddFallbackFunctionsPass(),
+        common_passes.RemoveUnusedFunctionsPass(),
+    ]
     try:
-        return passes(model).model
-    except ir.passes.PassError as error:  # report our own problem, not the pass manager's wrapper
-        if isinstance(error.__cause__, ValueError):
-            raise error.__cause__ from None
+        return ir.passes.PassManager([*passes, *clean_up])(model).model
+    except ir.passes.PassError as error:  # report our own problem, not the pass manager's wrappers
+        cause = error.__cause__
+        while isinstance(cause, ir.passes.PassError):
+            cause = cause.__cause__
+        if isinstance(cause, ValueError):
+            raise cause from None
         raise
+
+
+def compress_graph(model: ir.Model, weights: dict[str, SlimWeights], accuracy_level: int) -> ir.Model:
+    """Replace the layers named in `weights` by SlimMatMul nodes, in place (and clean up)."""
+    return run_passes(model, [ReplaceLinearLayersPass(weights, accuracy_level)])

@@ -80,11 +80,4 @@ class MergeSiblingLayersPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified=bool(self.merged))
 
 
-def merge_sibling_layers(model: ir.Model) -> list[list[str]]:
-    """Apply MergeSiblingLayersPass to `model` in place; returns the merged groups' node names."""
-    merge = MergeSiblingLayersPass()
-    merge(model)
-    return merge.merged
-
-
-__all__ = ["MergeSiblingLayersPass", "merge_sibling_layers", "node_weights"]
+__all__ = ["MergeSiblingLayersPass", "node_weights"]

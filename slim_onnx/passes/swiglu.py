@@ -20,11 +20,9 @@ from __future__ import annotations
 import dataclasses
 
 import onnx_ir as ir
-import onnx_ir.passes.common as common_passes
 
 from slim_onnx.format import TILE_N
 from slim_onnx.passes.graph import const_ints, only_reader, other_input, take_over_values
-from slim_onnx.passes.rewrite import AddFallbackFunctionsPass
 from slim_onnx.schema import DOMAIN, SLIM_MATMUL, SlimMatMulVariant
 
 
@@ -58,7 +56,7 @@ def _swiglu_output(node: ir.Node) -> tuple[ir.Node, list[ir.Node]] | None:
 
 class FuseSwiGluPass(ir.passes.InPlacePass):
     """Fold each SwiGLU after a two-way-split SlimMatMul of the main graph into it (see module doc);
-    `fused` counts them after a call. Needs AddFallbackFunctionsPass afterwards (new overloads)."""
+    `fused` counts them after a call. The new overloads need AddFallbackFunctionsPass afterwards."""
 
     def __init__(self):
         super().__init__()
@@ -81,12 +79,4 @@ class FuseSwiGluPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified=bool(self.fused))
 
 
-def fuse_swiglu(model: ir.Model) -> int:
-    """Apply FuseSwiGluPass to `model` in place with the fallback functions it needs (and without
-    those no node uses any more); returns the number of MLPs fused."""
-    fuse = FuseSwiGluPass()
-    ir.passes.Sequential(fuse, AddFallbackFunctionsPass(), common_passes.RemoveUnusedFunctionsPass())(model)
-    return fuse.fused
-
-
-__all__ = ["FuseSwiGluPass", "fuse_swiglu"]
+__all__ = ["FuseSwiGluPass"]
