@@ -1,5 +1,7 @@
 """Per-layer algorithms against independent references: brute force, numpy formulas, the dense layer."""
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -217,7 +219,7 @@ def test_error_falls_as_rank_grows():
     st = stats_of(x)
     w = weight(96, 64)
     errors = [compress_layer(w, st, SlimConfig(rank=r, adapter_format="float16")).report["output_error"] for r in (0, 8, 16, 32, 64)]
-    assert all(a > b for a, b in zip(errors, errors[1:])), errors
+    assert all(a > b for a, b in itertools.pairwise(errors)), errors
 
 
 def test_saliency_solution_is_optimal_against_brute_force_alternatives():

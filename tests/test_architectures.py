@@ -18,35 +18,11 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
+from helpers import FLOAT_GRAPH, HIDDEN, LOSSLESS, export, feeds_for, outputs
 
 import slim_onnx
 import slim_onnx.passes
-from slim_onnx.calibration import model_feeds
 from slim_onnx.config import GraphOptions
-
-HIDDEN = 64
-LOSSLESS = slim_onnx.SlimConfig(sparsity="none", pruning="magnitude", quantizer="absmax", group_size=32,
-                                lowrank="naive", adapter_format="float16", rank=HIDDEN)
-FLOAT_GRAPH = GraphOptions(accuracy_level=0)  # float32 activations: outputs agree to float rounding
-
-
-def export(model, root: Path, task: str, dtype: str = "fp32") -> Path:
-    from optimum.exporters.onnx import main_export
-
-    model.save_pretrained(root / "hf")
-    main_export(str(root / "hf"), str(root / "onnx"), task=task, dtype=dtype, device="cpu")
-    return root / "onnx"
-
-
-def outputs(model_path: Path, feeds: dict, library: bool) -> list[np.ndarray]:
-    so = slim_onnx.session_options() if library else ort.SessionOptions()
-    session = ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"])
-    return session.run(None, feeds)
-
-
-def feeds_for(model_path: Path, vocab: int, seq: int = 12) -> dict:
-    tokens = np.random.default_rng(0).integers(0, vocab, size=(1, seq))
-    return next(model_feeds(ir.load(str(model_path)), tokens))
 
 
 def compress_and_compare(src: Path, out: Path, vocab: int, **graph_options) -> onnx.ModelProto:
@@ -56,7 +32,7 @@ def compress_and_compare(src: Path, out: Path, vocab: int, **graph_options) -> o
     dense = outputs(src / "model.onnx", feeds, library=False)
     kernel = outputs(out / "model.onnx", feeds, library=True)
     fallback = outputs(out / "model.onnx", feeds, library=False)
-    for d, k, f in zip(dense, kernel, fallback):
+    for d, k, f in zip(dense, kernel, fallback, strict=True):
         assert k.dtype == d.dtype
         # kernel and fallback differ by rounding: float32 sums, or ~one float16 ulp of the output
         paths_tol = 2e-3 if d.dtype == np.float16 else 1e-4
@@ -229,7 +205,7 @@ def assert_cached_runs_match(export_path: Path, fused_path: Path, tol: float) ->
         for path, fused in paths.items():
             if path == "fallback" and batch > 1 and past > 0 and seq > 1:
                 continue  # onnxruntime's CPU kernel refuses this shape (module doc of passes/attention.py)
-            for name, want, got in zip(names, expected, fused.run(None, feeds)):
+            for name, want, got in zip(names, expected, fused.run(None, feeds), strict=True):
                 keep = valid[:, past:] if name == "logits" else valid  # present.*: [B, heads, past + seq, D]
                 want, got = (np.moveaxis(x, 2, 1)[keep] if name != "logits" else x[keep] for x in (want, got))
                 err = np.abs(want.astype(np.float64) - got).max() / np.abs(want).max()

@@ -9,12 +9,11 @@ import json
 import numpy as np
 import onnxruntime as ort
 import pytest
-from conftest import random_weights
-from test_kernel import SHAPES
+from helpers import KERNEL_SHAPES, random_weights
 
 import slim_onnx
-from slim_onnx.config import GraphOptions
 from slim_onnx import make_slim_matmul_model, reference_slim_matmul
+from slim_onnx.config import GraphOptions
 from slim_onnx.cuda_kernels import CudaSlimMatMul, built_with_cuda
 
 torch = pytest.importorskip("torch")
@@ -45,7 +44,7 @@ def run_cuda(weights, a):
     return y.cpu().numpy()
 
 
-@pytest.mark.parametrize("lead,k,n", SHAPES)
+@pytest.mark.parametrize("lead,k,n", KERNEL_SHAPES)
 @pytest.mark.parametrize("sparse", [True, False])
 @pytest.mark.parametrize("dtype", [np.float16, np.float32])
 def test_cuda_kernel_matches_reference(rng, lead, k, n, sparse, dtype):

@@ -55,7 +55,7 @@ def decode_fragments(frag, meta, k, n, sparse):
 @pytest.mark.parametrize("k,n,group,sparse", [(64, 32, 32, True), (100, 24, 1000, True), (48, 40, 16, False)])
 def test_fragment_layout_holds_the_packed_weight(rng, k, n, group, sparse):
     """The host re-layout the CUDA kernels read, checked without a GPU: values, 2:4 positions, scales."""
-    from conftest import random_weights
+    from helpers import random_weights
 
     from slim_onnx.cuda_kernels import fragment_layout
 

@@ -8,10 +8,10 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
+from helpers import FLOAT_GRAPH, LOSSLESS, export, feeds_for, outputs
 
 import slim_onnx
 from slim_onnx.passes.embedding import MIN_ROWS, dequantize_rows, group_size, quantize_rows_int8
-from test_architectures import FLOAT_GRAPH, LOSSLESS, export, feeds_for, outputs
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +66,7 @@ def test_compressed_embedding_gathers_int8_rows(llama, tmp_path):
     want = outputs(tmp_path / "dequantized.onnx", feeds, library=False)
     dense = outputs(llama / "model.onnx", feeds, library=False)
     for library in (True, False):
-        for w, g, d in zip(want, outputs(tmp_path / "slim" / "model.onnx", feeds, library), dense):
+        for w, g, d in zip(want, outputs(tmp_path / "slim" / "model.onnx", feeds, library), dense, strict=True):
             assert np.abs(g - w).max() / np.abs(w).max() < 5e-3  # float16 rounding of LOSSLESS's adapters
             assert np.abs(g - d).max() / np.abs(d).max() < 2e-2  # and int8 rows stay close to the export
 

@@ -4,7 +4,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from conftest import random_weights
+from helpers import random_weights
 from onnx import TensorProto, helper, numpy_helper
 
 import slim_onnx

@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from conftest import random_2of4, random_weights
+from helpers import random_2of4, random_weights
 
 from slim_onnx.format import (
     FormatError,

@@ -1,14 +1,13 @@
 """The CPU kernel against the numpy reference (slim_onnx.format) and the fallback function."""
 
 import json
-import subprocess
-import sys
+import os
 import threading
 
 import numpy as np
 import onnxruntime as ort
 import pytest
-from conftest import random_weights
+from helpers import KERNEL_SHAPES, random_weights, run_python
 
 import slim_onnx
 from slim_onnx import make_slim_matmul_model, reference_slim_matmul
@@ -29,19 +28,7 @@ def assert_close(y, ref, dtype):
     assert np.abs(y - ref).max() / scale < tol, np.abs(y - ref).max() / scale
 
 
-SHAPES = [  # (lead dims, K, N)
-    ((1,), 8, 8),
-    ((3,), 12, 13),
-    ((2, 5), 20, 7),
-    ((4,), 100, 33),
-    ((1, 1, 7), 64, 130),
-    ((16,), 576, 40),
-    ((33,), 36, 1),
-    ((257,), 96, 24),
-]
-
-
-@pytest.mark.parametrize("lead,k,n", SHAPES)
+@pytest.mark.parametrize("lead,k,n", KERNEL_SHAPES)
 @pytest.mark.parametrize("sparse", [True, False])
 @pytest.mark.parametrize("accuracy_level", [0, 4])
 def test_kernel_matches_reference(rng, lead, k, n, sparse, accuracy_level):
@@ -186,8 +173,7 @@ def test_concurrent_runs_share_one_session(rng):
 
 CAPPED_CHECK = """
 import numpy as np, onnxruntime as ort, sys
-sys.path.insert(0, {tests!r})
-from conftest import random_weights
+from helpers import random_weights
 import slim_onnx
 assert slim_onnx.kernel_name() == {kernel!r}, slim_onnx.kernel_name()
 rng = np.random.default_rng(7)
@@ -224,14 +210,9 @@ def cpu_flags() -> set[str]:
 @pytest.mark.parametrize("kernel", ["scalar", "avx2"])
 def test_capped_kernels_match_reference(tmp_path, kernel):
     """SLIM_ONNX_KERNEL caps the choice: the portable kernels, and the AVX2 ones on an AVX-512 CPU."""
-    import os
-    from pathlib import Path
-
     if kernel == "avx2" and not {"avx2", "fma", "f16c"} <= cpu_flags():
         pytest.skip("this CPU has no AVX2")
-    env = dict(os.environ, SLIM_ONNX_KERNEL=kernel)
-    code = CAPPED_CHECK.format(tests=str(Path(__file__).parent), kernel=kernel)
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path)
+    out = run_python(CAPPED_CHECK.format(kernel=kernel), env=dict(os.environ, SLIM_ONNX_KERNEL=kernel), cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert float(out.stdout.strip()) < 2e-5
 

@@ -7,14 +7,14 @@ from pathlib import Path
 
 import onnxruntime
 import pytest
+from helpers import run_python
 
 OLDEST, NEWEST = "1.20.1", "1.31.1"
 
 CHECK = """
 import sys
 import numpy as np, onnxruntime as ort
-sys.path.insert(0, {tests!r})
-from conftest import random_weights
+from helpers import random_weights
 import slim_onnx
 assert ort.__version__ == {version!r}, ort.__version__
 rng = np.random.default_rng(3)
@@ -69,13 +69,12 @@ def onnxruntime_site(version: str) -> Path | None:
 
 
 def run_in_onnxruntime(version: str, check: str, cwd: Path) -> None:
-    """Run `check` (formatted with tests and version) in a subprocess that imports onnxruntime==version."""
+    """Run `check` (formatted with version) in a subprocess that imports onnxruntime==version."""
     site = onnxruntime_site(version)
     env = dict(os.environ)
     if site is not None:
         env["PYTHONPATH"] = os.pathsep.join([str(site), env.get("PYTHONPATH", "")])
-    code = check.format(tests=str(Path(__file__).parent), version=version)
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=cwd)
+    out = run_python(check.format(version=version), env=env, cwd=cwd)
     assert out.returncode == 0, out.stdout + out.stderr
     assert out.stdout.strip() == f"ok {version}"
 
@@ -89,12 +88,11 @@ def test_library_runs_in_onnxruntime(version, tmp_path):
 ATTENTION_CHECK = """
 import sys
 import onnxruntime as ort
-sys.path.insert(0, {tests!r})
-import test_attention
+import helpers
 assert ort.__version__ == {version!r}, ort.__version__
 for packed in (False, True):
-    assert test_attention.worst_error(with_library=True, packed=packed) < 1e-5
-    assert test_attention.worst_error(with_library=False, packed=packed) < 1e-5
+    assert helpers.attention_worst_error(with_library=True, packed=packed) < 1e-5
+    assert helpers.attention_worst_error(with_library=False, packed=packed) < 1e-5
 print("ok", ort.__version__)
 """
 

@@ -5,6 +5,7 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
+from helpers import random_weights
 from onnx import TensorProto, helper, numpy_helper
 
 import slim_onnx
@@ -94,7 +95,7 @@ def test_compress_graph_replaces_layers_and_keeps_the_rest(rng):
         "embedded": init["emb"][ids], "branch": o @ eff["/if/then/MatMul"][0],
     }
     for library in (True, False):
-        got = dict(zip(expected, run(compressed, {"x": x, "ids": ids}, library)))
+        got = dict(zip(expected, run(compressed, {"x": x, "ids": ids}, library), strict=True))
         for name in expected:
             np.testing.assert_allclose(got[name], expected[name], rtol=1e-4, atol=1e-4 * np.abs(expected[name]).max())
 
@@ -109,18 +110,12 @@ def test_merge_siblings_keeps_every_output(rng):
     """Three SlimMatMul nodes reading one input (int4 adapters) and one reading another: the three
     become one node and a Split whose outputs equal the separate nodes' (kernel and fallback, float32
     activations); the fourth stays."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from conftest import random_weights
-
     from slim_onnx.op import add_fallback_functions, make_slim_matmul_node
     from slim_onnx.passes import MergeSiblingLayersPass, run_passes
 
     parts = [random_weights(rng, K, n, group_size=32, adapter_format="int4", rank=8, bias=True) for n in (N, 8, 16)]
     nodes, inits = [], []
-    for i, (w, a) in enumerate(zip(parts + [parts[0]], ["x", "x", "x", "x2"])):
+    for i, (w, a) in enumerate(zip(parts + [parts[0]], ["x", "x", "x", "x2"], strict=True)):
         node, tensors = make_slim_matmul_node(w, a, f"y{i}", f"layer{i}", accuracy_level=0)
         nodes.append(node)
         inits += tensors
@@ -140,15 +135,13 @@ def test_merge_siblings_keeps_every_output(rng):
     want = ort.InferenceSession(proto.SerializeToString(), slim_onnx.session_options()).run(None, feeds)
     for so in (slim_onnx.session_options(), ort.SessionOptions()):
         got = ort.InferenceSession(merged.SerializeToString(), so).run(None, feeds)
-        for w, g in zip(want, got):
+        for w, g in zip(want, got, strict=True):
             assert np.abs(g - w).max() / np.abs(w).max() < 1e-5
 
 
 def swiglu_mlp(rng, gate_also_read: bool) -> onnx.ModelProto:
     """x -> gate, up SlimMatMuls (int4 adapters, bias) -> Mul(up, Mul(Sigmoid(gate), gate)) -> h;
     with `gate_also_read`, gate is a graph output too."""
-    from conftest import random_weights
-
     from slim_onnx.op import add_fallback_functions, make_slim_matmul_node
 
     nodes, inits = [], []

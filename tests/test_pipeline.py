@@ -188,7 +188,7 @@ def test_eval_reports_perplexity_and_agreement(tiny_llama, compressed):
     ids = np.asarray(AutoTokenizer.from_pretrained(tiny_llama / "onnx")(text.read_text())["input_ids"][: 3 * 32]).reshape(3, 32)
     session = ort.InferenceSession(str(tiny_llama / "onnx" / "model.onnx"))
     nll = 0.0
-    for window, feeds in zip(ids, model_feeds(ir.load(tiny_llama / "onnx" / "model.onnx"), ids)):
+    for window, feeds in zip(ids, model_feeds(ir.load(tiny_llama / "onnx" / "model.onnx"), ids), strict=True):
         logits = session.run(["logits"], feeds)[0][0].astype(np.float64)
         logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
         nll -= logp[np.arange(31), window[1:]].sum()
@@ -281,7 +281,7 @@ def test_calibration_runs_only_what_the_layer_inputs_need(tiny_llama):
     session = ort.InferenceSession(whole.SerializeToString(), so, providers=["CPUExecutionProvider"])
     xtx = {n: 0.0 for n in inputs}
     for feed in feeds:
-        for n, x in zip(inputs, session.run(inputs, feed)):
+        for n, x in zip(inputs, session.run(inputs, feed), strict=True):
             x = x.reshape(-1, x.shape[-1]).astype(np.float64)
             xtx[n] = xtx[n] + x.T @ x
     for layer in layers:
