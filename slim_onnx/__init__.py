@@ -13,17 +13,18 @@ __version__ = "0.1.0"
 
 # name -> the module that defines it
 _LAZY = {
-    "CompressedLayer": "slim_onnx.algorithms.layer",
+    "QuantizedLayer": "slim_onnx.algorithms.layer",
     "compress_layer": "slim_onnx.algorithms.layer",
     "LayerStatistics": "slim_onnx.algorithms.stats",
     "SlimConfig": "slim_onnx.config",
-    "SlimWeights": "slim_onnx.format",
-    "reference_slim_matmul": "slim_onnx.format",
+    "SlimWeights": "slim_onnx.layout",
+    "reference_slim_matmul": "slim_onnx.layout",
+    "pack_layer": "slim_onnx.packing",
     "pack_quantized": "slim_onnx.packing",
     "pack_weight": "slim_onnx.packing",
     "compress": "slim_onnx.pipeline",
-    "make_slim_matmul_model": "slim_onnx.op",
-    "make_slim_matmul_node": "slim_onnx.op",
+    "make_slim_matmul_model": "slim_onnx.node_builder",
+    "make_slim_matmul_node": "slim_onnx.node_builder",
 }
 
 

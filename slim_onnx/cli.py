@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 import sys
+from pathlib import Path
 
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
@@ -13,8 +13,16 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command stopped by 
 
 
 def _add_compress(sub) -> None:
-    from slim_onnx.config import (ACCURACY_LEVELS, ADAPTER_FORMATS, LOWRANKS, PRUNINGS, QUANTIZERS, SPARSITIES,
-                                  GraphOptions, SlimConfig)
+    from slim_onnx.config import (
+        ACCURACY_LEVELS,
+        ADAPTER_FORMATS,
+        LOWRANKS,
+        PRUNINGS,
+        QUANTIZERS,
+        SPARSITIES,
+        GraphOptions,
+        SlimConfig,
+    )
 
     d = SlimConfig()
     p = sub.add_parser("compress", help="compress an ONNX model or Optimum export folder into SlimMatMul")
@@ -121,9 +129,9 @@ def _slim_attributes(node, path) -> dict:
 def _inspect(args) -> int:
     import onnx_ir as ir
 
-    from slim_onnx.schema import DOMAIN, SLIM_MATMUL
     from slim_onnx.passes import find_linear_layers
     from slim_onnx.pipeline import load_model, resolve_model_path
+    from slim_onnx.schema import DOMAIN, SLIM_MATMUL
 
     path = resolve_model_path(args.model)
     model = load_model(path)

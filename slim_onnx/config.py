@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from slim_onnx.format import BLOCK_K
+from slim_onnx.layout import BLOCK_K
 from slim_onnx.schema import ADAPTER_FORMATS
 
 SPARSITIES = ("2:4", "none")

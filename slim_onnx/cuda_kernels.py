@@ -11,8 +11,8 @@ import functools
 
 import numpy as np
 
-from .format import SlimWeights
-from .runtime import library_path
+from slim_onnx.layout import SlimWeights
+from slim_onnx.runtime import library_path
 
 _ADAPTER_CODES = {"none": 0, "float16": 1, "int4": 2}
 _INPUT_ORDER = ("W", "W_scales", "bias", "L", "L_scales", "R", "R_scales")

@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from slim_onnx.format import BLOCK_K, TILE_N
+from slim_onnx.layout import BLOCK_K, TILE_N
 from slim_onnx.schema import (
     DOMAIN,
     GROUP_QUERY_ATTENTION,

@@ -29,9 +29,18 @@ import numpy as np
 import onnx_ir as ir
 
 from slim_onnx.algorithms.layer import CompressionError, compress_layer
-from slim_onnx.calibration import (CalibrationError, TextCalibration, collect_statistics, load_tokenizer, model_feeds,
-                                   npz_feeds, read_text, token_windows)
+from slim_onnx.calibration import (
+    CalibrationError,
+    TextCalibration,
+    collect_statistics,
+    load_tokenizer,
+    model_feeds,
+    npz_feeds,
+    read_text,
+    token_windows,
+)
 from slim_onnx.config import GraphOptions, SlimConfig
+from slim_onnx.packing import pack_layer
 from slim_onnx.passes import GraphRewrite, compress_graph, find_linear_layers, rewrite_graph
 from slim_onnx.passes.linear import LinearLayer
 from slim_onnx.schema import DOMAIN, SLIM_MATMUL
@@ -191,15 +200,15 @@ def calibrate(model: ir.Model, layers: list[LinearLayer], feeds: list | None, co
 
 
 def compress_layers(layers: list[LinearLayer], stats: dict, config: SlimConfig, done=None) -> tuple[dict, list[dict]]:
-    """(SlimWeights by layer name, reports) of `layers`, with their calibration statistics by name;
-    done(layer, report) is called as each layer is finished."""
+    """(SlimWeights by layer name, reports) of `layers`, with their calibration statistics by name:
+    each compressed (algorithms) and packed (packing); done(layer, report) is called as each is finished."""
     weights, reports = {}, []
     for layer in layers:
-        result = compress_layer(layer.weight_array(), stats.get(layer.name), config, layer.name, layer.bias_array())
-        weights[layer.name] = result.weights
-        reports.append(result.report)
+        quantized = compress_layer(layer.weight_array(), stats.get(layer.name), config, layer.name, layer.bias_array())
+        weights[layer.name] = pack_layer(quantized)
+        reports.append(quantized.report | {"bytes_packed": weights[layer.name].nbytes()})
         if done:
-            done(layer, result.report)
+            done(layer, reports[-1])
     return weights, reports
 
 

@@ -16,7 +16,7 @@ from onnx import TensorProto, helper
 import slim_onnx
 from slim_onnx.calibration import model_feeds
 from slim_onnx.config import GraphOptions
-from slim_onnx.op import add_fallback_functions
+from slim_onnx.node_builder import add_fallback_functions
 from slim_onnx.schema import DOMAIN, IR_VERSION, OPSET
 
 TESTS = Path(__file__).resolve().parent
@@ -52,7 +52,7 @@ def random_weights(
     rank: int = 0,
     bias: bool = False,
 ):
-    from slim_onnx.format import num_groups
+    from slim_onnx.layout import num_groups
     from slim_onnx.packing import pack_quantized
 
     q = random_2of4(rng, k, n) if sparse else rng.integers(-8, 8, size=(k, n)).astype(np.int8)

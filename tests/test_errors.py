@@ -9,7 +9,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import slim_onnx
 from slim_onnx import make_slim_matmul_model
-from slim_onnx.op import add_fallback_functions
+from slim_onnx.node_builder import add_fallback_functions
 
 
 def session(model):

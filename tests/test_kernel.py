@@ -1,4 +1,4 @@
-"""The CPU kernel against the numpy reference (slim_onnx.format) and the fallback function."""
+"""The CPU kernel against the numpy reference (slim_onnx.layout) and the fallback function."""
 
 import json
 import os

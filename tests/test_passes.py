@@ -110,7 +110,7 @@ def test_merge_siblings_keeps_every_output(rng):
     """Three SlimMatMul nodes reading one input (int4 adapters) and one reading another: the three
     become one node and a Split whose outputs equal the separate nodes' (kernel and fallback, float32
     activations); the fourth stays."""
-    from slim_onnx.op import add_fallback_functions, make_slim_matmul_node
+    from slim_onnx.node_builder import add_fallback_functions, make_slim_matmul_node
     from slim_onnx.passes import MergeSiblingLayersPass, run_passes
 
     parts = [random_weights(rng, K, n, group_size=32, adapter_format="int4", rank=8, bias=True) for n in (N, 8, 16)]
@@ -142,7 +142,7 @@ def test_merge_siblings_keeps_every_output(rng):
 def swiglu_mlp(rng, gate_also_read: bool) -> onnx.ModelProto:
     """x -> gate, up SlimMatMuls (int4 adapters, bias) -> Mul(up, Mul(Sigmoid(gate), gate)) -> h;
     with `gate_also_read`, gate is a graph output too."""
-    from slim_onnx.op import add_fallback_functions, make_slim_matmul_node
+    from slim_onnx.node_builder import add_fallback_functions, make_slim_matmul_node
 
     nodes, inits = [], []
     for name in ("gate", "up"):

@@ -99,7 +99,7 @@ def ort_cuda_ms(ort, model, a: np.ndarray, copies: int) -> float:
 def multi_node_model(nodes_and_inits, k: int, n: int, opsets):
     from onnx import TensorProto, helper
 
-    from slim_onnx.op import IR_VERSION, add_fallback_functions
+    from slim_onnx.node_builder import IR_VERSION, add_fallback_functions
 
     nodes, inits, outputs = [], [], []
     for i, (node, node_inits) in enumerate(nodes_and_inits):
@@ -129,11 +129,11 @@ def bench_cuda(args) -> None:
 
     import onnxruntime as ort
     import torch
+    from onnx import helper
 
     import slim_onnx
     from slim_onnx.cuda_kernels import CudaSlimMatMul
-    from slim_onnx.op import make_slim_matmul_node
-    from onnx import helper
+    from slim_onnx.node_builder import make_slim_matmul_node
 
     shapes = [(args.k, args.n or args.k)] if args.k else ISSUE_SHAPES
     ms_list = args.m or [1, 16, 128, 2048]

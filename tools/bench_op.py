@@ -30,8 +30,8 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 import slim_onnx
+from slim_onnx.node_builder import IR_VERSION
 from slim_onnx.packing import absmax_int4
-from slim_onnx.op import IR_VERSION
 
 
 def _single_op_model(node, initializers, k: int, n: int, opsets):

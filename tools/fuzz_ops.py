@@ -48,8 +48,8 @@ import numpy as np
 import onnx
 from onnx import AttributeProto, helper, numpy_helper
 
-from slim_onnx.schema import DOMAIN, IR_VERSION, OPSET
 from slim_onnx.packing import pack_quantized
+from slim_onnx.schema import DOMAIN, IR_VERSION, OPSET
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).resolve().parent / "fuzz_worker.py"

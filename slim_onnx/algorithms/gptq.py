@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import torch
 
+from slim_onnx.algorithms.groups import num_groups
 from slim_onnx.algorithms.quantizers import qrange, scales_from_clip
 from slim_onnx.algorithms.stats import DampedHessian
-from slim_onnx.format import check_group_size, num_groups
 
 
 def gptq_quantize(
@@ -41,7 +41,6 @@ def gptq_quantize(
     if mask is not None and sparse_2of4:
         raise ValueError("give either a fixed mask or sparse_2of4=True, not both")
     k, n = w.shape
-    check_group_size(k, group_size)
     if sparse_2of4 and k % 4:
         raise ValueError(f"2:4 sparsity needs K divisible by 4, got K={k}")
     lo, hi = qrange(bits)

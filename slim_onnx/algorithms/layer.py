@@ -1,10 +1,12 @@
-"""One weight matrix through the whole SLiM method: mask, quantize, fit adapters, pack.
+"""One weight matrix through the whole SLiM method: mask, quantize, fit adapters.
 
   1. 2:4 mask M along K (magnitude / Wanda on the original W; SparseGPT chooses it inside GPTQ)
   2. W_c = M * Q(W): SLiM-Quant, AbsMax, or GPTQ (error feedback through the Hessian)
   3. adapters L, R: rank-r SVD of the (saliency-weighted) error W - W_c, then quantized
   4. optionally W_c = M * Q(W - L R) again (the reference code's second pass)
-  5. pack into the SlimMatMul format, and measure the errors.
+  5. measure the errors.
+The result is the quantized layer (integers, scales, mask, adapters): packing it into the op's layout
+is packing.pack_layer's job.
 """
 
 from __future__ import annotations
@@ -16,12 +18,12 @@ import numpy as np
 import torch
 
 from slim_onnx.algorithms.gptq import gptq_quantize
+from slim_onnx.algorithms.groups import dequantize
 from slim_onnx.algorithms.lowrank import hessian_low_rank_factors, low_rank_factors, saliency
 from slim_onnx.algorithms.masks import magnitude_2of4_mask, wanda_2of4_mask
-from slim_onnx.algorithms.quantizers import dequantize, quantize_absmax, quantize_slim
+from slim_onnx.algorithms.quantizers import quantize_absmax, quantize_slim
 from slim_onnx.algorithms.stats import DampedHessian, LayerStatistics
 from slim_onnx.config import SlimConfig
-from slim_onnx.format import SlimWeights, pack_2of4_int4, pack_dense_int4
 
 
 class CompressionError(ValueError):
@@ -29,9 +31,42 @@ class CompressionError(ValueError):
 
 
 @dataclasses.dataclass
-class CompressedLayer:
-    weights: SlimWeights
+class QuantizedLayer:
+    """One compressed weight W [K, N] as integers: W ~ q * scales (+ L R), the report of its errors.
+
+    q: int8 [K, N], zero where pruned; scales: float16 [groups, N], group_size rows of K each;
+    mask: bool [K, N] kept weights of the 2:4 pattern (None when dense); adapters: None, or for
+    "float16" (L [K, r], R [r, N]) float16, for "int4" ((L_q, L_scales), (R_q, R_scales)) with groups
+    of adapter_group_size along each factor's reduction dimension.
+    """
+
+    q: np.ndarray
+    scales: np.ndarray
+    group_size: int
+    mask: np.ndarray | None
+    bias: np.ndarray | None
+    adapter_format: str
+    adapters: tuple | None
+    adapter_group_size: int
     report: dict
+
+    @property
+    def sparse(self) -> bool:
+        return self.mask is not None
+
+    def adapter_matrices(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """Float32 (L [K, r], R [r, N]) as the kernel multiplies them, or None."""
+        if self.adapters is None:
+            return None
+        if self.adapter_format == "float16":
+            return tuple(a.astype(np.float32) for a in self.adapters)
+        return tuple(dequantize(q, s, self.adapter_group_size) for q, s in self.adapters)
+
+    def effective_weight(self) -> np.ndarray:
+        """The float32 [K, N] matrix the layer multiplies by: W_c + L R."""
+        w = dequantize(self.q, self.scales, self.group_size)
+        adapters = self.adapter_matrices()
+        return w if adapters is None else w + adapters[0] @ adapters[1]
 
 
 def _check_inputs(name: str, w: torch.Tensor, stats: LayerStatistics | None, config: SlimConfig) -> None:
@@ -51,6 +86,10 @@ def _check_inputs(name: str, w: torch.Tensor, stats: LayerStatistics | None, con
         raise CompressionError(f"layer {name}: this configuration needs calibration statistics")
     if config.needs_hessian and stats.xtx is None:
         raise CompressionError(f"layer {name}: GPTQ/SparseGPT and Hessian adapters need LayerStatistics(hessian=True)")
+
+
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    return t.cpu().numpy()
 
 
 def _score_mask(w, channel_sq_mean, config: SlimConfig):
@@ -76,8 +115,8 @@ def _quantize(w, mask, hessian, config: SlimConfig):
 
 def compress_layer(
     w, stats: LayerStatistics | None, config: SlimConfig = SlimConfig(), name: str = "layer", bias=None
-) -> CompressedLayer:
-    """Compress W [K, N] (numpy or torch) into SlimWeights, with a report of sizes and errors."""
+) -> QuantizedLayer:
+    """Compress W [K, N] (numpy or torch) with `config`: the quantized layer, with a report of its errors."""
     start = time.perf_counter()
     device = torch.device(config.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -103,7 +142,7 @@ def compress_layer(
         q, scales, mask = _quantize(w, mask, hessian, config)
     w_c = dequantize(q, scales, config.group_size)
 
-    adapters = quantized_adapters = None
+    adapters = matrices = None
     if rank > 0:
         if config.lowrank == "hessian":
             l, r = hessian_low_rank_factors(w - w_c, rank, hessian, config.damp, config.svd, config.seed)
@@ -112,56 +151,43 @@ def compress_layer(
             x = saliency(stat, config.saliency) if config.lowrank == "saliency" else None
             l, r = low_rank_factors(w - w_c, rank, x, config.svd, config.seed)
         if config.adapter_format == "float16":
-            l, r = l.half().float(), r.half().float()
-        if config.adapter_format == "int4":  # continue with the adapters the kernel will really use
-            quantized_adapters = quantize_absmax(l, config.adapter_group_size), quantize_absmax(r, config.adapter_group_size)
-            l, r = (dequantize(qa, sa, config.adapter_group_size) for qa, sa in quantized_adapters)
+            adapters = (l.half(), r.half())
+            l, r = (a.float() for a in adapters)
+        else:  # continue with the adapters the kernel will really use
+            adapters = (quantize_absmax(l, config.adapter_group_size), quantize_absmax(r, config.adapter_group_size))
+            l, r = (dequantize(qa, sa, config.adapter_group_size) for qa, sa in adapters)
         if config.requantize:
             q, scales, mask = _quantize(w - l @ r, mask, hessian, config)
-        adapters = (l, r)
+        matrices = (l, r)
 
-    q_np = q.cpu().numpy()
-    packed = dict(
-        k=k, n=n, w=pack_2of4_int4(q_np) if sparse else pack_dense_int4(q_np), w_scales=scales.cpu().numpy(),
-        group_size=config.group_size, sparse=sparse,
-        bias=None if bias is None else np.asarray(bias, dtype=np.float32),
-    )
-    if adapters is not None:
-        l, r = adapters
-        packed.update(rank=rank, adapter_format=config.adapter_format, adapter_group_size=config.adapter_group_size)
-        if config.adapter_format == "float16":
-            packed.update(adapter_l=l.cpu().numpy().astype(np.float16), adapter_r=r.cpu().numpy().astype(np.float16))
-        else:
-            (lq, ls), (rq, rs) = quantized_adapters
-            packed.update(adapter_l=pack_dense_int4(lq.cpu().numpy()), adapter_l_scales=ls.cpu().numpy(),
-                          adapter_r=pack_dense_int4(rq.cpu().numpy()), adapter_r_scales=rs.cpu().numpy())
-    weights = SlimWeights(**packed)
     w_eff = dequantize(q, scales, config.group_size)
-    if adapters is not None:
-        w_eff += adapters[0].float() @ adapters[1].float()
-    return CompressedLayer(weights, layer_report(name, w, w_eff, weights, stats, config, time.perf_counter() - start))
+    if matrices is not None:
+        w_eff += matrices[0].float() @ matrices[1].float()
+    if adapters is not None:  # to numpy: float16 (L, R), or int4 ((L_q, L_scales), (R_q, R_scales))
+        adapters = tuple(_numpy(a) if config.adapter_format == "float16" else tuple(map(_numpy, a)) for a in adapters)
+    layer = QuantizedLayer(
+        _numpy(q), _numpy(scales), config.group_size, _numpy(mask.bool()) if sparse else None,
+        None if bias is None else np.asarray(bias, dtype=np.float32), config.adapter_format if rank else "none",
+        adapters, config.adapter_group_size, report={},
+    )
+    layer.report = layer_report(name, w, w_eff, layer, rank, stats, config, time.perf_counter() - start)
+    return layer
 
 
-def effective_weight(weights: SlimWeights) -> np.ndarray:
-    """The float32 [K, N] matrix the packed layer multiplies by: W_c + L R."""
-    w = weights.dense_weight()
-    adapters = weights.adapter_matrices()
-    return w if adapters is None else w + adapters[0] @ adapters[1]
-
-
-def layer_report(name, w: torch.Tensor, w_eff: torch.Tensor, weights: SlimWeights, stats, config: SlimConfig,
-                 seconds: float) -> dict:
-    """Sizes and errors of one compressed layer; w_eff is the matrix the packed weights encode."""
+def layer_report(name, w: torch.Tensor, w_eff: torch.Tensor, layer: QuantizedLayer, rank: int, stats,
+                 config: SlimConfig, seconds: float) -> dict:
+    """Errors of one compressed layer; w_eff is the matrix it encodes. (Its packed bytes are added
+    where it is packed.)"""
+    k, n = layer.q.shape
     report = {
         "layer": name,
-        "shape": [weights.k, weights.n],
+        "shape": [k, n],
         "method": {
             "sparsity": config.sparsity, "pruning": config.pruning if config.sparsity == "2:4" else None,
-            "quantizer": config.quantizer, "group_size": config.group_size, "rank": weights.rank,
-            "lowrank": config.lowrank if weights.rank else None, "adapter_format": weights.adapter_format,
+            "quantizer": config.quantizer, "group_size": config.group_size, "rank": rank,
+            "lowrank": config.lowrank if rank else None, "adapter_format": layer.adapter_format,
         },
-        "bytes_float16": weights.k * weights.n * 2,
-        "bytes_packed": weights.nbytes(),
+        "bytes_float16": k * n * 2,
         "weight_error": float(torch.linalg.norm(w - w_eff) / torch.linalg.norm(w)),
         "seconds": round(seconds, 3),
     }

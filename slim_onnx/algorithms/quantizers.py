@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from slim_onnx.format import check_group_size, num_groups
+from slim_onnx.algorithms.groups import group_of_rows, num_groups
 
 
 def qrange(bits: int) -> tuple[int, int]:
@@ -38,13 +38,9 @@ def quantize_with_scales(w: torch.Tensor, scales: torch.Tensor, group_size: int,
     """q [K, N] (int8) for given scales [G, N] (float16-representable)."""
     lo, hi = qrange(bits)
     k = w.shape[0]
-    s = scales.float().repeat_interleave(group_size, dim=0)[:k]
+    s = scales.float()[group_of_rows(k, group_size)]
     q = torch.where(s > 0, w / torch.where(s > 0, s, torch.ones_like(s)), torch.zeros_like(w))
     return torch.clamp(torch.round(q), lo, hi).to(torch.int8)
-
-
-def dequantize(q: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
-    return q.float() * scales.float().repeat_interleave(group_size, dim=0)[: q.shape[0]]
 
 
 def scales_from_clip(alpha: torch.Tensor, bits: int) -> torch.Tensor:
@@ -54,7 +50,6 @@ def scales_from_clip(alpha: torch.Tensor, bits: int) -> torch.Tensor:
 
 def quantize_absmax(w: torch.Tensor, group_size: int, bits: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
     """Round-to-nearest with alpha = max|W| per group: (q int8 [K, N], scales float16 [G, N])."""
-    check_group_size(w.shape[0], group_size)
     alpha = _grouped(w.float(), group_size).abs().amax(dim=1)
     scales = scales_from_clip(alpha, bits)
     return quantize_with_scales(w.float(), scales, group_size, bits), scales
@@ -115,7 +110,6 @@ def quantize_slim(
     mask: only the kept weights (True) count in the error: pruned ones are dropped anyway.
     """
     k, n = w.shape
-    check_group_size(k, group_size)
     w = w.float()
     values = w if mask is None else w[mask]
     if not per_group:

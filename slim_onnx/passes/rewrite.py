@@ -16,7 +16,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
 from slim_onnx.fallback import attention_fallback_function, fallback_function
-from slim_onnx.format import SlimWeights
+from slim_onnx.layout import SlimWeights
 from slim_onnx.passes.graph import register_constant
 from slim_onnx.passes.linear import LinearLayer, find_linear_layers
 from slim_onnx.schema import DOMAIN, GROUP_QUERY_ATTENTION, IR_VERSION, OPSET, SLIM_MATMUL, VARIANTS

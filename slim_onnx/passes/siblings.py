@@ -3,7 +3,7 @@
 Why: at one token per step, a SlimMatMul on a small layer costs about as much in per-call work
 (activation quantization, thread dispatch, the adapter product's own pass) as in weights; SmolLM2's
 k and v projections (576 x 192) take as long as its q projection (576 x 576). One node per group of
-siblings does that work once. The merged weights are `format.concatenate_columns` of the parts
+siblings does that work once. The merged weights are `layout.concatenate_columns` of the parts
 (W and biases side by side, adapters [L_1 | L_2 | ...] with a block-diagonal R), so the merged
 node computes exactly the parts' outputs at accuracy_level 0; at 4 the adapter input is quantized
 once over the joint rank. Groups whose formats differ, or whose joint int4-adapter rank would span
@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from slim_onnx.format import SlimWeights, concatenate_columns
+from slim_onnx.layout import SlimWeights, concatenate_columns
 from slim_onnx.passes.graph import register_constant, take_over_values
 from slim_onnx.passes.rewrite import slim_matmul_node
 from slim_onnx.schema import DOMAIN, SLIM_MATMUL

@@ -21,7 +21,7 @@ import dataclasses
 
 import onnx_ir as ir
 
-from slim_onnx.format import TILE_N
+from slim_onnx.layout import TILE_N
 from slim_onnx.passes.graph import const_ints, only_reader, other_input, take_over_values
 from slim_onnx.schema import DOMAIN, SLIM_MATMUL, SlimMatMulVariant
 

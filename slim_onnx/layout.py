@@ -1,4 +1,4 @@
-"""The packed SlimMatMul weight format and its numpy reference (docs/op-spec.md).
+"""The packed SlimMatMul weight layout (SlimWeights) and its numpy reference (docs/op-spec.md).
 
 Everything here is plain numpy and is the ground truth the C++/CUDA kernels and the ONNX fallback
 functions are tested against: ``pack_*`` turns quantized integers into the op's uint8 tensors,
@@ -11,6 +11,7 @@ import dataclasses
 
 import numpy as np
 
+from slim_onnx.algorithms.groups import dequantize, num_groups
 from slim_onnx.schema import ADAPTER_FORMATS, SLIM_MATMUL_INPUTS, SlimMatMulVariant
 
 TILE_N = 8  # output columns per tile
@@ -25,10 +26,6 @@ class FormatError(ValueError):
 
 def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
-
-
-def num_groups(k: int, group_size: int) -> int:
-    return _ceil_div(k, group_size)
 
 
 def check_group_size(k: int, group_size: int, what: str = "group_size") -> None:
@@ -148,13 +145,6 @@ def unpack_dense_int4(packed: np.ndarray, k: int, n: int) -> np.ndarray:
     entries = _nibble_entries(packed.reshape(*packed.shape[:2], 2, 16))  # [Nt, Kb, h, 32]
     halves = entries.reshape(*packed.shape[:2], 2, TILE_N, 4).transpose(0, 1, 3, 2, 4)
     return _untile(halves.reshape(*packed.shape[:2], TILE_N, BLOCK_K), k, n)
-
-
-def dequantize(q: np.ndarray, scales: np.ndarray, group_size: int) -> np.ndarray:
-    """W[k, n] = q[k, n] * scales[k // group_size, n], in float32."""
-    k = q.shape[0]
-    rows = np.minimum(np.arange(k) // group_size, scales.shape[0] - 1)
-    return q.astype(np.float32) * scales.astype(np.float32)[rows]
 
 
 @dataclasses.dataclass

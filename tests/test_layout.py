@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 from helpers import random_2of4, random_weights
 
-from slim_onnx.format import (
+from slim_onnx.algorithms.groups import dequantize
+from slim_onnx.layout import (
     FormatError,
     SlimWeights,
-    dequantize,
     pack_2of4_int4,
     pack_dense_int4,
     unpack_2of4_int4,
@@ -86,11 +86,15 @@ def test_out_of_range_values_are_rejected():
 
 
 def test_dequantize_groups(rng):
+    """numpy arrays and torch tensors alike (the reference and the algorithms share it); a short last group."""
+    import torch
+
     q = rng.integers(-8, 8, size=(20, 3)).astype(np.int8)
     scales = rng.random((3, 3)).astype(np.float16)
     w = dequantize(q, scales, 8)
     for k in range(20):
-        np.testing.assert_allclose(w[k], q[k] * scales[k // 8].astype(np.float32))
+        np.testing.assert_array_equal(w[k], q[k] * scales[k // 8].astype(np.float32))
+    np.testing.assert_array_equal(dequantize(torch.from_numpy(q), torch.from_numpy(scales), 8).numpy(), w)
 
 
 def test_weights_validation_names_the_problem(rng):
@@ -109,7 +113,7 @@ def test_concatenate_columns_matches_the_parts(rng, adapter_format, rank):
     """The merged weights compute the parts' outputs side by side: to float rounding in float32, and
     within the int8 activations' rounding at accuracy_level 4 (the adapter input is quantized over
     the joint rank there)."""
-    from slim_onnx.format import concatenate_columns, reference_slim_matmul
+    from slim_onnx.layout import concatenate_columns, reference_slim_matmul
 
     parts = [random_weights(rng, 64, n, group_size=32, adapter_format=adapter_format, rank=rank, bias=b)
              for n, b in [(24, True), (13, False), (40, True)]]
@@ -123,7 +127,7 @@ def test_concatenate_columns_matches_the_parts(rng, adapter_format, rank):
 
 
 def test_concatenate_columns_refuses_what_it_cannot_merge(rng):
-    from slim_onnx.format import concatenate_columns
+    from slim_onnx.layout import concatenate_columns
 
     sparse, dense = random_weights(rng, 64, 16, sparse=True), random_weights(rng, 64, 16, sparse=False)
     assert concatenate_columns([sparse, dense]) is None  # different formats

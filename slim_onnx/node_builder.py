@@ -1,4 +1,4 @@
-"""SlimMatMul as ONNX protobuf: a node with its initializers, or a one-node model, for tests,
+"""SlimMatMul nodes as ONNX protobuf: a node with its initializers, or a one-node model, for tests,
 benchmarks and graphs built with onnx.helper. A thin wrapper over the passes' onnx-ir builder
 (passes/rewrite.slim_matmul_node), so there is one way to write the node."""
 
@@ -9,7 +9,7 @@ import onnx
 import onnx_ir as ir
 
 from slim_onnx.config import GraphOptions
-from slim_onnx.format import SlimWeights
+from slim_onnx.layout import SlimWeights
 from slim_onnx.passes.rewrite import AddFallbackFunctionsPass, slim_matmul_node
 from slim_onnx.schema import IR_VERSION, OPSET
 
