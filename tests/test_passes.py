@@ -334,3 +334,24 @@ def test_skip_rms_norm_fusion_leaves_other_norms_alone(rng, change):
     model = ir.serde.deserialize_model(proto)
     assert rewrite_graph(model, GraphOptions.only("fuse_norms")).skip_norms_fused == 0
     assert sorted(n.op_type for n in model.graph) == sorted(n.op_type for n in proto.graph.node)
+
+
+def test_siblings_of_different_formats_stay_apart(rng):
+    """Layers that read one input but differ in group size (or sparsity, or adapter kind) cannot share
+    one node: nothing is merged."""
+    from slim_onnx.node_builder import add_fallback_functions, make_slim_matmul_node
+    from slim_onnx.passes import MergeSiblingLayersPass, run_passes
+
+    nodes, inits = [], []
+    for i, group in enumerate((16, 32)):
+        node, tensors = make_slim_matmul_node(random_weights(rng, K, 16, group_size=group), "x", f"y{i}", f"layer{i}")
+        nodes.append(node)
+        inits += tensors
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", K])],
+                              [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, ["b", 16]) for i in range(2)], inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+    add_fallback_functions(proto)
+    model = ir.serde.deserialize_model(proto)
+    merge = MergeSiblingLayersPass()
+    run_passes(model, [merge])
+    assert merge.merged == [] and [n.op_type for n in model.graph] == ["SlimMatMul", "SlimMatMul"]

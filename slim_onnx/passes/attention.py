@@ -51,7 +51,7 @@ from slim_onnx.passes.attention_match import (
     rotary_source,
     split_heads_source,
 )
-from slim_onnx.passes.graph import register_constant, remove_dead_producers
+from slim_onnx.passes.graph import register_constant, remove_dead_producers, take_over_values
 from slim_onnx.schema import DOMAIN, GROUP_QUERY_ATTENTION, AttentionVariant
 
 
@@ -189,15 +189,8 @@ def _fuse(graph: ir.Graph, a: AttentionLayer, qkv: list[ir.Value], lengths: _Len
     )
     graph.insert_before(anchor, gqa)
     _retarget_shape_reads(graph, anchor, a, lengths.total, shapes)
-    for old, new in zip((a.output, a.present_key, a.present_value), gqa.outputs):
-        new.type, new.shape = old.type, old.shape
-        name = old.name
-        if old.is_graph_output():  # the caches: the graph output changes producer, the rest dies
-            graph.outputs[graph.outputs.index(old)] = new
-        else:
-            old.replace_all_uses_with(new)
-        old.name = None
-        new.name = name
+    # the old layer's nodes, now read by nothing, go once every layer is fused
+    take_over_values(graph, list(zip((a.output, a.present_key, a.present_value), gqa.outputs, strict=True)), [])
 
 
 class FuseGroupQueryAttentionPass(ir.passes.InPlacePass):

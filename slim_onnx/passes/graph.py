@@ -106,6 +106,7 @@ def take_over_values(graph: ir.Graph, pairs: list[tuple[ir.Value, ir.Value]], de
         new.type, new.shape = old.type, old.shape
         ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
         names.append(old.name)
+        old.name = None  # the old value may outlive this call (its producer dead, left to a later removal)
     read = [v for node in dead for v in node.inputs if v is not None and v.is_initializer()]
     for node in dead:
         graph.remove(node, safe=True)

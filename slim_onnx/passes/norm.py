@@ -19,7 +19,15 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from slim_onnx.passes.graph import const_ints, const_scalar, constant_source, only_reader, readers, remove_dead_producers
+from slim_onnx.passes.graph import (
+    const_ints,
+    const_scalar,
+    constant_source,
+    only_reader,
+    readers,
+    remove_dead_producers,
+    take_over_values,
+)
 
 
 def _float_cast(node: ir.Node | None) -> bool:
@@ -83,11 +91,9 @@ class FuseSkipRmsNormPass(ir.passes.InPlacePass):
                            {"epsilon": float(eps)}, domain="com.microsoft", num_outputs=4, name=f"{add.name}/SkipRmsNorm")
             graph.insert_before(last, skip)
             out, total = skip.outputs[0], skip.outputs[3]
-            out.type, out.shape, total.type, total.shape = last.outputs[0].type, last.outputs[0].shape, h.type, h.shape
-            ir.convenience.replace_all_uses_with(last.outputs[0], out, replace_graph_outputs=True)
-            h.replace_all_uses_with(total)
             if c is not h:  # a Cast to float32 of a float32 sum (gamma is float32): the same values
-                c.replace_all_uses_with(total)
+                c.replace_all_uses_with(h)
+            take_over_values(graph, [(last.outputs[0], out), (h, total)], [])
             remove_dead_producers(graph, [last.outputs[0], c, h])
             self.fused += 1
         if self.fused:

@@ -17,7 +17,7 @@ import onnx_ir.passes.common as common_passes
 
 from slim_onnx.fallback import attention_fallback_function, fallback_function
 from slim_onnx.layout import SlimWeights
-from slim_onnx.passes.graph import register_constant
+from slim_onnx.passes.graph import register_constant, remove_dead_producers, take_over_values
 from slim_onnx.passes.linear import LinearLayer, find_linear_layers
 from slim_onnx.schema import DOMAIN, GROUP_QUERY_ATTENTION, IR_VERSION, OPSET, SLIM_MATMUL, VARIANTS
 
@@ -46,21 +46,15 @@ def _replace(layer: LinearLayer, weights: SlimWeights, accuracy_level: int) -> N
     if (weights.k, weights.n) != (layer.k, layer.n):
         raise ValueError(f"layer {layer.name}: packed weights are {weights.k}x{weights.n}, the layer is {layer.k}x{layer.n}")
     graph = layer.graph
-    old_out = layer.output
     # the node's current input: an earlier rewrite may have replaced it
     new = slim_matmul_node(graph, layer.node.inputs[0], weights, accuracy_level, layer.name)
-    new.outputs[0].type = old_out.type
-    new.outputs[0].shape = old_out.shape
     graph.insert_before(layer.node, new)
-    was_output = old_out.is_graph_output()
-    ir.convenience.replace_all_uses_with(old_out, new.outputs[0], replace_graph_outputs=True)
-    name = old_out.name
-    for node in (layer.bias_add, layer.node):
-        if node is not None:
-            graph.remove(node, safe=True)
-    if layer.transpose_node is not None and not any(True for _ in layer.transpose_node.outputs[0].uses()):
-        graph.remove(layer.transpose_node, safe=True)
-    new.outputs[0].name = name if was_output else f"{layer.name}/Y"
+    was_output = layer.output.is_graph_output()
+    take_over_values(graph, [(layer.output, new.outputs[0])], [n for n in (layer.bias_add, layer.node) if n is not None])
+    if layer.transpose_node is not None:  # a tied lm_head's Transpose of the embedding table
+        remove_dead_producers(graph, layer.transpose_node.outputs)
+    if not was_output:
+        new.outputs[0].name = f"{layer.name}/Y"
 
 
 class ReplaceLinearLayersPass(ir.passes.InPlacePass):
