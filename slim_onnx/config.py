@@ -154,7 +154,8 @@ class GraphOptions:
     quantize_embeddings: token-embedding tables that nothing else reads as int8 rows with group
         scales (passes/embedding.py).
     fuse_attention: each cached decoder attention layer as one GroupQueryAttention node
-        (passes/attention.py); needs onnxruntime >= 1.22 to load, and is skipped on older ones.
+        (passes/attention.py); the result needs onnxruntime >= 1.22 to load (compress() skips the
+        fusion on older ones).
     fuse_norms: each residual Add and the RMSNorm after it as SkipSimplifiedLayerNormalization
         (passes/norm.py).
     merge_siblings: one SlimMatMul node (and a Split) for layers that read the same activation,

@@ -80,17 +80,29 @@ def _check_output(src: Path, given_folder: bool, out: Path, overwrite: bool) -> 
     """Refuse, before any work, an output that is the input's folder or holds it, one inside an input
     folder, one that exists (unless --overwrite, and then only an earlier slim-onnx output folder),
     and one whose folder cannot be written. `out` is resolved (symbolic links followed). A folder
-    beside an input .onnx file is fine: it adds a folder there and changes nothing."""
-    input_dir = src.parent.resolve()
-    if out == input_dir:
-        what = "the input folder" if given_folder else f"the folder of the input {src}"
-        raise InputError(f"{out} is {what}: choose another output folder (the input is never modified)")
-    if input_dir.is_relative_to(out):
-        raise InputError(f"{out} holds the input {src}: choose an output folder that does not contain the input")
-    if given_folder and out.is_relative_to(input_dir):
-        raise InputError(f"{out} is inside the input folder {input_dir}: choose an output folder outside it")
+    beside an input .onnx file is fine: it adds a folder there and changes nothing. A model file that
+    is a symbolic link has two folders, its own and its target's: both count."""
+    for input_dir in dict.fromkeys((src.parent.resolve(), src.resolve().parent)):
+        if out == input_dir:
+            what = "the input folder" if given_folder else f"the folder of the input {src}"
+            raise InputError(f"{out} is {what}: choose another output folder (the input is never modified)")
+        if input_dir.is_relative_to(out):
+            raise InputError(f"{out} holds the input {src}: choose an output folder that does not contain the input")
+        if given_folder and out.is_relative_to(input_dir):
+            raise InputError(f"{out} is inside the input folder {input_dir}: choose an output folder outside it")
     _check_replaceable(out, overwrite)
     _check_writable(out)
+
+
+def _check_outside_output(out: Path, calibration) -> None:
+    """The calibration data and tokenizer must not lie in the output folder, which --overwrite replaces."""
+    paths = {"calibration data": calibration} if isinstance(calibration, (str, os.PathLike)) else {}
+    if isinstance(calibration, TextCalibration):
+        paths = {"calibration text": calibration.path, "tokenizer": calibration.tokenizer}
+    for what, path in paths.items():
+        if path is not None and Path(path).resolve().is_relative_to(out):
+            raise InputError(f"the {what} {path} lies in the output folder {out}, which the output replaces: "
+                             "move it or choose another output folder")
 
 
 def _check_replaceable(out: Path, overwrite: bool) -> None:
@@ -259,6 +271,7 @@ def compress(
     src = resolve_model_path(model_path)
     out = Path(output_dir).resolve()
     _check_output(src, Path(model_path).is_dir(), out, overwrite)
+    _check_outside_output(out, calibration)
     _check_patterns(include, exclude)
     graph = _loadable(graph, log)
     model = load_model(src)

@@ -91,8 +91,10 @@ def attention_with_attribute(name: str, value) -> bytes:
     [
         # num_heads * head size once overflowed int64, passed the query's shape check and the kernel
         # wrote past the output
-        ("num_heads", 2**61 + 1, "num_heads=2305843009213693953 must be a multiple of kv_num_heads=2, both from 1 to 65536"),
-        ("kv_num_heads", 0, "num_heads=4 must be a multiple of kv_num_heads=0"),
+        ("num_heads", 2**61 + 1, "num_heads=2305843009213693953 and kv_num_heads=2 must both be from 1 to 65536"),
+        ("kv_num_heads", 0, "num_heads=4 and kv_num_heads=0 must both be from 1 to 65536"),
+        ("num_heads", 131072, "num_heads=131072 and kv_num_heads=2 must both be from 1 to 65536"),
+        ("num_heads", 5, "num_heads=5 must be a multiple of kv_num_heads=2"),
         ("num_heads", "4", "attribute 'num_heads' must be an int, got a string"),
         ("scale", 1, "attribute 'scale' must be a float, got an int"),
         ("scale", float("nan"), "scale must be finite"),

@@ -191,6 +191,18 @@ def test_overwrite_replaces_an_earlier_output(capsys, project):
     assert sorted(p.name for p in project.iterdir()) == ["calib.txt", "in", "notes.txt", "out"]
 
 
+def test_calibration_text_inside_the_output_is_refused(capsys, project):
+    """--overwrite replaces the output folder: calibration text (or a tokenizer) kept there would go
+    with it."""
+    out = project / "out"
+    compress_fast(capsys, project / "in", out)
+    (out / "calib.txt").write_text((project / "calib.txt").read_text())
+    before = snapshot(out)
+    code, err = run(capsys, "compress", project / "in", out, "--calib", out / "calib.txt", "--overwrite")
+    assert_refused(code, err, f"the calibration text {out / 'calib.txt'} lies in the output folder {out}")
+    assert snapshot(out) == before and not leftovers(project)
+
+
 def test_a_failed_swap_keeps_the_earlier_output(capsys, project, monkeypatch):
     """If the new folder cannot be renamed in, the earlier output is renamed back: the user never
     ends up with neither."""

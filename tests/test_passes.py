@@ -251,19 +251,40 @@ def causal_feeds(rng, model: onnx.ModelProto, batch: int, seq: int, past: int) -
             "mask": np.broadcast_to(mask, (batch, 1, seq, past + seq)).copy()}
 
 
-@pytest.mark.parametrize("heads,kv_heads", [(4, 2), (2, 2)])
-def test_attention_fusion_on_a_hand_built_layer(rng, heads, kv_heads):
+def slice_mask_to_the_scores(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """The mask input made wider and sliced to the scores' width, read as Shape(Q.K^T): a reader of
+    the cache (through the scores) that feeds the fused op's own input."""
+    graph = proto.graph
+    graph.input[3].name = "mask_full"
+    graph.initializer.extend([numpy_helper.from_array(np.array([v]), n) for n, v in (("zero1", 0), ("ax3", 3), ("four", 4))])
+    nodes = list(graph.node)
+    at = next(i for i, n in enumerate(nodes) if n.output[0] == "qk") + 1
+    nodes[at:at] = [helper.make_node("Shape", ["qk"], ["qk_shape"]),
+                    helper.make_node("Slice", ["qk_shape", "ax3", "four"], ["qk_len"]),
+                    helper.make_node("Slice", ["mask_full", "zero1", "qk_len", "ax3"], ["mask"])]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return proto
+
+
+@pytest.mark.parametrize("heads,kv_heads,sliced_mask", [(4, 2, False), (2, 2, False), (4, 2, True)])
+def test_attention_fusion_on_a_hand_built_layer(rng, heads, kv_heads, sliced_mask):
     """Fused into one GroupQueryAttention with the export's outputs (present caches included), on our
-    kernel and on the fallback (com.microsoft's op), for a decode step and a prompt on a cache."""
+    kernel and on the fallback (com.microsoft's op), for a decode step and a prompt on a cache; also
+    when the mask is sliced to the scores' width (the old scores stay for their shape: no cycle)."""
     proto = attention_layer(rng, heads, kv_heads)
+    if sliced_mask:
+        proto = slice_mask_to_the_scores(proto)
     model = ir.serde.deserialize_model(proto)
     assert rewrite_graph(model, GraphOptions.only("fuse_attention")).attention_fused == 1
     fused = ir.serde.serialize_model(model)
     ops = [n.op_type for n in fused.graph.node]
-    assert ops.count("GroupQueryAttention") == 1 and "Softmax" not in ops and "Concat" not in ops
+    assert ops.count("GroupQueryAttention") == 1 and "Softmax" not in ops and ("Concat" not in ops or sliced_mask)
     assert [o.name for o in fused.graph.output] == [o.name for o in proto.graph.output]
     for batch, seq, past in ((2, 1, 5), (1, 4, 3)):
         feeds = causal_feeds(rng, proto, batch, seq, past)
+        if sliced_mask:
+            feeds["mask_full"] = np.pad(feeds.pop("mask"), ((0, 0), (0, 0), (0, 0), (0, 3)))
         want = run(proto, feeds, library=False)
         for library in (True, False):
             got = run(fused, feeds, library)
@@ -355,3 +376,24 @@ def test_siblings_of_different_formats_stay_apart(rng):
     merge = MergeSiblingLayersPass()
     run_passes(model, [merge])
     assert merge.merged == [] and [n.op_type for n in model.graph] == ["SlimMatMul", "SlimMatMul"]
+
+
+def test_initializers_that_are_graph_inputs_stay(rng):
+    """Older exporters list every initializer as a graph input too (a default the caller may
+    override): such a weight must not be dropped when its layer is replaced, or the model would
+    need it fed."""
+    w, b = (rng.standard_normal(s).astype(np.float32) for s in ((K, N), (N,)))
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["mm"], name="/q/MatMul"), helper.make_node("Add", ["mm", "b"], ["y"])],
+        "g", [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in (("x", ["n", K]), ("w", [K, N]), ("b", [N]))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", N])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")],
+    )
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10))
+    weights = {"/q/MatMul": slim_onnx.pack_weight(w, 16, sparse=False, bias=b)}
+    compressed = ir.to_proto(compress_graph(model, weights, accuracy_level=0))
+    assert {i.name for i in compressed.graph.initializer} >= {"w", "b"}
+    x = rng.standard_normal((3, K)).astype(np.float32)
+    for library in (True, False):  # x alone is enough
+        np.testing.assert_allclose(run(compressed, {"x": x}, library)[0], x @ weights["/q/MatMul"].dense_weight() + b,
+                                   rtol=1e-4, atol=1e-4)

@@ -66,9 +66,12 @@ struct AttentionKernel {
     heads = IntAttribute(info, "num_heads");
     kv_heads = IntAttribute(info, "kv_num_heads");
     scale = FloatAttribute(info, "scale", 0.f);
-    if (heads < 1 || kv_heads < 1 || heads > kMaxHeads || kv_heads > kMaxHeads || heads % kv_heads != 0)
+    if (heads < 1 || kv_heads < 1 || heads > kMaxHeads || kv_heads > kMaxHeads)
+      throw OpError("num_heads=" + std::to_string(heads) + " and kv_num_heads=" + std::to_string(kv_heads) +
+                    " must both be from 1 to 65536");
+    if (heads % kv_heads != 0)
       throw OpError("num_heads=" + std::to_string(heads) + " must be a multiple of kv_num_heads=" +
-                    std::to_string(kv_heads) + ", both from 1 to 65536");
+                    std::to_string(kv_heads));
     if (!std::isfinite(scale)) throw OpError("scale must be finite (0 means 1/sqrt(head size))");
   }
 
@@ -120,15 +123,16 @@ struct AttentionKernel {
                       "], got " + TypeName(in[i].type) + " " + ShapeString(in[i].shape));
     }
     const int32_t* seqlens = static_cast<const int32_t*>(in[kSeqlensK].data);
-    const int64_t L = std::max<int64_t>(*static_cast<const int32_t*>(in[kTotalLength].data), P);
+    const int32_t total = *static_cast<const int32_t*>(in[kTotalLength].data);
+    const int64_t L = std::max<int64_t>(total, P);  // the present caches' length
     std::vector<int64_t> past_len(B);
     int64_t longest = 0;  // the most positions a row attends to
     for (int64_t b = 0; b < B; ++b) {
       past_len[b] = int64_t(seqlens[b]) + 1 - S;
       if (past_len[b] < 0 || past_len[b] > P || past_len[b] + S > L)
         throw OpError("seqlens_k[" + std::to_string(b) + "]=" + std::to_string(seqlens[b]) + " does not fit S=" +
-                      std::to_string(S) + ", P=" + std::to_string(P) + ", total_sequence_length=" + std::to_string(L) +
-                      ": it must be from S-1 to P+S-1 and below total_sequence_length");
+                      std::to_string(S) + ", P=" + std::to_string(P) + ", total_sequence_length=" +
+                      std::to_string(total) + ": it must be from S-1 to P+S-1 and below max(total_sequence_length, P)");
       longest = std::max(longest, past_len[b] + S);
     }
     const TensorView& bias = in[kBias];

@@ -178,7 +178,13 @@ std::string NodeName(const OrtKernelInfo* info) {
 }
 
 OrtStatus* ToStatus(const char* op, const std::string& node, const std::exception& e) {
-  return g_api->CreateStatus(ORT_INVALID_ARGUMENT, (std::string(op) + " node '" + node + "': " + e.what()).c_str());
+  try {
+    return g_api->CreateStatus(ORT_INVALID_ARGUMENT, (std::string(op) + " node '" + node + "': " + e.what()).c_str());
+  } catch (...) {  // out of memory for the message itself: the bare one, still no exception to onnxruntime
+    return g_api->CreateStatus(ORT_FAIL, e.what());
+  }
 }
+
+OrtStatus* UnknownErrorStatus(const char* op) { return g_api->CreateStatus(ORT_FAIL, op); }
 
 }  // namespace slim

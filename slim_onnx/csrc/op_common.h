@@ -3,6 +3,8 @@
 #pragma once
 
 #include <cstdint>
+#include <exception>
+#include <mutex>
 #include <optional>
 #include <stdexcept>
 #include <string>
@@ -51,6 +53,7 @@ std::string ShapeString(const std::vector<int64_t>& s);
 const char* TypeName(ONNXTensorElementDataType t);
 std::string NodeName(const OrtKernelInfo* info);
 OrtStatus* ToStatus(const char* op, const std::string& node, const std::exception& e);  // "<op> node '<node>': <what>"
+OrtStatus* UnknownErrorStatus(const char* op);  // for an exception that is not a std::exception
 
 // Fills the kernel life cycle of `op` for Kernel: constructed from (info, node name), with
 // Compute(ctx) and a static kOpName; exceptions become statuses that name the op and the node.
@@ -66,6 +69,8 @@ void SetKernelLifecycle(OrtCustomOp& op) {
       return nullptr;
     } catch (const std::exception& e) {
       return ToStatus(Kernel::kOpName, node, e);
+    } catch (...) {
+      return UnknownErrorStatus(Kernel::kOpName);
     }
   };
   op.KernelComputeV2 = [](void* k, OrtKernelContext* ctx) -> OrtStatus* {
@@ -75,20 +80,39 @@ void SetKernelLifecycle(OrtCustomOp& op) {
       return nullptr;
     } catch (const std::exception& e) {
       return ToStatus(Kernel::kOpName, kernel->node, e);
+    } catch (...) {
+      return UnknownErrorStatus(Kernel::kOpName);
     }
   };
   op.KernelDestroy = [](void* k) { delete static_cast<Kernel*>(k); };
 }
 
-// Runs fn(i) for i in [0, tasks) on onnxruntime's intra-op thread pool (inline for one task).
+// Runs fn(i) for i in [0, tasks) on onnxruntime's intra-op thread pool (inline for one task). An
+// exception must not unwind through the pool: the first one a task throws is kept and rethrown here,
+// once every task has returned.
 template <typename Fn>
 void ParallelFor(OrtKernelContext* ctx, int64_t tasks, Fn fn) {
   if (tasks <= 1) {
     for (int64_t i = 0; i < tasks; ++i) fn(i);
     return;
   }
-  auto run = [](void* data, size_t i) { (*static_cast<Fn*>(data))(int64_t(i)); };
-  ThrowOnError(g_api->KernelContext_ParallelFor(ctx, run, size_t(tasks), 0, &fn));
+  struct Job {
+    Fn* fn = nullptr;
+    std::mutex mutex;
+    std::exception_ptr error;
+  } job;
+  job.fn = &fn;
+  auto run = [](void* data, size_t i) {
+    Job* j = static_cast<Job*>(data);
+    try {
+      (*j->fn)(int64_t(i));
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(j->mutex);
+      if (!j->error) j->error = std::current_exception();
+    }
+  };
+  ThrowOnError(g_api->KernelContext_ParallelFor(ctx, run, size_t(tasks), 0, &job));
+  if (job.error) std::rethrow_exception(job.error);
 }
 
 // The CPU GroupQueryAttention op (attention_op.cc).

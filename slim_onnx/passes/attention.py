@@ -189,8 +189,12 @@ def _fuse(graph: ir.Graph, a: AttentionLayer, qkv: list[ir.Value], lengths: _Len
     )
     graph.insert_before(anchor, gqa)
     _retarget_shape_reads(graph, anchor, a, lengths.total, shapes)
-    # the old layer's nodes, now read by nothing, go once every layer is fused
-    take_over_values(graph, list(zip((a.output, a.present_key, a.present_value), gqa.outputs, strict=True)), [])
+    # The old layer's nodes, now read by nothing, go once every layer is fused. Of the caches only the
+    # graph outputs move: a node that still reads an old cache may feed this op's mask (the export can
+    # slice the mask to the scores' width), so it keeps reading the old one.
+    take_over_values(graph, [(a.output, gqa.outputs[0])], [])
+    take_over_values(graph, [(a.present_key, gqa.outputs[1]), (a.present_value, gqa.outputs[2])], [],
+                     graph_outputs_only=True)
 
 
 class FuseGroupQueryAttentionPass(ir.passes.InPlacePass):
@@ -198,7 +202,8 @@ class FuseGroupQueryAttentionPass(ir.passes.InPlacePass):
 
     `fused` holds the count of layers after a call, `rotaries` that of rotary embeddings folded into
     RotaryEmbedding. The layers' old nodes are removed; the new ones are inserted before each layer's
-    output, some after nodes that read them, so a TopologicalSortPass must follow.
+    output, some after nodes that read them, so a TopologicalSortPass must follow, and the new
+    overloads need AddFallbackFunctionsPass (rewrite.run_passes does both).
     """
 
     def __init__(self):

@@ -97,21 +97,30 @@ def register_constant(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value
     return value
 
 
-def take_over_values(graph: ir.Graph, pairs: list[tuple[ir.Value, ir.Value]], dead: list[ir.Node]) -> None:
+def take_over_values(
+    graph: ir.Graph, pairs: list[tuple[ir.Value, ir.Value]], dead: list[ir.Node], graph_outputs_only: bool = False
+) -> None:
     """Give each new value of `pairs` (old, new) the old one's type, shape, readers (graph outputs
     included) and name; remove the `dead` nodes (readers before what they read), then the
-    initializers they read that nothing reads any more."""
+    initializers they read that nothing reads any more (and that are not graph inputs or outputs).
+
+    graph_outputs_only: only the graph-output slots move; the old value's readers keep it (when they
+    may feed the new value's producer, moving them would close a cycle)."""
     names = []
     for old, new in pairs:
         new.type, new.shape = old.type, old.shape
-        ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
+        if graph_outputs_only:
+            graph.outputs[:] = [new if v is old else v for v in graph.outputs]
+        else:
+            ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
         names.append(old.name)
         old.name = None  # the old value may outlive this call (its producer dead, left to a later removal)
     read = [v for node in dead for v in node.inputs if v is not None and v.is_initializer()]
     for node in dead:
         graph.remove(node, safe=True)
     for value in read:
-        if value.name in graph.initializers and not any(True for _ in value.uses()):
+        unread = not any(True for _ in value.uses()) and not value.is_graph_input() and not value.is_graph_output()
+        if unread and value.name in graph.initializers:
             graph.initializers.pop(value.name)
     for (_, new), name in zip(pairs, names, strict=True):
         new.name = name

@@ -1,6 +1,7 @@
 """Graph passes that turn linear layers into SlimMatMul nodes (onnx-ir, in place).
 
-  ReplaceLinearLayersPass(weights)  each layer named in `weights` becomes one SlimMatMul node with its
+  ReplaceLinearLayersPass(weights, accuracy_level)
+                                    each layer named in `weights` becomes one SlimMatMul node with its
                                     packed initializers; a folded bias Add disappears; the old weight
                                     is removed unless something else still reads it (tied embeddings)
   AddFallbackFunctionsPass()        the model-local function of every variant of our ops in use
