@@ -192,8 +192,8 @@ def _fuse(graph: ir.Graph, a: AttentionLayer, qkv: list[ir.Value], lengths: _Len
     # The old layer's nodes, now read by nothing, go once every layer is fused. Of the caches only the
     # graph outputs move: a node that still reads an old cache may feed this op's mask (the export can
     # slice the mask to the scores' width), so it keeps reading the old one.
-    take_over_values(graph, [(a.output, gqa.outputs[0])], [])
-    take_over_values(graph, [(a.present_key, gqa.outputs[1]), (a.present_value, gqa.outputs[2])], [],
+    take_over_values(graph, [(a.output, gqa.outputs[0])])
+    take_over_values(graph, [(a.present_key, gqa.outputs[1]), (a.present_value, gqa.outputs[2])],
                      graph_outputs_only=True)
 
 

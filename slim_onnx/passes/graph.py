@@ -3,8 +3,8 @@ initializers, and handing a replaced value's place in the graph to its replaceme
 
 Pattern matchers read the graph through these (`producer`, `only_reader`, `const_ints`, ...) so that
 "a standard-domain node of this type" and "a constant, through Identity aliases" mean the same thing
-in every pass; rewrites register initializers with `register_constant` and swap values with
-`take_over_values`.
+in every pass; rewrites register initializers with `register_constant`, swap values with
+`take_over_values`, and remove what the old values' producers leave dead with `remove_dead_producers`.
 """
 
 from __future__ import annotations
@@ -97,47 +97,43 @@ def register_constant(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value
     return value
 
 
-def take_over_values(
-    graph: ir.Graph, pairs: list[tuple[ir.Value, ir.Value]], dead: list[ir.Node], graph_outputs_only: bool = False
-) -> None:
+def _unread(value: ir.Value) -> bool:
+    return not value.is_graph_output() and not any(True for _ in value.uses())
+
+
+def take_over_values(graph: ir.Graph, pairs: list[tuple[ir.Value, ir.Value]], graph_outputs_only: bool = False) -> None:
     """Give each new value of `pairs` (old, new) the old one's type, shape, readers (graph outputs
-    included) and name; remove the `dead` nodes (readers before what they read), then the
-    initializers they read that nothing reads any more (and that are not graph inputs or outputs).
+    included) and name. The old values' producers stay, for remove_dead_producers.
 
     graph_outputs_only: only the graph-output slots move; the old value's readers keep it (when they
     may feed the new value's producer, moving them would close a cycle)."""
-    names = []
     for old, new in pairs:
         new.type, new.shape = old.type, old.shape
         if graph_outputs_only:
             graph.outputs[:] = [new if v is old else v for v in graph.outputs]
         else:
             ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
-        names.append(old.name)
-        old.name = None  # the old value may outlive this call (its producer dead, left to a later removal)
-    read = [v for node in dead for v in node.inputs if v is not None and v.is_initializer()]
-    for node in dead:
-        graph.remove(node, safe=True)
-    for value in read:
-        unread = not any(True for _ in value.uses()) and not value.is_graph_input() and not value.is_graph_output()
-        if unread and value.name in graph.initializers:
-            graph.initializers.pop(value.name)
-    for (_, new), name in zip(pairs, names, strict=True):
+        name, old.name = old.name, None  # one name per graph: the old value lives until its producer goes
         new.name = name
 
 
 def remove_dead_producers(graph: ir.Graph, values: list[ir.Value]) -> None:
-    """Remove the producers of `values` that nothing reads any more, and theirs in turn: what a rewrite
-    left behind, so that the next pass matches a clean graph (readers are removed before what they
-    read; a node with a live output, or a graph input or initializer, ends the walk)."""
+    """Remove the producers of `values` that nothing reads any more, and theirs in turn, and the
+    initializers they read that nothing reads any more (unless graph inputs or outputs): what a
+    rewrite left behind, so that the next pass matches a clean graph. Readers go before what they
+    read; a node with a live output, or a graph input, ends the walk."""
     pending = [v.producer() for v in values if v is not None and v.producer() is not None]
     while pending:
         node = pending.pop()
-        if node.graph is not graph or any(out.is_graph_output() or any(True for _ in out.uses()) for out in node.outputs):
+        if node.graph is not graph or not all(_unread(out) for out in node.outputs):
             continue
         inputs = [v for v in node.inputs if v is not None]
         graph.remove(node, safe=True)
-        pending.extend(v.producer() for v in inputs if v.producer() is not None)
+        for value in inputs:
+            if value.producer() is not None:
+                pending.append(value.producer())
+            elif value.is_initializer() and _unread(value) and not value.is_graph_input():
+                graph.initializers.pop(value.name, None)
 
 
 __all__ = [

@@ -93,7 +93,7 @@ class FuseSkipRmsNormPass(ir.passes.InPlacePass):
             out, total = skip.outputs[0], skip.outputs[3]
             if c is not h:  # a Cast to float32 of a float32 sum (gamma is float32): the same values
                 c.replace_all_uses_with(h)
-            take_over_values(graph, [(last.outputs[0], out), (h, total)], [])
+            take_over_values(graph, [(last.outputs[0], out), (h, total)])
             remove_dead_producers(graph, [last.outputs[0], c, h])
             self.fused += 1
         if self.fused:

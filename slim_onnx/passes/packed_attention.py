@@ -108,9 +108,9 @@ class PackAttentionInputsPass(ir.passes.InPlacePass):
             packed = ir.node(GROUP_QUERY_ATTENTION, inputs, dict(node.attributes), domain=DOMAIN, num_outputs=3,
                              overload=AttentionVariant(packed=True, bias=variant.bias).overload, name=node.name)
             graph.insert_before(node, packed)
-            take_over_values(graph, list(zip(node.outputs, packed.outputs)), [node])
+            take_over_values(graph, list(zip(node.outputs, packed.outputs)))
             _shape_reads_to_product(fed, p)
-            remove_dead_producers(graph, fed)
+            remove_dead_producers(graph, list(node.outputs))
             self.packed += 1
         return ir.passes.PassResult(model, modified=bool(self.packed))
 

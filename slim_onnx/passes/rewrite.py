@@ -50,10 +50,9 @@ def _replace(layer: LinearLayer, weights: SlimWeights, accuracy_level: int) -> N
     # the node's current input: an earlier rewrite may have replaced it
     new = slim_matmul_node(graph, layer.node.inputs[0], weights, accuracy_level, layer.name)
     graph.insert_before(layer.node, new)
-    was_output = layer.output.is_graph_output()
-    take_over_values(graph, [(layer.output, new.outputs[0])], [n for n in (layer.bias_add, layer.node) if n is not None])
-    if layer.transpose_node is not None:  # a tied lm_head's Transpose of the embedding table
-        remove_dead_producers(graph, layer.transpose_node.outputs)
+    old, was_output = layer.output, layer.output.is_graph_output()
+    take_over_values(graph, [(old, new.outputs[0])])
+    remove_dead_producers(graph, [old])  # the MatMul/Gemm, its bias Add, a tied lm_head's Transpose
     if not was_output:
         new.outputs[0].name = f"{layer.name}/Y"
 

@@ -18,7 +18,7 @@ import numpy as np
 import onnx_ir as ir
 
 from slim_onnx.layout import SlimWeights, concatenate_columns
-from slim_onnx.passes.graph import register_constant, take_over_values
+from slim_onnx.passes.graph import register_constant, remove_dead_producers, take_over_values
 from slim_onnx.passes.rewrite import slim_matmul_node
 from slim_onnx.schema import DOMAIN, SLIM_MATMUL
 
@@ -57,7 +57,9 @@ def _merge(graph: ir.Graph, group: list[ir.Node], weights: SlimWeights) -> None:
     sizes = register_constant(graph, f"{name}/split", np.array([n.attributes["N"].as_int() for n in group], np.int64))
     split = ir.node("Split", [merged.outputs[0], sizes], {"axis": -1}, num_outputs=len(group), name=f"{name}/Split")
     graph.insert_before(group[0], [merged, split])
-    take_over_values(graph, [(node.outputs[0], out) for node, out in zip(group, split.outputs)], group)
+    olds = [node.outputs[0] for node in group]
+    take_over_values(graph, list(zip(olds, split.outputs, strict=True)))
+    remove_dead_producers(graph, olds)
 
 
 class MergeSiblingLayersPass(ir.passes.InPlacePass):

@@ -22,7 +22,7 @@ import dataclasses
 import onnx_ir as ir
 
 from slim_onnx.layout import TILE_N
-from slim_onnx.passes.graph import const_ints, only_reader, other_input, take_over_values
+from slim_onnx.passes.graph import const_ints, only_reader, other_input, remove_dead_producers, take_over_values
 from slim_onnx.schema import DOMAIN, SLIM_MATMUL, SlimMatMulVariant
 
 
@@ -34,8 +34,8 @@ def _halves(split: ir.Node, n: int) -> bool:
     return split.attributes.get_int("num_outputs", 0) == 2 and n % 2 == 0
 
 
-def _swiglu_output(node: ir.Node) -> tuple[ir.Node, list[ir.Node]] | None:
-    """(the final Mul, the nodes to remove, readers first) when the module doc's pattern follows `node`."""
+def _swiglu_output(node: ir.Node) -> ir.Node | None:
+    """The final Mul, when the module doc's pattern follows `node`."""
     n = node.attributes["N"].as_int()
     split = only_reader(node.outputs[0], "Split")
     if split is None or not _halves(split, n) or n % (2 * TILE_N) != 0:
@@ -51,7 +51,7 @@ def _swiglu_output(node: ir.Node) -> tuple[ir.Node, list[ir.Node]] | None:
     last = only_reader(silu.outputs[0], "Mul")
     if last is None or other_input(last, silu.outputs[0]) is not up or only_reader(up, "Mul") is not last:
         return None
-    return last, [last, silu, sigmoid, split]
+    return last
 
 
 class FuseSwiGluPass(ir.passes.InPlacePass):
@@ -68,11 +68,11 @@ class FuseSwiGluPass(ir.passes.InPlacePass):
         for node in [n for n in graph if n.domain == DOMAIN and n.op_type == SLIM_MATMUL]:
             if node.attributes.get_string("activation", "none") != "none":
                 continue
-            found = _swiglu_output(node)
-            if found is None:
+            last = _swiglu_output(node)
+            if last is None:
                 continue
-            last, dead = found
-            take_over_values(graph, [(last.outputs[0], node.outputs[0])], dead)
+            take_over_values(graph, [(last.outputs[0], node.outputs[0])])
+            remove_dead_producers(graph, [last.outputs[0]])
             node.attributes["activation"] = ir.Attr("activation", ir.AttributeType.STRING, "swiglu")
             node.overload = dataclasses.replace(SlimMatMulVariant.parse(node.overload), swiglu=True).overload
             self.fused += 1
