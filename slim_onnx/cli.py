@@ -204,8 +204,8 @@ def _run(argv: list[str] | None) -> int:
     from slim_onnx.calibration import CalibrationError
     from slim_onnx.config import ConfigError
     from slim_onnx.layout import FormatError
-    from slim_onnx.schema import UnknownVariant
     from slim_onnx.pipeline import InputError
+    from slim_onnx.schema import UnknownVariant
 
     try:
         if args.command == "demo":

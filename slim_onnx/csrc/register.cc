@@ -38,6 +38,8 @@ extern "C" SLIM_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptio
         return InferOutputShape(ctx);
       } catch (const std::exception& e) {
         return g_api->CreateStatus(ORT_INVALID_ARGUMENT, (std::string("SlimMatMul shape inference: ") + e.what()).c_str());
+      } catch (...) {
+        return UnknownErrorStatus("SlimMatMul shape inference");
       }
     };
     for (OrtCustomOp* op : ops) op->InferOutputShapeFn = shape_inference ? +infer : nullptr;

@@ -69,7 +69,10 @@ DeviceWeights* UploadWeights(const FragMatrix& w, const FragMatrix* l, const Fra
                              const DeviceAllocator& allocator, int device);
 void FreeWeights(DeviceWeights* weights);
 
-// Device scratch the run needs for M rows (the adapter product T = A @ L, float32 [M, rank]).
+// The most rows one run takes (the kernels index rows with int; with it ScratchBytes cannot overflow).
+constexpr int64_t kMaxRows = int64_t(1) << 30;
+
+// Device scratch the run needs for M <= kMaxRows rows (the adapter product T = A @ L, float32 [M, rank]).
 size_t ScratchBytes(const DeviceWeights* weights, int64_t M);
 
 // Y[M, N] = A[M, K] @ W + (A @ L) @ R + bias on `stream` (a cudaStream_t). A and Y are float16 when

@@ -644,7 +644,7 @@ size_t ScratchBytes(const DeviceWeights* dw, int64_t M) {
 
 void RunSlimMatMul(const DeviceWeights* dw, const void* A, bool half, int64_t M, void* Y, void* scratch, void* stream) {
   if (M <= 0) return;
-  if (M > (int64_t(1) << 30)) throw std::runtime_error("too many rows for the CUDA kernel");
+  if (M > kMaxRows) throw std::runtime_error("too many rows for the CUDA kernel");
   auto s = static_cast<cudaStream_t>(stream);
   const int m = int(M);
   DeviceGuard guard(dw->device);

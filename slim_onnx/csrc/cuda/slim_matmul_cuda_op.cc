@@ -80,8 +80,9 @@ struct SlimMatMulCudaKernel {
     ThrowOnError(g_api->KernelContext_GetGPUComputeStream(ctx, &stream));
     // With the gated activation the product P goes to scratch first (after the adapter scratch).
     const bool gated = attr.activation == Activation::kSwiGlu;
+    if (call.M > cuda::kMaxRows)
+      throw OpError("input 'A' has " + std::to_string(call.M) + " rows; the CUDA kernel takes at most 2^30 per run");
     const char* what = "the scratch buffer's size";
-    CheckedMul(CheckedMul(call.M, attr.rank, what), 8, what);  // ScratchBytes' product (4 bytes each), rounded up
     const size_t adapter_bytes = (cuda::ScratchBytes(weights, call.M) + 255) / 256 * 256;
     const int64_t product_bytes = gated ? CheckedMul(CheckedMul(call.M, attr.N, what), call.half ? 2 : 4, what) : 0;
     const size_t scratch_bytes = size_t(CheckedAdd(int64_t(adapter_bytes), product_bytes, what));
