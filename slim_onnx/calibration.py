@@ -1,8 +1,9 @@
 """Calibration: the statistics of every layer's input, from running the original model in onnxruntime.
 
-The model is copied with the chosen layers' inputs added as extra graph outputs; onnxruntime runs it
-batch by batch and each batch's activations are folded into LayerStatistics at once, so no batch is
-kept. Layers that share an input (q/k/v, gate/up) share one LayerStatistics.
+The part of the model the chosen layers' inputs depend on (blocks.Submodel) runs in onnxruntime
+batch by batch with those inputs as its outputs, and each batch's activations are folded into
+LayerStatistics at once, so no batch is kept. Layers that share an input (q/k/v, gate/up) share one
+LayerStatistics. This is the one-pass mode; streaming.py runs the blocks one at a time.
 
 Feeds come from text (a file or a folder of .txt files, tokenized with the export's tokenizer and cut
 into windows of `seqlen` tokens with a fixed seed) or from an .npz of ready inputs. Decoder exports
@@ -16,19 +17,15 @@ import dataclasses
 import os
 import re
 import sys
-import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnx_ir as ir
-import onnxruntime as ort
-from onnx import helper
 
 from slim_onnx.algorithms.stats import LayerStatistics
+from slim_onnx.blocks import Submodel, weights_folder
 from slim_onnx.passes.linear import LinearLayer
-from slim_onnx.runtime import session_options
 
 
 class CalibrationError(ValueError):
@@ -207,75 +204,35 @@ def npz_feeds(path: str | os.PathLike, model: ir.Model) -> list[dict[str, np.nda
     return [{name: array[i] for name, array in arrays.items()} for i in range(batches)]
 
 
-def _reads(node: onnx.NodeProto) -> set[str]:
-    """The names a node reads, its subgraphs' outer-scope reads included (over-approximated)."""
-    names = set(node.input)
-    for attr in node.attribute:
-        for graph in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-            for inner in graph.node:
-                names |= _reads(inner)
-    return names
-
-
-def keep_only_outputs(graph: onnx.GraphProto, outputs: list[str]) -> None:
-    """Make `outputs` the graph's only outputs and drop every node and initializer they do not
-    depend on. Calibration reads layer inputs only: no logits (lm_head is the largest product of a
-    small LLM) and, in sequential mode, no block after the one being calibrated."""
-    producer = {name: i for i, node in enumerate(graph.node) for name in node.output}
-    needed, kept, stack = set(), set(), list(outputs)
-    while stack:
-        name = stack.pop()
-        if name in needed:
-            continue
-        needed.add(name)
-        i = producer.get(name)
-        if i is not None and i not in kept:
-            kept.add(i)
-            stack.extend(_reads(graph.node[i]))
-    nodes = [graph.node[i] for i in sorted(kept)]
-    del graph.node[:], graph.output[:]
-    graph.node.extend(nodes)
-    graph.output.extend(helper.make_empty_tensor_value_info(n) for n in outputs)
-    for i in reversed(range(len(graph.initializer))):  # in place: extend() would copy every weight
-        if graph.initializer[i].name not in needed:
-            del graph.initializer[i]
-
-
 def collect_statistics(
     model: ir.Model, layers: list[LinearLayer], feeds: Iterable[dict[str, np.ndarray]], hessian: bool = True,
-    progress=None,
+    progress=None, *, device: str = "cpu", cut: Callable[[ir.Node], bool] = lambda node: False,
+    carried: Callable[[int, list[str]], dict[str, np.ndarray]] | None = None,
+    providers: tuple[str, ...] = ("CPUExecutionProvider",),
 ) -> dict[str, LayerStatistics]:
-    """LayerStatistics for each layer (by name) whose input lives in the main graph."""
-    by_value: dict[str, list[LinearLayer]] = {}
+    """LayerStatistics for each layer (by name) whose input lives in the main graph, from one run of
+    the part of the model those inputs depend on (no logits: lm_head is the largest product of a
+    small LLM). Streaming cuts the graph where cut(node) and reads those nodes' outputs for batch i
+    from carried(i, names); statistics are summed on `device`, the model runs on `providers`."""
+    by_value: dict[ir.Value, list[LinearLayer]] = {}
     for layer in layers:
         if layer.graph is model.graph and layer.node.inputs[0] is not None:
-            by_value.setdefault(layer.node.inputs[0].name, []).append(layer)
-    stats = {}
-    shared = {name: LayerStatistics(group[0].k, hessian=hessian, name=group[0].name) for name, group in by_value.items()}
-    for name, group in by_value.items():
-        for layer in group:
-            stats[layer.name] = shared[name]
-    if not shared:
-        return stats
-    proto = ir.to_proto(model)
-    keep_only_outputs(proto.graph, list(shared))
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "calibration.onnx")
-        onnx.save(proto, path, save_as_external_data=True, location="calibration.onnx.data", size_threshold=1024)
-        # With the library: in sequential mode earlier blocks are SlimMatMul nodes already.
-        so = session_options()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every layer input
-        session = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
-        names = list(shared)
-        for i, feed in enumerate(feeds):
-            try:
-                outputs = session.run(names, feed)
-            except Exception as error:  # onnxruntime's errors share no base class; sizes that disagree, ...
-                raise CalibrationError(
-                    f"onnxruntime could not run the calibration batch at index {i}: {error}"
-                ) from None
-            for n, x in zip(names, outputs):
-                shared[n].update(x.astype(np.float32, copy=False))
-            if progress is not None:
-                progress()
-    return stats
+            by_value.setdefault(layer.node.inputs[0], []).append(layer)
+    if not by_value:
+        return {}
+    shared = {value.name: LayerStatistics(group[0].k, hessian=hessian, device=device, name=group[0].name)
+              for value, group in by_value.items()}
+    part = Submodel(model, list(by_value), cut)
+    names = [v.name for v in part.cut_values]
+    read = (lambda i: carried(i, names)) if names else (lambda i: {})
+    session = part.session(read(0), weights_folder(model), providers)
+    for i, feed in enumerate(feeds):
+        try:
+            outputs = session.run(feed, read(i))
+        except Exception as error:  # onnxruntime's errors share no base class; sizes that disagree, ...
+            raise CalibrationError(f"onnxruntime could not run the calibration batch at index {i}: {error}") from None
+        for name, x in outputs.items():
+            shared[name].update(x.astype(np.float32, copy=False))
+        if progress is not None:
+            progress()
+    return {layer.name: shared[value.name] for value, group in by_value.items() for layer in group}

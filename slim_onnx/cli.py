@@ -48,8 +48,9 @@ def _add_compress(sub) -> None:
     p.add_argument("--no-lm-head", action="store_true", help="keep lm_head dense")
     p.add_argument("--device", default=d.device, help="cpu or cuda for the algorithms")
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--sequential", action="store_true",
-                   help="calibrate each block on the model whose earlier blocks are compressed (one pass per block)")
+    p.add_argument("--calibration", choices=("stream", "one-pass"), default="stream",
+                   help="stream (default): block by block, each on the output of the compressed earlier blocks, "
+                        "in one pass; one-pass: every layer from the dense model at once (more memory)")
     p.add_argument("--no-fuse-attention", action="store_true",
                    help="keep the export's attention and RMSNorm ops (default: fuse cached decoder attention into "
                         "GroupQueryAttention, and residual Add + RMSNorm into SkipSimplifiedLayerNormalization)")
@@ -86,7 +87,7 @@ def _compress(args) -> int:
     )
     report = compress(
         args.input, args.output, config, calibration, graph=graph, include=args.include, exclude=args.exclude,
-        compress_lm_head=not args.no_lm_head, overwrite=args.overwrite, sequential=args.sequential,
+        compress_lm_head=not args.no_lm_head, overwrite=args.overwrite, calibration_mode=args.calibration,
         log=_log(args.quiet), progress=progress_factory(not args.quiet and not args.verbose),
     )
     t = report["totals"]

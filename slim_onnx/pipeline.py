@@ -1,8 +1,9 @@
 """slim_onnx.compress: an ONNX model or Optimum export folder in, a compressed folder out.
 
-  load (onnx-ir, external data mapped lazily) -> select_layers -> per block of layers (one block,
-  or each transformer block with --sequential): calibrate in onnxruntime, compress_layers
-  (SlimConfig), replace them in the graph -> rewrite_graph (GraphOptions: passes/manager.py) ->
+  load (onnx-ir, external data mapped lazily) -> select_layers -> per transformer block
+  (streaming.py; or all layers at once with calibration_mode="one-pass"): calibrate in
+  onnxruntime, compress_layers (SlimConfig), replace them in the graph -> rewrite_graph
+  (GraphOptions: passes/manager.py) ->
   write to a temporary folder with the export's other files and slim_report.json -> rename to the
   output folder.
 The input is never modified and the output folder appears only when complete; an earlier output that
@@ -41,11 +42,13 @@ from slim_onnx.calibration import (
 )
 from slim_onnx.config import GraphOptions, SlimConfig
 from slim_onnx.packing import pack_layer
+from slim_onnx.streaming import stream_blocks
 from slim_onnx.passes import GraphRewrite, compress_graph, find_linear_layers, rewrite_graph
 from slim_onnx.passes.linear import LinearLayer
 from slim_onnx.schema import DOMAIN, SLIM_MATMUL
 
 MODEL_FILE_NAMES = ("model.onnx", "decoder_model_merged.onnx", "decoder_model.onnx")
+CALIBRATION_MODES = ("stream", "one-pass")
 REPORT_NAME = "slim_report.json"  # also what marks a folder as slim-onnx's output, which --overwrite may replace
 LARGE_MODEL_BYTES = 1 << 30  # above this, or when the input had it, tensors go to external data
 
@@ -208,7 +211,8 @@ def calibrate(model: ir.Model, layers: list[LinearLayer], feeds: list | None, co
     without feeds (configurations that need no statistics)."""
     if feeds is None:
         return {}
-    return collect_statistics(model, layers, feeds, hessian=config.needs_hessian, progress=progress)
+    return collect_statistics(model, layers, feeds, hessian=config.needs_hessian, progress=progress, device=config.device,
+                              providers=_calibration_providers(config))
 
 
 def compress_layers(layers: list[LinearLayer], stats: dict, config: SlimConfig, done=None) -> tuple[dict, list[dict]]:
@@ -216,7 +220,12 @@ def compress_layers(layers: list[LinearLayer], stats: dict, config: SlimConfig, 
     each compressed (algorithms) and packed (packing); done(layer, report) is called as each is finished."""
     weights, reports = {}, []
     for layer in layers:
-        quantized = compress_layer(layer.weight_array(), stats.get(layer.name), config, layer.name, layer.bias_array())
+        w, bias = layer.weight_array(), layer.bias_array()
+        for value in (layer.weight, layer.bias):  # the float32 copies are what is used: unmap the file
+            if value is not None and isinstance(value.const_value, ir.ExternalTensor):
+                value.const_value.release()
+        quantized = compress_layer(w, stats.get(layer.name), config, layer.name, bias)
+        del w
         weights[layer.name] = pack_layer(quantized)
         reports.append(quantized.report | {"bytes_packed": weights[layer.name].nbytes()})
         if done:
@@ -250,7 +259,7 @@ def compress(
     exclude: list[str] | None = None,
     compress_lm_head: bool = True,
     overwrite: bool = False,
-    sequential: bool = False,
+    calibration_mode: str = "stream",
     log=None,
     progress=None,
 ) -> dict:
@@ -260,14 +269,17 @@ def compress(
     iterable of feed dicts, or None (only for configurations that need no statistics).
     graph: how the graph is written (accuracy level, fusions: GraphOptions).
     include, exclude: regexes on layer (node) names; compress_lm_head: False keeps lm_head dense.
-    sequential: calibrate each transformer block on the model whose earlier blocks are already
-    compressed (as SparseGPT and SLiM do); one calibration pass per block.
+    calibration_mode: "stream" (default): block by block, each block's statistics taken on the
+    output of the earlier blocks compressed (as SparseGPT and SLiM do), in one pass over the model
+    (streaming.py); "one-pass": every layer's statistics from the dense model at once.
     log: called with each message (default: print to stderr); progress: an optional factory
     `progress(label, total)` returning a callable advanced once per calibration batch and per layer,
-    which replaces the per-layer messages.
+    which replaces the per-layer and per-block messages.
     """
     log = log or (lambda msg: print(msg, file=sys.stderr))
     start = time.perf_counter()
+    if calibration_mode not in CALIBRATION_MODES:
+        raise InputError(f"calibration_mode {calibration_mode!r}: expected one of {', '.join(CALIBRATION_MODES)}")
     src = resolve_model_path(model_path)
     out = Path(output_dir).resolve()
     _check_output(src, Path(model_path).is_dir(), out, overwrite)
@@ -285,43 +297,84 @@ def compress(
         if feeds is None:
             raise InputError("this configuration needs calibration data: pass --calib TEXT_OR_NPZ")
     had_external = any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
+    inside = [layer.name for layer in kept if layer.graph is not model.graph]
+    if feeds is not None and inside:
+        raise InputError(f"{len(inside)} layers ({inside[0]}, ...) are inside If/Loop subgraphs, which calibration "
+                         "cannot run (Optimum's merged decoder_model_merged.onnx): compress the export's model.onnx "
+                         "(optimum-cli export onnx ... --no-post-process), or exclude them with --exclude")
+    mode = calibration_mode if feeds is not None else "none"
 
-    # One pass over all layers, or (sequential) block by block, each block calibrated on the model
-    # whose earlier blocks are already compressed, so that its statistics see their error.
-    blocks = transformer_blocks(kept) if sequential and feeds is not None else [kept]
     weights, reports = {}, []
-    done = _layer_logger(len(kept), log, progress("compressing", len(kept)) if progress else None)
-    for block in blocks:
-        if feeds is not None and not progress:
-            log(f"calibrating {len(block)} layers on {len(feeds)} batches")
-        batch_bar = progress("calibrating", len(feeds)) if progress and feeds is not None and len(blocks) == 1 else None
-        stats = calibrate(model, block, feeds, config, batch_bar)
+    blocks = transformer_blocks(kept) if mode == "stream" else [kept]
+    layer_bar = progress("compressing", len(kept)) if progress and mode != "stream" else None
+    done = _layer_logger(len(kept), log, layer_bar)
+
+    def compress_block(block: list[LinearLayer], stats: dict) -> None:
         block_weights, block_reports = compress_layers(block, stats, config, done)
-        del stats  # bounded memory: one block's statistics at a time in sequential mode
-        model = compress_graph(model, block_weights, graph.accuracy_level)
+        compress_graph(model, block_weights, graph.accuracy_level)  # in place
         weights.update(block_weights)
-        reports += block_reports
-    rewrite = rewrite_graph(model, graph)
-    _log_rewrite(rewrite, log)
-    report = {
-        "model": str(src),
-        "config": dataclasses.asdict(config),
-        "graph": dataclasses.asdict(graph),
-        "sequential": len(blocks) > 1,
-        "layers": reports,
-        "kept_dense": [l.name for l in layers if l.name not in weights],
-        **dataclasses.asdict(rewrite),
-        "totals": {
-            "layers": len(reports),
-            "bytes_float16": sum(r["bytes_float16"] for r in reports),
-            "bytes_packed": sum(r["bytes_packed"] for r in reports),
-            "model_bytes_before": bytes_before,
-            "model_bytes_after": _initializer_bytes(model),
-            "seconds": round(time.perf_counter() - start, 1),
-        },
-    }
-    _write_output(model, src, out, report, had_external, overwrite, log)
+        reports.extend(block_reports)
+
+    with _work_folder(out) as work:
+        streaming = None
+        if mode == "stream":
+            streaming = stream_blocks(
+                model, blocks, feeds, compress_block, hessian=config.needs_hessian, device=config.device, workdir=work,
+                spill_weights=had_external, providers=_calibration_providers(config),
+                log=(lambda msg: None) if progress else log,
+                step=progress("compressing blocks", len(blocks)) if progress else None,
+            )
+        else:
+            if feeds is not None and not progress:
+                log(f"calibrating {len(kept)} layers on {len(feeds)} batches")
+            batch_bar = progress("calibrating", len(feeds)) if progress and feeds is not None else None
+            compress_block(kept, calibrate(model, kept, feeds, config, batch_bar))
+        rewrite = rewrite_graph(model, graph)
+        _log_rewrite(rewrite, log)
+        report = {
+            "model": str(src),
+            "config": dataclasses.asdict(config),
+            "graph": dataclasses.asdict(graph),
+            "calibration": mode,
+            "layers": reports,
+            "kept_dense": [l.name for l in layers if l.name not in weights],
+            **dataclasses.asdict(rewrite),
+            "totals": {
+                "layers": len(reports),
+                "bytes_float16": sum(r["bytes_float16"] for r in reports),
+                "bytes_packed": sum(r["bytes_packed"] for r in reports),
+                "model_bytes_before": bytes_before,
+                "model_bytes_after": _initializer_bytes(model),
+                "seconds": round(time.perf_counter() - start, 1),
+            },
+        }
+        if streaming is not None:
+            report["streaming"] = streaming
+        _write_output(model, src, out, report, had_external, overwrite, log)
     return report
+
+
+def _calibration_providers(config: SlimConfig) -> tuple[str, ...]:
+    """Where the streamed blocks run: onnxruntime's CUDA provider with --device cuda when
+    onnxruntime-gpu is installed (our library registers its CUDA kernels there too), else the CPU."""
+    import onnxruntime
+
+    if config.device.startswith("cuda") and "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        return ("CUDAExecutionProvider", "CPUExecutionProvider")
+    return ("CPUExecutionProvider",)
+
+
+@contextlib.contextmanager
+def _work_folder(out: Path):
+    """A scratch folder for cached activations and packed weights, beside the output (which may be
+    on a disk with more room than the temporary folder, often memory-backed); always removed."""
+    existing = next(p for p in out.parents if p.exists())
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.work-", dir=existing))
+    try:
+        yield work
+    finally:
+        with _interrupts_deferred():
+            shutil.rmtree(work, ignore_errors=True)
 
 
 def _loadable(graph: GraphOptions, log) -> GraphOptions:

@@ -150,14 +150,14 @@ def dense_block_model(rng, width=256, layers=3):
 
 @needs_ort_cuda
 def test_compressed_model_on_cuda_matches_the_cpu_path(rng, tmp_path):
-    """A model compressed by the pipeline (default config, sequential calibration) runs on the CUDA
+    """A model compressed by the pipeline (default config, streamed calibration) runs on the CUDA
     provider, every SlimMatMul on the GPU, and agrees with the CPU kernels (float32 path)."""
     import onnx
 
     onnx.save(dense_block_model(rng), str(tmp_path / "dense.onnx"))
     calib = [{"x": rng.standard_normal((64, 256)).astype(np.float32)} for _ in range(4)]
     slim_onnx.compress(tmp_path / "dense.onnx", tmp_path / "slim", calibration=calib,
-                       graph=GraphOptions(accuracy_level=0), sequential=True, log=lambda msg: None)
+                       graph=GraphOptions(accuracy_level=0), log=lambda msg: None)
     model = onnx.load(str(tmp_path / "slim" / "dense.onnx"))
     x = rng.standard_normal((5, 256)).astype(np.float32)
     session = cuda_session(model, profile_dir=tmp_path)

@@ -11,6 +11,7 @@ import pytest
 from helpers import FLOAT_GRAPH, LOSSLESS, export, feeds_for, outputs
 
 import slim_onnx
+from slim_onnx.passes import embedding
 from slim_onnx.passes.embedding import MIN_ROWS, dequantize_rows, group_size, quantize_rows_int8
 
 
@@ -25,7 +26,9 @@ def llama(tmp_path_factory):
     return export(LlamaForCausalLM(config), tmp_path_factory.mktemp("llama"), "text-generation-with-past")
 
 
-def test_quantize_rows_int8_bounds_the_error():
+@pytest.mark.parametrize("row_chunk", [8192, 7])  # one chunk, or 8 of them (rows are independent)
+def test_quantize_rows_int8_bounds_the_error(monkeypatch, row_chunk):
+    monkeypatch.setattr(embedding, "ROW_CHUNK", row_chunk)
     table = np.random.default_rng(0).standard_normal((50, 96)).astype(np.float32)
     table[3, :32] = 0  # an all-zero group
     q, scales = quantize_rows_int8(table, group_size(96))

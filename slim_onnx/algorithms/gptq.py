@@ -12,6 +12,7 @@ one input channel k at a time (W is [K, N], rows = input channels), in the order
       W'[k] = Q(W[k]) (0 where pruned);  err = (W[k] - W'[k]) / U[k, k]
       W[k+1:] -= U[k, k+1:]^T err     (the OBS update: later rows absorb row k's error)
 Updates inside a block of `block` rows are applied row by row, and to the rest of W once per block.
+Every step acts on each column n alone, so W is processed COLUMN_CHUNK columns at a time.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 
 from slim_onnx.algorithms.groups import num_groups
 from slim_onnx.algorithms.quantizers import qrange, scales_from_clip
+from slim_onnx.algorithms import COLUMN_CHUNK
 from slim_onnx.algorithms.stats import DampedHessian
 
 
@@ -43,15 +45,26 @@ def gptq_quantize(
     k, n = w.shape
     if sparse_2of4 and k % 4:
         raise ValueError(f"2:4 sparsity needs K divisible by 4, got K={k}")
-    lo, hi = qrange(bits)
-    w = w.detach().to(torch.float32).clone()
     damped = hessian if isinstance(hessian, DampedHessian) else DampedHessian(hessian, damp, w.device)
-    w[damped.dead, :] = 0
     u = damped.inverse_upper_factor()
-
     q = torch.zeros(k, n, dtype=torch.int8, device=w.device)
     scales = torch.zeros(num_groups(k, group_size), n, dtype=torch.float16, device=w.device)
     keep = torch.ones(k, n, dtype=torch.bool, device=w.device) if mask is None else mask.to(w.device).clone()
+    for c0 in range(0, n, COLUMN_CHUNK):
+        cols = slice(c0, min(n, c0 + COLUMN_CHUNK))
+        chunk = w[:, cols].detach().to(torch.float32).clone()
+        chunk[damped.dead, :] = 0
+        q[:, cols], scales[:, cols] = _quantize_columns(chunk, u, keep[:, cols], group_size, bits, sparse_2of4, block)
+    return q, scales, keep
+
+
+def _quantize_columns(w: torch.Tensor, u: torch.Tensor, keep: torch.Tensor, group_size: int, bits: int,
+                      sparse_2of4: bool, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q, scales) of the columns `w` (overwritten), updating their kept-mask `keep` in place."""
+    k, n = w.shape
+    lo, hi = qrange(bits)
+    q = torch.zeros(k, n, dtype=torch.int8, device=w.device)
+    scales = torch.zeros(num_groups(k, group_size), n, dtype=torch.float16, device=w.device)
     block = max(4, block - block % 4)
     step = None
     for b0 in range(0, k, block):
@@ -77,4 +90,4 @@ def gptq_quantize(
             w_blk[i:] -= u_blk[i, i:, None] * err[None, :]
             err_blk[i] = err
         w[b1:] -= u[b0:b1, b1:].T @ err_blk
-    return q, scales, keep
+    return q, scales

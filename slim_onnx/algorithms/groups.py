@@ -22,8 +22,15 @@ def group_of_rows(k: int, group_size: int) -> np.ndarray:
 
 
 def dequantize(q, scales, group_size: int):
-    """W[k, n] = q[k, n] * scales[k // group_size, n] in float32, for numpy arrays or torch tensors."""
-    rows = group_of_rows(q.shape[0], group_size)
+    """W[k, n] = q[k, n] * scales[k // group_size, n] in float32, for numpy arrays or torch tensors.
+    Scaled in place, group by group: the result is the only [K, N] buffer made."""
+    k = q.shape[0]
     if isinstance(q, np.ndarray):
-        return q.astype(np.float32) * scales.astype(np.float32)[rows]
-    return q.float() * scales.float()[rows]
+        w, scales = q.astype(np.float32), scales.astype(np.float32)
+    else:
+        w, scales = q.float(), scales.float()
+    whole = k // group_size  # groups of full size: a [groups, group_size, N] view
+    w[: whole * group_size].reshape(whole, group_size, *w.shape[1:])[...] *= scales[:whole, None]
+    if whole * group_size < k:
+        w[whole * group_size :] *= scales[whole]
+    return w

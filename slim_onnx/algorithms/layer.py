@@ -17,6 +17,7 @@ import time
 import numpy as np
 import torch
 
+from slim_onnx.algorithms import COLUMN_CHUNK
 from slim_onnx.algorithms.gptq import gptq_quantize
 from slim_onnx.algorithms.groups import dequantize
 from slim_onnx.algorithms.lowrank import hessian_low_rank_factors, low_rank_factors, saliency
@@ -140,16 +141,18 @@ def compress_layer(
     else:
         mask = _score_mask(w, s, config) if scored_mask else None
         q, scales, mask = _quantize(w, mask, hessian, config)
-    w_c = dequantize(q, scales, config.group_size)
 
     adapters = matrices = None
     if rank > 0:
+        error = dequantize(q, scales, config.group_size)
+        torch.sub(w, error, out=error)  # E = W - W_c in W_c's buffer, which the fit then overwrites
         if config.lowrank == "hessian":
-            l, r = hessian_low_rank_factors(w - w_c, rank, hessian, config.damp, config.svd, config.seed)
+            l, r = hessian_low_rank_factors(error, rank, hessian, config.damp, config.svd, config.seed, overwrite=True)
         else:
             stat = s if config.saliency == "rms" else stats.channel_abs_mean.to(device)
             x = saliency(stat, config.saliency) if config.lowrank == "saliency" else None
-            l, r = low_rank_factors(w - w_c, rank, x, config.svd, config.seed)
+            l, r = low_rank_factors(error, rank, x, config.svd, config.seed, overwrite=True)
+        del error
         if config.adapter_format == "float16":
             adapters = (l.half(), r.half())
             l, r = (a.float() for a in adapters)
@@ -160,9 +163,13 @@ def compress_layer(
             q, scales, mask = _quantize(w - l @ r, mask, hessian, config)
         matrices = (l, r)
 
-    w_eff = dequantize(q, scales, config.group_size)
-    if matrices is not None:
-        w_eff += matrices[0].float() @ matrices[1].float()
+    def effective(cols) -> torch.Tensor:
+        """Columns `cols` of the matrix the layer multiplies by: W_c + L R."""
+        w_eff = dequantize(q[:, cols], scales[:, cols], config.group_size)
+        if matrices is not None:
+            w_eff += matrices[0].float() @ matrices[1][:, cols].float()
+        return w_eff
+
     if adapters is not None:  # to numpy: float16 (L, R), or int4 ((L_q, L_scales), (R_q, R_scales))
         adapters = tuple(_numpy(a) if config.adapter_format == "float16" else tuple(map(_numpy, a)) for a in adapters)
     layer = QuantizedLayer(
@@ -170,15 +177,24 @@ def compress_layer(
         None if bias is None else np.asarray(bias, dtype=np.float32), config.adapter_format if rank else "none",
         adapters, config.adapter_group_size, report={},
     )
-    layer.report = layer_report(name, w, w_eff, layer, rank, stats, config, time.perf_counter() - start)
+    layer.report = layer_report(name, w, effective, layer, rank, stats, config, time.perf_counter() - start)
     return layer
 
 
-def layer_report(name, w: torch.Tensor, w_eff: torch.Tensor, layer: QuantizedLayer, rank: int, stats,
+def layer_report(name, w: torch.Tensor, effective, layer: QuantizedLayer, rank: int, stats,
                  config: SlimConfig, seconds: float) -> dict:
-    """Errors of one compressed layer; w_eff is the matrix it encodes. (Its packed bytes are added
-    where it is packed.)"""
+    """Errors of one compressed layer; effective(cols) gives those columns of the matrix it encodes
+    (summed COLUMN_CHUNK columns at a time). Its packed bytes are added where it is packed."""
     k, n = layer.q.shape
+    s = stats.channel_sq_mean.to(w) if stats is not None and stats.count else None
+    sums = torch.zeros(4, dtype=torch.float64)  # ||E||^2, ||W||^2, and both weighted by s
+    for c0 in range(0, n, COLUMN_CHUNK):
+        cols = slice(c0, c0 + COLUMN_CHUNK)
+        part = w[:, cols]
+        e2, w2 = (part - effective(cols)) ** 2, part**2
+        sums[:2] += torch.stack([e2.sum(), w2.sum()]).double().cpu()
+        if s is not None:
+            sums[2:] += torch.stack([(s[:, None] * e2).sum(), (s[:, None] * w2).sum()]).double().cpu()
     report = {
         "layer": name,
         "shape": [k, n],
@@ -188,14 +204,12 @@ def layer_report(name, w: torch.Tensor, w_eff: torch.Tensor, layer: QuantizedLay
             "lowrank": config.lowrank if rank else None, "adapter_format": layer.adapter_format,
         },
         "bytes_float16": k * n * 2,
-        "weight_error": float(torch.linalg.norm(w - w_eff) / torch.linalg.norm(w)),
+        "weight_error": float(torch.sqrt(sums[0] / sums[1])),
         "seconds": round(seconds, 3),
     }
-    if stats is not None and stats.count:
-        if stats.xtx is not None:  # on at most 1024 output columns: exact for most layers, cheap for all
-            report["output_error"] = stats.output_error(w, w_eff, max_columns=1024)
-        s = stats.channel_sq_mean.to(w)
-        report["activation_weighted_error"] = float(
-            torch.sqrt((s[:, None] * (w - w_eff) ** 2).sum() / (s[:, None] * w**2).sum())
-        )
+    if s is not None:
+        if stats.xtx is not None:  # on at most 1024 evenly spaced output columns: exact for most layers, cheap for all
+            cols = torch.linspace(0, n - 1, min(n, 1024), device=w.device).round().long().unique()
+            report["output_error"] = stats.output_error(w[:, cols], effective(cols))
+        report["activation_weighted_error"] = float(torch.sqrt(sums[2] / sums[3]))
     return report

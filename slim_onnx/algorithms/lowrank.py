@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import torch
 
+from slim_onnx.algorithms import COLUMN_CHUNK
 from slim_onnx.algorithms.stats import DampedHessian
 
 
@@ -60,31 +61,46 @@ def truncated_svd(m: torch.Tensor, rank: int, method: str = "auto", seed: int = 
     return u[:, :rank], s[:rank], v[:, :rank]
 
 
+def _working_copy(error: torch.Tensor, overwrite: bool) -> torch.Tensor:
+    """The float32 error to transform: `error` itself when the caller gives it up (overwrite)."""
+    if overwrite and error.dtype == torch.float32:
+        return error
+    return error.to(torch.float32, copy=True)
+
+
 def hessian_low_rank_factors(
     error: torch.Tensor, rank: int, hessian: torch.Tensor | DampedHessian, damp: float = 0.01, method: str = "auto",
-    seed: int = 0,
+    seed: int = 0, overwrite: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(L [K, r], R [r, N]) minimising tr((E - L R)^T H (E - L R)), H dampened (stats.DampedHessian)."""
+    """(L [K, r], R [r, N]) minimising tr((E - L R)^T H (E - L R)), H dampened (stats.DampedHessian).
+    overwrite: `error` may be overwritten (by C^T E), which saves a [K, N] float32 copy."""
     k, n = error.shape
     if not 0 < rank <= min(k, n):
         raise ValueError(f"rank must be in 1..min(K, N)={min(k, n)}, got {rank}")
     damped = hessian if isinstance(hessian, DampedHessian) else DampedHessian(hessian, damp, error.device)
     c = damped.cholesky  # H = C C^T
-    u, s, v = truncated_svd(c.T @ error.to(torch.float32), rank, method, seed)
+    whitened = _working_copy(error, overwrite)
+    for c0 in range(0, n, COLUMN_CHUNK):  # C^T E in place, a chunk of columns at a time
+        whitened[:, c0 : c0 + COLUMN_CHUNK] = c.T @ whitened[:, c0 : c0 + COLUMN_CHUNK]
+    u, s, v = truncated_svd(whitened, rank, method, seed)
     root = s.clamp_min(0).sqrt()
     l = torch.linalg.solve_triangular(c.T, u * root, upper=True)  # C^-T U S^(1/2)
     return l, root[:, None] * v.T
 
 
 def low_rank_factors(
-    error: torch.Tensor, rank: int, channel_saliency: torch.Tensor | None = None, method: str = "auto", seed: int = 0
+    error: torch.Tensor, rank: int, channel_saliency: torch.Tensor | None = None, method: str = "auto", seed: int = 0,
+    overwrite: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(L [K, r], R [r, N]) minimising ||diag(x)(error - L R)||_F (x = 1 when channel_saliency is None)."""
+    """(L [K, r], R [r, N]) minimising ||diag(x)(error - L R)||_F (x = 1 when channel_saliency is None).
+    overwrite: `error` may be overwritten (by diag(x) E), which saves a [K, N] float32 copy."""
     k, n = error.shape
     if not 0 < rank <= min(k, n):
         raise ValueError(f"rank must be in 1..min(K, N)={min(k, n)}, got {rank}")
-    e = error.to(torch.float32)
-    x = torch.ones(k, dtype=torch.float32, device=e.device) if channel_saliency is None else channel_saliency.to(e)
-    u, s, v = truncated_svd(x[:, None] * e, rank, method, seed)
+    x = torch.ones(k, dtype=torch.float32, device=error.device) if channel_saliency is None \
+        else channel_saliency.to(device=error.device, dtype=torch.float32)
+    weighted = _working_copy(error, overwrite)
+    weighted *= x[:, None]
+    u, s, v = truncated_svd(weighted, rank, method, seed)
     root = s.clamp_min(0).sqrt()
     return (u * root) / x[:, None], root[:, None] * v.T

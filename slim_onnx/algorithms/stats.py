@@ -5,7 +5,11 @@ For inputs x in R^K (every token of every calibration sequence, n tokens in all)
   a_k = (1/n) sum |x_k|          per-channel mean magnitude: the saliency as the paper writes it
   H   = (1/n) sum x x^T          the Hessian of ||XW - XW'||^2 up to a factor 2 (GPTQ, SparseGPT,
                                   and the exact layer-output error: ||X E||^2 = n tr(E^T H E))
-Sums are kept in float64 so that long calibration runs do not lose small contributions.
+The per-channel sums are kept in float64 (K numbers: free). H is summed in float32: each batch's
+X^T X is a float32 product, and the running sum's rounding (about 1e-7 relative per batch) is far
+below the dampening every user of H adds (1% of its mean diagonal) and below the float32 the
+Cholesky factorisation works in; float64 would double the memory of the largest statistic (1.6 GB
+for a 14336-wide MLP input) and the time of the product that dominates calibration.
 """
 
 from __future__ import annotations
@@ -26,21 +30,21 @@ class LayerStatistics:
         self.count = 0
         self.sq_sum = torch.zeros(k, dtype=torch.float64, device=device)
         self.abs_sum = torch.zeros(k, dtype=torch.float64, device=device)
-        self.xtx = torch.zeros(k, k, dtype=torch.float64, device=device) if hessian else None
+        self.xtx = torch.zeros(k, k, dtype=torch.float32, device=device) if hessian else None
 
     def update(self, x) -> None:
         """Add a batch of inputs [..., K] (numpy or torch)."""
         x = torch.as_tensor(x)
         if x.shape[-1] != self.k:
             raise StatisticsError(f"layer {self.name}: calibration input has width {x.shape[-1]}, expected K={self.k}")
-        x = x.reshape(-1, self.k).to(device=self.sq_sum.device, dtype=torch.float64)
+        x = x.reshape(-1, self.k).to(device=self.sq_sum.device, dtype=torch.float32)
         if not torch.isfinite(x).all():
             raise StatisticsError(f"layer {self.name}: calibration input holds NaN or Inf")
         self.count += x.shape[0]
-        self.sq_sum += (x * x).sum(dim=0)
-        self.abs_sum += x.abs().sum(dim=0)
+        self.sq_sum += (x * x).sum(dim=0, dtype=torch.float64)
+        self.abs_sum += x.abs().sum(dim=0, dtype=torch.float64)
         if self.xtx is not None:
-            self.xtx += x.T @ x
+            self.xtx.addmm_(x.T, x)
 
     def _check(self) -> None:
         if self.count == 0:
@@ -60,24 +64,17 @@ class LayerStatistics:
 
     @property
     def hessian(self) -> torch.Tensor:
-        """H = X^T X / n [K, K] (float64)."""
+        """H = X^T X / n [K, K] (float32)."""
         self._check()
         if self.xtx is None:
             raise StatisticsError(f"layer {self.name}: the Hessian was not accumulated (hessian=False)")
         return self.xtx / self.count
 
-    def output_error(self, w: torch.Tensor, w_approx: torch.Tensor, max_columns: int | None = None) -> float:
-        """||X W - X W'|| / ||X W|| over the calibration inputs, from H.
-
-        Exact, or with max_columns, over an evenly spaced subset of at most that many output columns
-        (the cost is one K x K x columns product).
-        """
+    def output_error(self, w: torch.Tensor, w_approx: torch.Tensor) -> float:
+        """||X W - X W'|| / ||X W|| over the calibration inputs, from H (for the columns given)."""
         # tr(E^T H E) = sum((H E) * E): one float32 product of H with [E, W]
         h = self.hessian.to(device=w.device, dtype=torch.float32)
         e, w = (w - w_approx).float(), w.float()
-        if max_columns is not None and w.shape[1] > max_columns:
-            cols = torch.linspace(0, w.shape[1] - 1, max_columns, device=w.device).round().long()
-            e, w = e[:, cols], w[:, cols]
         he, hw = (h @ torch.cat([e, w], dim=1)).split(e.shape[1], dim=1)
         num, den = float((he * e).sum().clamp_min(0)), float((hw * w).sum())
         return math.sqrt(num / den) if den > 0 else float("nan")

@@ -35,13 +35,20 @@ def group_size(hidden: int) -> int:
     return hidden
 
 
+ROW_CHUNK = 8192  # rows quantized together: the float32 temporaries stay 8192 x H (a 128256-row table is 2 GB)
+
+
 def quantize_rows_int8(table: np.ndarray, group: int) -> tuple[np.ndarray, np.ndarray]:
     """(int8 [V, H/G, G], float16 [V, H/G, 1]): symmetric absmax per row and group of G columns."""
     rows, hidden = table.shape
-    grouped = table.astype(np.float32).reshape(rows, hidden // group, group)
-    scales = (np.abs(grouped).max(axis=-1, keepdims=True) / 127).astype(np.float16)
-    safe = np.where(scales == 0, 1, scales).astype(np.float32)
-    q = np.clip(np.rint(grouped / safe), -127, 127).astype(np.int8)
+    q = np.empty((rows, hidden // group, group), np.int8)
+    scales = np.empty((rows, hidden // group, 1), np.float16)
+    for r0 in range(0, rows, ROW_CHUNK):
+        grouped = table[r0 : r0 + ROW_CHUNK].astype(np.float32).reshape(-1, hidden // group, group)
+        chunk_scales = (np.abs(grouped).max(axis=-1, keepdims=True) / 127).astype(np.float16)
+        safe = np.where(chunk_scales == 0, 1, chunk_scales).astype(np.float32)
+        q[r0 : r0 + ROW_CHUNK] = np.clip(np.rint(grouped / safe), -127, 127)
+        scales[r0 : r0 + ROW_CHUNK] = chunk_scales
     return q, scales
 
 
@@ -105,7 +112,8 @@ def _rewrite(graph: ir.Graph, gather: ir.Node) -> QuantizedEmbedding:
     graph.remove(gather, safe=True)
     graph.initializers.pop(table.name)
     out.outputs[0].name = name
-    error = float(np.abs(dequantize_rows(q, scales) - array.astype(np.float32)).max())
+    error = max(float(np.abs(dequantize_rows(q[r0 : r0 + ROW_CHUNK], scales[r0 : r0 + ROW_CHUNK])
+                             - array[r0 : r0 + ROW_CHUNK].astype(np.float32)).max()) for r0 in range(0, rows, ROW_CHUNK))
     return QuantizedEmbedding(base, rows, hidden, group, array.nbytes, q.nbytes + scales.nbytes, error)
 
 
