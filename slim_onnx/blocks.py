@@ -10,9 +10,8 @@ follows from them up to the next block's layers, and the graph reads as
 where a segment's nodes read only static values and values of its own or earlier segments.
 
 Sub-models. `Submodel` is the closure of some target values: every node they depend on, walking
-back until a graph input, an initializer, or a cut value (given as an input instead). Static nodes
-are never cut: each sub-model recomputes what it needs of them from the graph inputs, which is cheap
-next to a block's products and keeps only hidden states in the calibration cache. A sub-model is a
+back until a graph input, an initializer, or a cut value (given as an input instead; streaming cuts
+block b's sub-model at every node of the static part and of earlier segments). A sub-model is a
 ModelProto in memory whose weights stay where they are: tensors already in external data keep
 their references, resolved in the model's own folder (onnxruntime's
 session.model_external_initializers_file_folder_path), so nothing is copied or written to disk.
@@ -60,10 +59,14 @@ def assign_segments(graph: ir.Graph, layer_segment: Callable[[ir.Node], int | No
     The graph is in topological order (ONNX requires it; our passes keep it)."""
     segment: dict[ir.Node, int] = {}
     for node in graph:
-        producers = (_main_producer(v, graph) for v in reads(node))
         own = layer_segment(node)
-        segment[node] = max([segment.get(p, STATIC) for p in producers if p is not None]
-                            + [STATIC if own is None else own])
+        latest = STATIC if own is None else own
+        values = reads(node) if node.attributes else node.inputs  # only attributes can hold subgraphs
+        for value in values:
+            producer = value.producer() if value is not None else None
+            # a producer outside the main graph (inside a subgraph) is not in `segment` yet
+            latest = max(latest, segment.get(producer, STATIC))
+        segment[node] = latest
     return segment
 
 

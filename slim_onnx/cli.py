@@ -16,6 +16,7 @@ def _add_compress(sub) -> None:
     from slim_onnx.config import (
         ACCURACY_LEVELS,
         ADAPTER_FORMATS,
+        CALIBRATION_MODES,
         LOWRANKS,
         PRUNINGS,
         QUANTIZERS,
@@ -48,7 +49,7 @@ def _add_compress(sub) -> None:
     p.add_argument("--no-lm-head", action="store_true", help="keep lm_head dense")
     p.add_argument("--device", default=d.device, help="cpu or cuda for the algorithms")
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--calibration", choices=("stream", "one-pass"), default="stream",
+    p.add_argument("--calibration", choices=CALIBRATION_MODES, default=CALIBRATION_MODES[0],
                    help="stream (default): block by block, each on the output of the compressed earlier blocks, "
                         "in one pass; one-pass: every layer from the dense model at once (more memory)")
     p.add_argument("--no-fuse-attention", action="store_true",

@@ -15,6 +15,7 @@ LOWRANKS = ("saliency", "naive", "hessian")
 SVDS = ("auto", "full", "randomized")
 SALIENCIES = ("rms", "mean_abs")
 MASK_SOURCES = ("weight", "quantized")
+CALIBRATION_MODES = ("stream", "one-pass")  # compress(calibration_mode=...): streaming.py, calibration.py
 
 
 class ConfigError(ValueError):

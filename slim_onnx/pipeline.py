@@ -40,15 +40,14 @@ from slim_onnx.calibration import (
     read_text,
     token_windows,
 )
-from slim_onnx.config import GraphOptions, SlimConfig
+from slim_onnx.config import CALIBRATION_MODES, GraphOptions, SlimConfig
 from slim_onnx.packing import pack_layer
 from slim_onnx.streaming import stream_blocks
-from slim_onnx.passes import GraphRewrite, compress_graph, find_linear_layers, rewrite_graph
+from slim_onnx.passes import GraphRewrite, ReplaceLinearLayersPass, find_linear_layers, rewrite_graph
 from slim_onnx.passes.linear import LinearLayer
 from slim_onnx.schema import DOMAIN, SLIM_MATMUL
 
 MODEL_FILE_NAMES = ("model.onnx", "decoder_model_merged.onnx", "decoder_model.onnx")
-CALIBRATION_MODES = ("stream", "one-pass")
 REPORT_NAME = "slim_report.json"  # also what marks a folder as slim-onnx's output, which --overwrite may replace
 LARGE_MODEL_BYTES = 1 << 30  # above this, or when the input had it, tensors go to external data
 
@@ -311,7 +310,8 @@ def compress(
 
     def compress_block(block: list[LinearLayer], stats: dict) -> None:
         block_weights, block_reports = compress_layers(block, stats, config, done)
-        compress_graph(model, block_weights, graph.accuracy_level)  # in place
+        # in place; the clean-up after it (sort, unused nodes, fallback functions) is rewrite_graph's
+        ReplaceLinearLayersPass(block_weights, graph.accuracy_level, block)(model)
         weights.update(block_weights)
         reports.extend(block_reports)
 

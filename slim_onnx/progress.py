@@ -32,7 +32,8 @@ class ProgressBar:
         eta = elapsed / self.done * (self.total - self.done) if self.done else 0.0
         bar = "#" * filled + "." * (self.width - filled)
         prefix = "\r" if self.tty else ""
-        self.stream.write(f"{prefix}{self.label} [{bar}] {self.done}/{self.total} {elapsed:.0f}s, eta {eta:.0f}s{end}")
+        each = f" ({elapsed / self.done:.1f}s each)" if self.done else ""
+        self.stream.write(f"{prefix}{self.label} [{bar}] {self.done}/{self.total} {elapsed:.0f}s{each}, eta {eta:.0f}s{end}")
         self.stream.flush()
 
 

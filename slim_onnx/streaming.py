@@ -1,9 +1,11 @@
 """Block-streaming compression: one calibration pass over the model, whatever its depth.
 
-The layers come in groups, one per transformer block (segments, blocks.py). For each block b:
-  1. statistics: run block b's part of the graph (its uncompressed layers, and the static values it
-     reads recomputed from the graph inputs) on every calibration window, with the values that
-     earlier blocks produced read from the cache; fold its layers' inputs into LayerStatistics
+The layers come in groups, one per transformer block (segments, blocks.py). First, once, the static
+part of the graph runs (what no layer feeds: embedding, attention mask, rotary tables), and the
+values of it that the blocks read are cached per calibration window. Then for each block b:
+  1. statistics: run block b's part of the graph (its uncompressed layers) on every calibration
+     window, reading what the static part and earlier blocks produced from the cache; fold its
+     layers' inputs into LayerStatistics
   2. compress its layers; they become SlimMatMul nodes in the graph (the caller's compress_block)
   3. run block b again, compressed (our kernels), for what later blocks read - the residual stream
      and the next block's normed input - and replace the cache with it. So block b+1's statistics
@@ -47,7 +49,7 @@ class ActivationCache:
         self._files = 0
 
     def put(self, window: int, name: str, array: np.ndarray) -> None:
-        array = np.ascontiguousarray(array)
+        array = np.asarray(array, order="C")  # (ascontiguousarray would make a 0-d shape value 1-d)
         if self.memory_bytes + array.nbytes <= self.budget:
             self.memory_bytes += array.nbytes
             self.entries[window, name] = array
@@ -158,20 +160,25 @@ def stream_blocks(
 
     folder = weights_folder(model)
     cache = ActivationCache(len(feeds), workdir / "activations", cache_budget)
+    log(f"streaming {len(groups)} blocks over {len(feeds)} calibration batches; cached activations beyond "
+        f"{cache_budget / 2**20:.0f} MiB go to {cache.folder}")
     spill = WeightSpill(workdir / "weights") if spill_weights else None
     timings: list[BlockTiming] = []
     start = time.perf_counter()
+    segment = assign_segments(graph, layer_segment)
+    _advance_cache(model, groups, STATIC, segment, feeds, cache, folder, providers)
+    static_s = time.perf_counter() - start
     for b, group in enumerate(groups):
         t0 = time.perf_counter()
-        segment = assign_segments(graph, layer_segment)
-        stats = collect_statistics(model, group, feeds, hessian, device=device, cut=lambda node: 0 <= segment[node] < b,
+        stats = collect_statistics(model, group, feeds, hessian, device=device, cut=lambda node: segment[node] < b,
                                    carried=cache.get, providers=providers)
         t1 = time.perf_counter()
         compress_block(group, stats)
         del stats
         t2 = time.perf_counter()
+        segment = assign_segments(graph, layer_segment)  # block b's nodes are new
         if b + 1 < len(groups):
-            _advance_cache(model, groups[b + 1:], b, layer_segment, feeds, cache, folder, providers)
+            _advance_cache(model, groups[b + 1:], b, segment, feeds, cache, folder, providers)
         if spill is not None:
             spill.spill(_packed_initializers(graph, {layer.name for layer in group}))
         timings.append(BlockTiming(len(group), t1 - t0, t2 - t1, time.perf_counter() - t2))
@@ -186,6 +193,7 @@ def stream_blocks(
             step()
     cache.keep_only(set())
     return {
+        "static_inputs_s": round(static_s, 2),
         "blocks": [dataclasses.asdict(t) | {"seconds": round(t.seconds, 2)} for t in timings],
         "activation_cache_peak_bytes": cache.peak_bytes,
         "activation_cache_budget_bytes": cache_budget,
@@ -193,28 +201,30 @@ def stream_blocks(
     }
 
 
-def _advance_cache(model: ir.Model, later: list[list[LinearLayer]], b: int, layer_segment, feeds,
+def _advance_cache(model: ir.Model, later: list[list[LinearLayer]], b: int, segment: dict[ir.Node, int], feeds,
                    cache: ActivationCache, folder, providers) -> None:
-    """Replace the cache by what the later blocks read from blocks <= b, running the (now compressed)
-    block b for the values it produces."""
+    """Replace the cache by what the `later` blocks read from segments <= b, running segment b (the
+    compressed block b; with b = STATIC, the nodes no layer feeds: embedding, mask, rotary tables)
+    for the values it produces. Static values are computed once and kept while a later block reads
+    them: recomputing them would put the embedding table in every block's sub-model."""
     graph = model.graph
-    segment = assign_segments(graph, layer_segment)
     targets = [layer.node.inputs[0] for group in later for layer in group]
-    _, carried = closure(graph, targets, lambda node: 0 <= segment[node] <= b)
+    _, carried = closure(graph, targets, lambda node: segment[node] <= b)
     new = [v for v in carried if segment[v.producer()] == b]
     kept = {v.name for v in carried if segment[v.producer()] < b}
     if not kept <= cache.names():
-        raise AssertionError(f"block {b + 1} reads values no earlier block cached: {sorted(kept - cache.names())}")
+        raise AssertionError(f"segment {b + 1} reads values no earlier segment cached: {sorted(kept - cache.names())}")
     if new:
-        part = Submodel(model, new, lambda node: STATIC < segment[node] < b)
+        part = Submodel(model, new, lambda node: segment[node] < b)
         cut = [v.name for v in part.cut_values]
         session = part.session(cache.get(0, cut), folder, providers)
         for i, feed in enumerate(feeds):
             try:
                 outputs = session.run(feed, cache.get(i, cut))
             except Exception as error:  # onnxruntime's errors share no base class
-                raise CalibrationError(f"onnxruntime could not run compressed block {b + 1} on calibration batch "
-                                       f"{i}: {error}") from None
+                what = "the model's static part" if b == STATIC else f"compressed block {b + 1}"
+                raise CalibrationError(f"onnxruntime could not run the calibration batch at index {i}: {error} "
+                                       f"(running {what})") from None
             for name, array in outputs.items():
                 cache.put(i, name, array)
     cache.keep_only(kept | {v.name for v in new})

@@ -109,6 +109,37 @@ def outputs(model_path: Path, feeds: dict, library: bool) -> list[np.ndarray]:
     return session.run(None, feeds)
 
 
+def check_streamed_statistics(monkeypatch, dense_path: Path) -> list[tuple[list[str], set[str]]]:
+    """Make compress() check, as it streams, that each block's statistics equal those of a run of
+    the whole model as it is then (earlier blocks already SlimMatMul), and that from the second block
+    on they differ from the dense model's. Returns, per block, its layers and the SlimMatMul nodes
+    the model held when it was calibrated (filled as compress() runs)."""
+    from slim_onnx import calibration, pipeline
+    from slim_onnx.passes import find_linear_layers
+
+    real = pipeline.stream_blocks
+    dense = ir.load(dense_path)
+    seen = []
+
+    def spy(model, groups, feeds, compress_block, **options):
+        def checked(block, stats):
+            whole = calibration.collect_statistics(model, block, feeds)
+            before = calibration.collect_statistics(dense, [l for l in find_linear_layers(dense) if l.name in stats], feeds)
+            slim = {n.name for n in model.graph if n.op_type == "SlimMatMul"}
+            seen.append(([layer.name for layer in block], slim))
+            for layer in block:
+                got, want = stats[layer.name].hessian.numpy(), whole[layer.name].hessian.numpy()
+                np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+                change = np.abs(before[layer.name].hessian.numpy() - want).max() / np.abs(want).max()
+                assert (change > 1e-3) == bool(slim), (layer.name, change)
+            compress_block(block, stats)
+
+        return real(model, groups, feeds, checked, **options)
+
+    monkeypatch.setattr(pipeline, "stream_blocks", spy)
+    return seen
+
+
 def feeds_for(model_path: Path, vocab: int, seq: int = 12) -> dict:
     tokens = np.random.default_rng(0).integers(0, vocab, size=(1, seq))
     return next(model_feeds(ir.load(str(model_path)), tokens))

@@ -55,8 +55,9 @@ def test_statistics_stream_equals_one_shot():
     for chunk in torch.split(x, 37):
         st.update(chunk.float().numpy().reshape(1, -1, 24))  # numpy, with a batch dim
     assert st.count == 300
-    torch.testing.assert_close(st.channel_sq_mean, (x.float().double() ** 2).mean(0))
-    # H is summed in float32 (stats.py says why): float32 rounding of the float64 product
+    # each batch summed in float32 (stats.py says why): float32 rounding of the float64 sums
+    torch.testing.assert_close(st.channel_sq_mean, (x.float().double() ** 2).mean(0), rtol=1e-6, atol=0)
+    torch.testing.assert_close(st.channel_abs_mean, x.float().double().abs().mean(0), rtol=1e-6, atol=0)
     want = x.float().double().T @ x.float().double() / 300
     torch.testing.assert_close(st.hessian.double(), want, rtol=1e-5, atol=1e-6 * float(want.abs().max()))
 
@@ -359,10 +360,11 @@ def test_bad_input_names_the_layer(w, stats, config, message):
         compress_layer(w, stats, config, name="attn.q")
 
 
-def test_nan_statistics_are_rejected():
-    st = LayerStatistics(8)
+@pytest.mark.parametrize("hessian", [True, False])
+def test_nan_statistics_are_rejected(hessian):
+    st = LayerStatistics(8, hessian=hessian)
     st.update(torch.ones(4, 8))
-    st.sq_sum[3] = float("inf")
+    (st.xtx if hessian else st.sq_sum)[3] = float("inf")
     with pytest.raises(CompressionError, match="layer v: calibration statistics hold NaN or Inf"):
         compress_layer(torch.ones(8, 8), st, SlimConfig(rank=0), name="v")
 

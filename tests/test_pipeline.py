@@ -13,7 +13,7 @@ import pytest
 
 import slim_onnx
 from slim_onnx import SlimConfig
-from slim_onnx.passes import find_linear_layers
+from helpers import check_streamed_statistics
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
@@ -201,30 +201,9 @@ def test_streaming_calibrates_each_block_on_the_compressed_prefix(tiny_llama, tm
     """Each block's statistics, taken by running only that block on the cached output of the blocks
     before it, equal those of a run of the whole model as it is then (earlier blocks already
     SlimMatMul); from block 1 on they differ from the dense model's, so they do see the earlier error."""
-    import onnx_ir as ir
+    from slim_onnx import calibration
 
-    from slim_onnx import calibration, pipeline
-
-    real = pipeline.stream_blocks
-    dense = ir.load(tiny_llama / "onnx" / "model.onnx")
-    seen = []
-
-    def spy(model, groups, feeds, compress_block, **options):
-        def checked(block, stats):
-            whole = calibration.collect_statistics(model, block, feeds)
-            before = calibration.collect_statistics(dense, [l for l in find_linear_layers(dense) if l.name in stats], feeds)
-            slim = {n.name for n in model.graph if n.op_type == "SlimMatMul"}
-            seen.append(([layer.name for layer in block], slim))
-            for layer in block:
-                got, want = stats[layer.name].hessian.numpy(), whole[layer.name].hessian.numpy()
-                np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
-                change = np.abs(before[layer.name].hessian.numpy() - want).max() / np.abs(want).max()
-                assert (change > 1e-3) == bool(slim), (layer.name, change)
-            compress_block(block, stats)
-
-        return real(model, groups, feeds, checked, **options)
-
-    monkeypatch.setattr(pipeline, "stream_blocks", spy)
+    seen = check_streamed_statistics(monkeypatch, tiny_llama / "onnx" / "model.onnx")
     calib = calibration.TextCalibration(tiny_llama / "calib.txt", samples=4, seqlen=32)
     report = slim_onnx.compress(tiny_llama / "onnx", tmp_path / "seq", calibration=calib, log=lambda msg: None)
     assert report["calibration"] == "stream" and report["totals"]["layers"] == 15

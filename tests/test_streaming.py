@@ -65,13 +65,16 @@ def test_segments_follow_the_blocks(random_llama):
                 assert segment[value.producer()] <= s
 
     block = groups[1]
-    part = Submodel(model, list({layer.node.inputs[0]: None for layer in block}), lambda node: 0 <= segment[node] < 1)
+    part = Submodel(model, list({layer.node.inputs[0]: None for layer in block}), lambda node: segment[node] < 1)
     others = {layer.node for g, group in enumerate(groups) if g != 1 for layer in group}
     own = {layer.node for layer in block if layer.name.endswith(("q_proj/MatMul", "k_proj/MatMul", "v_proj/MatMul",
                                                                  "gate_proj/MatMul", "up_proj/MatMul"))}
     assert not others & set(part.nodes) and own <= set(part.nodes)  # o_proj, down_proj inputs need these
-    cut = {v.name for v in part.cut_values}  # from block 0: the residual and the normed input
-    assert cut == {"/model/layers.0/Add_1_output_0", "/model/layers.1/input_layernorm/Mul_1_output_0"}
+    cut = {v.name: segment[v.producer()] for v in part.cut_values}
+    assert {name for name, s in cut.items() if s == 0} == {  # from block 0: the residual and the normed input
+        "/model/layers.0/Add_1_output_0", "/model/layers.1/input_layernorm/Mul_1_output_0"}
+    assert {name for name, s in cut.items() if s == STATIC} == {  # and the static part's mask and rotary tables
+        "/model/mask/Where_output_0", "/model/rotary_emb/Cos_output_0", "/model/rotary_emb/Sin_output_0"}
 
 
 def test_activation_cache_spills_past_its_budget(tmp_path):
@@ -89,6 +92,10 @@ def test_activation_cache_spills_past_its_budget(tmp_path):
     assert len(list((tmp_path / "cache").iterdir())) == 2
     cache.keep_only(set())
     assert not list((tmp_path / "cache").iterdir())
+    for budget in (8, 0):  # a 0-d value (a shape computation's scalar) stays 0-d, in memory and on disk
+        cache = ActivationCache(1, tmp_path / "scalar", budget=budget)
+        cache.put(0, "length", np.array(24, np.int64))
+        assert cache.get(0, ["length"])["length"].shape == () and cache.get(0, ["length"])["length"] == 24
 
 
 def test_streaming_with_external_weights_moves_packed_weights_to_disk(random_llama, tmp_path, monkeypatch):
@@ -149,3 +156,30 @@ def test_layers_inside_subgraphs_cannot_be_calibrated(tmp_path, rng):
     with pytest.raises(InputError, match="inside If/Loop subgraphs.*--no-post-process"):
         slim_onnx.compress(tmp_path / "m.onnx", tmp_path / "out", FAST, feeds, log=lambda msg: None)
     assert not (tmp_path / "out").exists()
+
+
+def test_an_encoder_streams_block_by_block(tmp_path, monkeypatch):
+    """A BERT export (`/encoder/layer.N/` blocks, attention mask and token types read by every block,
+    a pooler after them): each block's statistics come from its own sub-model on the compressed
+    earlier blocks, equal to a run of the whole model, and the output stays close to the dense one."""
+    import onnxruntime as ort
+    import torch
+    from transformers import BertConfig, BertModel
+
+    from helpers import check_streamed_statistics, export
+    from slim_onnx.calibration import model_feeds
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                        max_position_embeddings=64)
+    src = export(BertModel(config), tmp_path, "feature-extraction")
+    model = ir.load(src / "model.onnx")
+    feeds = list(model_feeds(model, np.random.default_rng(0).integers(0, 128, size=(4, 24))))
+    seen = check_streamed_statistics(monkeypatch, src / "model.onnx")
+    report = slim_onnx.compress(src, tmp_path / "slim", SlimConfig(rank=8), feeds, log=lambda msg: None)
+    assert [len(names) for names, _ in seen][:2] == [6, 6] and len(report["streaming"]["blocks"]) == len(seen)
+    dense = ort.InferenceSession(str(src / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, feeds[0])[0]
+    slim = ort.InferenceSession(str(tmp_path / "slim" / "model.onnx"), slim_onnx.session_options(),
+                                providers=["CPUExecutionProvider"]).run(None, feeds[0])[0]
+    cosine = (dense * slim).sum(-1) / np.linalg.norm(dense, axis=-1) / np.linalg.norm(slim, axis=-1)
+    assert cosine.min() > 0.9, cosine.min()

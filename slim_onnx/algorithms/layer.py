@@ -81,7 +81,8 @@ def _check_inputs(name: str, w: torch.Tensor, stats: LayerStatistics | None, con
     if stats is not None:
         if stats.k != k:
             raise CompressionError(f"layer {name}: statistics are for K={stats.k}, the weight has K={k}")
-        if not torch.isfinite(stats.sq_sum).all() or (stats.xtx is not None and not torch.isfinite(stats.xtx).all()):
+        summed = [t for t in (stats.sq_sum, stats.abs_sum, stats.xtx) if t is not None]
+        if not all(torch.isfinite(t).all() for t in summed):
             raise CompressionError(f"layer {name}: calibration statistics hold NaN or Inf")
     if config.needs_statistics and (stats is None or stats.count == 0):
         raise CompressionError(f"layer {name}: this configuration needs calibration statistics")

@@ -5,7 +5,8 @@ For inputs x in R^K (every token of every calibration sequence, n tokens in all)
   a_k = (1/n) sum |x_k|          per-channel mean magnitude: the saliency as the paper writes it
   H   = (1/n) sum x x^T          the Hessian of ||XW - XW'||^2 up to a factor 2 (GPTQ, SparseGPT,
                                   and the exact layer-output error: ||X E||^2 = n tr(E^T H E))
-The per-channel sums are kept in float64 (K numbers: free). H is summed in float32: each batch's
+The per-channel sums are kept in float64 (K numbers), each batch's part summed in float32; with H,
+sum x^2 is read off its diagonal. H is summed in float32: each batch's
 X^T X is a float32 product, and the running sum's rounding (about 1e-7 relative per batch) is far
 below the dampening every user of H adds (1% of its mean diagonal) and below the float32 the
 Cholesky factorisation works in; float64 would double the memory of the largest statistic (1.6 GB
@@ -28,23 +29,26 @@ class LayerStatistics:
         self.k = k
         self.name = name
         self.count = 0
-        self.sq_sum = torch.zeros(k, dtype=torch.float64, device=device)
         self.abs_sum = torch.zeros(k, dtype=torch.float64, device=device)
         self.xtx = torch.zeros(k, k, dtype=torch.float32, device=device) if hessian else None
+        # sum x^2 is H's diagonal when H is summed; else it is summed on its own
+        self.sq_sum = None if hessian else torch.zeros(k, dtype=torch.float64, device=device)
 
     def update(self, x) -> None:
         """Add a batch of inputs [..., K] (numpy or torch)."""
         x = torch.as_tensor(x)
         if x.shape[-1] != self.k:
             raise StatisticsError(f"layer {self.name}: calibration input has width {x.shape[-1]}, expected K={self.k}")
-        x = x.reshape(-1, self.k).to(device=self.sq_sum.device, dtype=torch.float32)
-        if not torch.isfinite(x).all():
+        x = x.reshape(-1, self.k).to(device=self.abs_sum.device, dtype=torch.float32)
+        abs_sum = x.abs().sum(dim=0)
+        if not torch.isfinite(abs_sum).all():  # NaN or Inf in x (or magnitudes summing past 3e38)
             raise StatisticsError(f"layer {self.name}: calibration input holds NaN or Inf")
         self.count += x.shape[0]
-        self.sq_sum += (x * x).sum(dim=0, dtype=torch.float64)
-        self.abs_sum += x.abs().sum(dim=0, dtype=torch.float64)
+        self.abs_sum += abs_sum
         if self.xtx is not None:
             self.xtx.addmm_(x.T, x)
+        else:
+            self.sq_sum += (x * x).sum(dim=0)
 
     def _check(self) -> None:
         if self.count == 0:
@@ -54,7 +58,8 @@ class LayerStatistics:
     def channel_sq_mean(self) -> torch.Tensor:
         """s [K] (float64)."""
         self._check()
-        return self.sq_sum / self.count
+        sq_sum = torch.diagonal(self.xtx).double() if self.xtx is not None else self.sq_sum
+        return sq_sum / self.count
 
     @property
     def channel_abs_mean(self) -> torch.Tensor:

@@ -57,21 +57,33 @@ def _replace(layer: LinearLayer, weights: SlimWeights, accuracy_level: int) -> N
         new.outputs[0].name = f"{layer.name}/Y"
 
 
-class ReplaceLinearLayersPass(ir.passes.InPlacePass):
-    """Replace the layers named in `weights` (LinearLayer.name -> SlimWeights) by SlimMatMul nodes."""
+def _declare_our_ops(model: ir.Model) -> None:
+    """What a model using our ops needs: our domain imported, and IR 10 (node overloads)."""
+    model.opset_imports.setdefault(DOMAIN, 1)
+    model.opset_imports.setdefault("", OPSET)
+    model.ir_version = max(model.ir_version or 0, IR_VERSION)
 
-    def __init__(self, weights: dict[str, SlimWeights], accuracy_level: int):
+
+class ReplaceLinearLayersPass(ir.passes.InPlacePass):
+    """Replace the layers named in `weights` (LinearLayer.name -> SlimWeights) by SlimMatMul nodes.
+    `layers`: those LinearLayers of the model, when the caller has them (block by block, a search of
+    the whole graph per block would make the rewrite quadratic in depth)."""
+
+    def __init__(self, weights: dict[str, SlimWeights], accuracy_level: int, layers: list[LinearLayer] | None = None):
         super().__init__()
         self.weights = weights
         self.accuracy_level = accuracy_level
+        self.layers = layers
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        layers = {layer.name: layer for layer in find_linear_layers(model)}
+        layers = {layer.name: layer for layer in (self.layers or find_linear_layers(model))}
         missing = sorted(set(self.weights) - set(layers))
         if missing:
             raise ValueError(f"no linear layer named {missing[0]!r} in the model")
         for name, weights in self.weights.items():
             _replace(layers[name], weights, self.accuracy_level)
+        if self.weights:  # the model may run as it is (streaming)
+            _declare_our_ops(model)
         return ir.passes.PassResult(model, modified=bool(self.weights))
 
 
@@ -94,9 +106,7 @@ class AddFallbackFunctionsPass(ir.passes.InPlacePass):
                 model.functions[function.identifier()] = function
                 modified = True
         if variants:
-            model.opset_imports.setdefault(DOMAIN, 1)
-            model.opset_imports.setdefault("", OPSET)
-            model.ir_version = max(model.ir_version or 0, IR_VERSION)
+            _declare_our_ops(model)
         return ir.passes.PassResult(model, modified=modified)
 
 
