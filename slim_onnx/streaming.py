@@ -42,8 +42,8 @@ class ActivationCache:
     """Carried values of each calibration window by name: arrays in memory while their total stays
     under `budget` bytes, beyond it .npy files under `folder`, read back memory-mapped."""
 
-    def __init__(self, windows: int, folder: Path, budget: int = DEFAULT_CACHE_BUDGET):
-        self.windows, self.folder, self.budget = windows, folder, budget
+    def __init__(self, folder: Path, budget: int = DEFAULT_CACHE_BUDGET):
+        self.folder, self.budget = folder, budget
         self.entries: dict[tuple[int, str], np.ndarray] = {}
         self.memory_bytes = self.disk_bytes = self.peak_bytes = 0
         self._files = 0
@@ -159,7 +159,7 @@ def stream_blocks(
         return group_of_node.get(node)
 
     folder = weights_folder(model)
-    cache = ActivationCache(len(feeds), workdir / "activations", cache_budget)
+    cache = ActivationCache(workdir / "activations", cache_budget)
     log(f"streaming {len(groups)} blocks over {len(feeds)} calibration batches; cached activations beyond "
         f"{cache_budget / 2**20:.0f} MiB go to {cache.folder}")
     spill = WeightSpill(workdir / "weights") if spill_weights else None

@@ -81,7 +81,7 @@ def test_activation_cache_spills_past_its_budget(tmp_path):
     """Arrays over the budget go to .npy files and come back equal; dropping them deletes the files."""
     rng = np.random.default_rng(0)
     arrays = {(w, name): rng.standard_normal((1, 5, 8)).astype(np.float32) for w in range(3) for name in "ab"}
-    cache = ActivationCache(3, tmp_path / "cache", budget=2 * 160)
+    cache = ActivationCache(tmp_path / "cache", budget=2 * 160)
     for (w, name), array in arrays.items():
         cache.put(w, name, array)
     assert cache.memory_bytes == 320 and cache.disk_bytes == 4 * 160 and len(list((tmp_path / "cache").iterdir())) == 4
@@ -93,7 +93,7 @@ def test_activation_cache_spills_past_its_budget(tmp_path):
     cache.keep_only(set())
     assert not list((tmp_path / "cache").iterdir())
     for budget in (8, 0):  # a 0-d value (a shape computation's scalar) stays 0-d, in memory and on disk
-        cache = ActivationCache(1, tmp_path / "scalar", budget=budget)
+        cache = ActivationCache(tmp_path / "scalar", budget=budget)
         cache.put(0, "length", np.array(24, np.int64))
         assert cache.get(0, ["length"])["length"].shape == () and cache.get(0, ["length"])["length"] == 24
 
