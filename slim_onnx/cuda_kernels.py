@@ -15,6 +15,9 @@ from slim_onnx.layout import SlimWeights
 from slim_onnx.runtime import library_path
 
 _ADAPTER_CODES = {"none": 0, "float16": 1, "int4": 2}
+# Which code runs a product (slim::cuda::Path): "auto" picks by row count, "kernels" forces the fused
+# kernels, "library" the float16 decode + cuBLAS GEMMs.
+PATHS = {"auto": 0, "kernels": 1, "library": 2}
 _INPUT_ORDER = ("W", "W_scales", "bias", "L", "L_scales", "R", "R_scales")
 
 
@@ -27,10 +30,11 @@ def _library() -> ctypes.CDLL:
     lib.SlimOnnxCudaCreate.argtypes = [ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_void_p), ctypes.c_int,
                                        ctypes.c_char_p, ctypes.c_size_t]
     lib.SlimOnnxCudaScratchBytes.restype = ctypes.c_size_t
-    lib.SlimOnnxCudaScratchBytes.argtypes = [ctypes.c_void_p, ctypes.c_int64]
+    lib.SlimOnnxCudaScratchBytes.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_int,
+                                             ctypes.c_char_p, ctypes.c_size_t]
     lib.SlimOnnxCudaRun.restype = ctypes.c_int
     lib.SlimOnnxCudaRun.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_void_p,
-                                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t]
+                                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t]
     lib.SlimOnnxCudaDestroy.argtypes = [ctypes.c_void_p]
     lib.SlimOnnxCudaFragments.restype = ctypes.c_int
     lib.SlimOnnxCudaFragments.argtypes = [ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_void_p),
@@ -83,12 +87,15 @@ def fragment_layout(weights: SlimWeights) -> tuple[np.ndarray, np.ndarray, np.nd
 
 
 class CudaSlimMatMul:
-    """One SlimMatMul node's weights on a CUDA device; call it on a torch float16/float32 tensor."""
+    """One SlimMatMul node's weights on a CUDA device; call it on a torch float16/float32 tensor.
+    `path` (see PATHS) chooses the code that runs it, as the op chooses with "auto"."""
 
-    def __init__(self, weights: SlimWeights, device: int = 0):
+    def __init__(self, weights: SlimWeights, device: int = 0, path: str = "auto"):
         import torch
 
-        self.k, self.n, self.device = weights.k, weights.n, device
+        if path not in PATHS:
+            raise ValueError(f"path must be one of {sorted(PATHS)}, got {path!r}")
+        self.k, self.n, self.device, self.path = weights.k, weights.n, device, PATHS[path]
         host = _HostInputs(weights)
         error = ctypes.create_string_buffer(1024)
         with torch.cuda.device(device):
@@ -104,12 +111,15 @@ class CudaSlimMatMul:
         a = a.contiguous()
         m = a.numel() // self.k
         y = torch.empty((*a.shape[:-1], self.n), dtype=a.dtype, device=a.device)
-        scratch_bytes = _library().SlimOnnxCudaScratchBytes(self._handle, m)
-        scratch = torch.empty(max(scratch_bytes, 1), dtype=torch.uint8, device=a.device)
+        half = int(a.dtype == torch.float16)
         error = ctypes.create_string_buffer(1024)
+        scratch_bytes = _library().SlimOnnxCudaScratchBytes(self._handle, m, half, self.path, error, len(error))
+        if scratch_bytes == ctypes.c_size_t(-1).value:
+            raise RuntimeError(error.value.decode())
+        scratch = torch.empty(max(scratch_bytes, 1), dtype=torch.uint8, device=a.device)
         stream = torch.cuda.current_stream(a.device).cuda_stream
-        rc = _library().SlimOnnxCudaRun(self._handle, a.data_ptr(), int(a.dtype == torch.float16), m, y.data_ptr(),
-                                        scratch.data_ptr(), stream, error, len(error))
+        rc = _library().SlimOnnxCudaRun(self._handle, a.data_ptr(), half, m, y.data_ptr(), scratch.data_ptr(), stream,
+                                        self.path, error, len(error))
         if rc != 0:
             raise RuntimeError(error.value.decode())
         return y

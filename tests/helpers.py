@@ -307,3 +307,34 @@ def attention_non_finite_error() -> float:
         worst = max(worst, np.abs(got[finite] - want[finite]).max() / np.abs(want[finite]).max())
     assert np.isnan(expected[0]).any() and np.isfinite(expected[0]).any()  # the case exercises both
     return worst
+
+
+def english(start: int, length: int) -> str:
+    """Plain English prose from the Python docs that ship with CPython (calibration and tokenizer text)."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k] for k in sorted(topics))[start : start + length]
+
+
+def tiny_llama_export(root: Path, initializer_range: float = 0.02) -> Path:
+    """A 2-layer Llama with tied embeddings and a small BPE tokenizer under root/hf, exported with past
+    key values to root/onnx, plus calibration text root/calib.txt. Returns root."""
+    import torch
+    from optimum.exporters.onnx import main_export
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator([english(0, 100_000)], trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"]))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, max_position_embeddings=128,
+                         initializer_range=initializer_range)
+    LlamaForCausalLM(config).save_pretrained(root / "hf")
+    tokenizer.save_pretrained(root / "hf")
+    main_export(str(root / "hf"), str(root / "onnx"), task="text-generation-with-past")
+    (root / "calib.txt").write_text(english(100_000, 60_000))
+    return root

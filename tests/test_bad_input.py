@@ -18,16 +18,12 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from slim_onnx import cli, pipeline
+from helpers import english
 
 HIDDEN, FFN = 32, 64
 NO_CALIBRATION = ["--rank", "0", "--pruning", "magnitude", "--quantizer", "absmax", "-q"]
 ERROR = "slim-onnx: error: "
 
-
-def english(length: int) -> str:
-    from pydoc_data.topics import topics
-
-    return "\n\n".join(topics[k] for k in sorted(topics))[:length]
 
 
 def write_tokenizer(folder: Path) -> int:
@@ -38,7 +34,7 @@ def write_tokenizer(folder: Path) -> int:
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator([english(20_000)], trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>"]))
+    bpe.train_from_iterator([english(0, 20_000)], trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>"]))
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, unk_token="<unk>")
     tokenizer.save_pretrained(folder)
     return len(tokenizer)
@@ -82,7 +78,7 @@ def project(tmp_path, export) -> Path:
     proj = tmp_path / "proj"
     shutil.copytree(export, proj / "in")
     (proj / "notes.txt").write_text("the user's own file")
-    (proj / "calib.txt").write_text(english(30_000))
+    (proj / "calib.txt").write_text(english(0, 30_000))
     return proj
 
 
@@ -369,7 +365,7 @@ def test_bad_npz_is_refused_with_the_array_and_the_input(capsys, project, case, 
 
 def test_text_with_some_non_utf8_bytes_warns_with_its_share(capsys, project):
     calib = project / "calib.txt"
-    text = english(30_000).encode("ascii", errors="ignore")
+    text = english(0, 30_000).encode("ascii", errors="ignore")
     calib.write_bytes(b"".join(text[i : i + 19] + b"\xff" for i in range(0, len(text), 19)))  # 1 byte in 20
     code, err = run(capsys, "compress", project / "in", project / "out", "--calib", calib, "--calib-samples", 4,
                     "--seqlen", 16, "-v")

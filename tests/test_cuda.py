@@ -29,6 +29,8 @@ needs_ort_cuda = pytest.mark.skipif(
 # The kernels round activations to float16 (their tensor-core input) and form each weight as the
 # float16 product q * scale; both add relative errors of ~2^-11 per term, far below the 4-bit error.
 TOLERANCE = 4e-3
+# Whole models: the float16 rounding of every layer's input compounds over the layers.
+TOLERANCE_LOGITS = 2e-2
 
 
 def assert_close(y, ref):
@@ -38,40 +40,58 @@ def assert_close(y, ref):
     assert err < TOLERANCE, err
 
 
-def run_cuda(weights, a):
-    y = CudaSlimMatMul(weights)(torch.from_numpy(a).cuda())
+def run_cuda(weights, a, path="auto"):
+    y = CudaSlimMatMul(weights, path=path)(torch.from_numpy(a).cuda())
     torch.cuda.synchronize()
     return y.cpu().numpy()
+
+
+# Both code paths at every shape: the fused kernels, and the float16 decode + cuBLAS GEMMs that run
+# above 32 rows ("library"; forced here at any row count).
+PATHS = ["kernels", "library"]
 
 
 @pytest.mark.parametrize("lead,k,n", KERNEL_SHAPES)
 @pytest.mark.parametrize("sparse", [True, False])
 @pytest.mark.parametrize("dtype", [np.float16, np.float32])
-def test_cuda_kernel_matches_reference(rng, lead, k, n, sparse, dtype):
+@pytest.mark.parametrize("path", PATHS)
+def test_cuda_kernel_matches_reference(rng, lead, k, n, sparse, dtype, path):
     group = 32 if k > 32 else 1000
     w = random_weights(rng, k, n, sparse=sparse, group_size=group, bias=k % 3 == 0)
     a = rng.standard_normal((*lead, k)).astype(dtype)
-    y = run_cuda(w, a)
+    y = run_cuda(w, a, path)
     assert y.shape == (*lead, n) and y.dtype == dtype
     assert_close(y, reference_slim_matmul(a.astype(np.float32), w, 0))
 
 
 @pytest.mark.parametrize("m", [1, 3, 8, 9, 16, 17, 64, 300])
 @pytest.mark.parametrize("group", [8, 16, 128])
-def test_cuda_rows_and_groups(rng, m, group):
+@pytest.mark.parametrize("path", PATHS)
+def test_cuda_rows_and_groups(rng, m, group, path):
     """Every row-slicing of the launch (8, 16, 32 rows per CTA) and groups smaller than a chunk."""
     w = random_weights(rng, 264, 72, sparse=True, group_size=group)
     a = rng.standard_normal((m, 264)).astype(np.float16)
-    assert_close(run_cuda(w, a), reference_slim_matmul(a.astype(np.float32), w, 0))
+    assert_close(run_cuda(w, a, path), reference_slim_matmul(a.astype(np.float32), w, 0))
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+def test_cuda_library_path_slabs(rng, sparse):
+    """A weight wider than one decoded slab (16 MiB of float16 W^T rows): several slab GEMMs, the last
+    one partial, each writing its own columns of Y."""
+    k, n = 4096, 2100  # 16 MiB holds 2048 rows of K = 4096: slabs of 2048 and 52 columns
+    w = random_weights(rng, k, n, sparse=sparse, group_size=128, adapter_format="int4", rank=16, bias=True)
+    a = rng.standard_normal((40, k)).astype(np.float16)
+    assert_close(run_cuda(w, a, "library"), reference_slim_matmul(a.astype(np.float32), w, 0))
 
 
 @pytest.mark.parametrize("adapter_format,rank", [("float16", 5), ("int4", 9), ("int4", 40)])
 @pytest.mark.parametrize("sparse", [True, False])
 @pytest.mark.parametrize("m", [1, 16, 100])
-def test_cuda_adapters(rng, adapter_format, rank, sparse, m):
+@pytest.mark.parametrize("path", PATHS)
+def test_cuda_adapters(rng, adapter_format, rank, sparse, m, path):
     w = random_weights(rng, 200, 50, sparse=sparse, adapter_format=adapter_format, rank=rank, bias=True)
     a = rng.standard_normal((m, 200)).astype(np.float16)
-    assert_close(run_cuda(w, a), reference_slim_matmul(a.astype(np.float32), w, 0))
+    assert_close(run_cuda(w, a, path), reference_slim_matmul(a.astype(np.float32), w, 0))
 
 
 def test_cuda_rejects_bad_input(rng):
@@ -99,14 +119,15 @@ def node_providers(session):
 @needs_ort_cuda
 @pytest.mark.parametrize("dtype", [np.float16, np.float32])
 @pytest.mark.parametrize("adapter_format,rank", [("none", 0), ("int4", 24), ("float16", 8)])
-def test_ort_cuda_provider_runs_the_op(rng, tmp_path, dtype, adapter_format, rank):
+@pytest.mark.parametrize("rows", [7, 40])  # 14 rows: fused kernels; 80: cuBLAS through onnxruntime's allocator
+def test_ort_cuda_provider_runs_the_op(rng, tmp_path, dtype, adapter_format, rank, rows):
     w = random_weights(rng, 256, 96, adapter_format=adapter_format, rank=rank, bias=True)
     model = make_slim_matmul_model(w, dtype=dtype, accuracy_level=0, batch_dims=2)
-    a = rng.standard_normal((2, 7, 256)).astype(dtype)
+    a = rng.standard_normal((2, rows, 256)).astype(dtype)
     session = cuda_session(model, profile_dir=tmp_path)
     y = session.run(None, {"A": a})[0]
     assert ("SlimMatMul", "CUDAExecutionProvider") in node_providers(session)
-    assert y.dtype == dtype and y.shape == (2, 7, 96)
+    assert y.dtype == dtype and y.shape == (2, rows, 96)
     assert_close(y, reference_slim_matmul(a.astype(np.float32), w, 0))
     # The same model without the library: the fallback function, inlined, on the CUDA provider.
     y_fallback = cuda_session(model, with_library=False).run(None, {"A": a})[0]
@@ -166,4 +187,50 @@ def test_compressed_model_on_cuda_matches_the_cpu_path(rng, tmp_path):
     assert {p for op, p in providers if op == "SlimMatMul"} == {"CUDAExecutionProvider"}
     so = slim_onnx.session_options()
     y_cpu = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
-    assert np.abs(y_cuda - y_cpu).max() / np.abs(y_cpu).max() < 2e-2  # float16 tensor cores vs float32 sums
+    assert np.abs(y_cuda - y_cpu).max() / np.abs(y_cpu).max() < TOLERANCE_LOGITS
+
+
+@needs_ort_cuda
+def test_ort_model_for_causal_lm_on_cuda_generates_like_the_cpu(tmp_path):
+    """ORTModelForCausalLM on CUDAExecutionProvider with our library, as a GPU user runs it, against the
+    CPU path on the same compressed tiny Llama (float32 activations, --no-fuse-attention so every node
+    has a CUDA kernel). The GPU rounds activations to float16 for the tensor cores (sums stay float32),
+    so logits agree to TOLERANCE_LOGITS of their range, and greedy tokens agree wherever the CPU's
+    top-2 margin is wider than twice the measured logit difference (a narrower near-tie may flip)."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("optimum.onnxruntime")
+    from optimum.onnxruntime import ORTModelForCausalLM
+    from transformers import AutoTokenizer
+
+    from helpers import tiny_llama_export
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    root = tiny_llama_export(tmp_path, initializer_range=0.2)  # wide weights: peaked, decisive logits
+    out = tmp_path / "slim"
+    res = subprocess.run([sys.executable, "-m", "slim_onnx.cli", "compress", str(root / "onnx"), str(out), "--rank", "0",
+                          "--pruning", "magnitude", "--quantizer", "absmax", "--accuracy-level", "0",
+                          "--no-fuse-attention", "-q"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    tok = AutoTokenizer.from_pretrained(out)
+    ids = tok("The Python language", return_tensors="pt", return_token_type_ids=False)
+    models = {p: ORTModelForCausalLM.from_pretrained(out, session_options=slim_onnx.session_options(), provider=p)
+              for p in ("CPUExecutionProvider", "CUDAExecutionProvider")}
+    tokens = {p: m.generate(**ids, max_new_tokens=24, do_sample=False)[0].tolist() for p, m in models.items()}
+    cpu_tokens, cuda_tokens = tokens["CPUExecutionProvider"], tokens["CUDAExecutionProvider"]
+    full = torch.tensor([cpu_tokens])
+    logits = {p: m(input_ids=full, attention_mask=torch.ones_like(full)).logits[0].float().cpu().numpy()
+              for p, m in models.items()}
+    cpu, gpu = logits["CPUExecutionProvider"], logits["CUDAExecutionProvider"]
+    diff = np.abs(cpu - gpu).max()
+    assert diff < TOLERANCE_LOGITS * np.abs(cpu).max(), diff
+    prompt = ids["input_ids"].shape[1]
+    top2 = np.sort(cpu, axis=-1)[:, -2:]
+    decided = top2[:, 1] - top2[:, 0] > 2 * diff
+    assert decided[prompt - 1], "the test model's first step should be a clear decision"
+    for i in range(prompt, len(cpu_tokens)):
+        if not decided[i - 1]:
+            break
+        assert cuda_tokens[i] == cpu_tokens[i], (i, cpu_tokens, cuda_tokens)

@@ -13,39 +13,15 @@ import pytest
 
 import slim_onnx
 from slim_onnx import SlimConfig
-from helpers import check_streamed_statistics
+from helpers import check_streamed_statistics, tiny_llama_export
 
 os.environ["HF_HUB_OFFLINE"] = "1"
-
-
-def english(start: int, length: int) -> str:
-    from pydoc_data.topics import topics
-
-    return "\n\n".join(topics[k] for k in sorted(topics))[start : start + length]
 
 
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory) -> Path:
     """A 2-layer Llama with tied embeddings and a small BPE tokenizer, exported with past key values."""
-    import torch
-    from optimum.exporters.onnx import main_export
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    root = tmp_path_factory.mktemp("tiny_llama")
-    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator([english(0, 100_000)], trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"]))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, max_position_embeddings=128)
-    LlamaForCausalLM(config).save_pretrained(root / "hf")
-    tokenizer.save_pretrained(root / "hf")
-    main_export(str(root / "hf"), str(root / "onnx"), task="text-generation-with-past")
-    (root / "calib.txt").write_text(english(100_000, 60_000))
-    return root
+    return tiny_llama_export(tmp_path_factory.mktemp("tiny_llama"))
 
 
 def cli(*args, cwd=None):

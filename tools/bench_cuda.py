@@ -6,6 +6,8 @@ Cases, each Y = A @ W for W [K, N] with float16 A:
   - NBits (ORT):  onnxruntime MatMulNBits 4-bit, block 128, on CUDAExecutionProvider (onnxruntime-gpu)
   - Slim:         SlimMatMul 2:4 + 4-bit, group 128, through the library's CUDA entry point
   - Slim+rR:      the same with rank-R 4-bit adapters (group 128)
+  - ... kernels-path / cuBLAS-path: the same op forced onto one of its two code paths (the fused kernels,
+    or float16 decode + cuBLAS GEMMs) at every M, to place the crossover the automatic choice uses
   - Slim (ORT), Slim+rR (ORT): the same op through onnxruntime's CUDA provider (onnxruntime-gpu)
 Times are GPU time per call: the torch-side cases are captured in a CUDA graph of calls rotating over
 weight copies (together > 2x the L2 cache, so weights come from DRAM), replayed and timed with CUDA
@@ -159,6 +161,8 @@ def bench_cuda(args) -> None:
         fp16_w = [dense.clone() for _ in range(copies_for(dense.numel() * 2))]
         slim_ops = [CudaSlimMatMul(plain) for _ in range(copies_for(plain.nbytes()))]
         adapted_ops = [CudaSlimMatMul(adapted) for _ in range(copies_for(adapted.nbytes()))]
+        forced = {f"{name} {path}-path": [CudaSlimMatMul(w, path=path) for _ in range(copies_for(w.nbytes()))]
+                  for name, w in (("Slim", plain), (f"Slim+r{rank}", adapted)) for path in ("kernels", "library")}
         sparse_w = None
         try:
             from torch.sparse import to_sparse_semi_structured
@@ -185,6 +189,7 @@ def bench_cuda(args) -> None:
                 "torch fp16": graph_ms(torch, [lambda w=w: a @ w for w in fp16_w]),
                 "Slim": graph_ms(torch, [lambda op=op: op(a) for op in slim_ops]),
                 f"Slim+r{rank}": graph_ms(torch, [lambda op=op: op(a) for op in adapted_ops]),
+                **{name: graph_ms(torch, [lambda op=op: op(a) for op in ops]) for name, ops in forced.items()},
             }
             if sparse_w is not None:
                 try:
@@ -207,7 +212,7 @@ def bench_cuda(args) -> None:
         for name in names:
             print(f"{name:<24}" + "".join(f"{table[m][name] * 1e3:>11.1f}" if name in table[m] else f"{'-':>11}"
                                           for m in ms_list))
-        for slim_name in [x for x in names if x.startswith("Slim")]:
+        for slim_name in [x for x in names if x.startswith("Slim") and not x.endswith("-path")]:
             nbytes = adapted.nbytes() if "+r" in slim_name else plain.nbytes()
             fractions = [nbytes / (table[m][slim_name] * 1e-3) / bandwidth for m in ms_list if slim_name in table[m]]
             print(f"  {slim_name + ' weight bandwidth / copy':<38}" + "".join(f"{f:>10.0%}" for f in fractions))

@@ -72,14 +72,20 @@ void FreeWeights(DeviceWeights* weights);
 // The most rows one run takes (the kernels index rows with int; with it ScratchBytes cannot overflow).
 constexpr int64_t kMaxRows = int64_t(1) << 30;
 
-// Device scratch the run needs for M <= kMaxRows rows (the adapter product T = A @ L, float32 [M, rank]).
-size_t ScratchBytes(const DeviceWeights* weights, int64_t M);
+// Which code runs a product. kAuto: the library path (weights decoded to float16 slabs, cuBLAS GEMMs)
+// above kDecodeMaxRows rows when cuBLAS loaded, else the fused kernels. The others force one (tests
+// and the benchmark's sweep); kLibrary throws when cuBLAS is not available.
+enum class Path : int { kAuto = 0, kKernels = 1, kLibrary = 2 };
+
+// Device scratch a run of M <= kMaxRows rows needs on `path`: the adapter product T = A @ L on the
+// fused kernels; cuBLAS's workspace, the decoded slab, T and the decoded adapters on the library path.
+size_t ScratchBytes(const DeviceWeights* weights, int64_t M, bool half, Path path = Path::kAuto);
 
 // Y[M, N] = A[M, K] @ W + (A @ L) @ R + bias on `stream` (a cudaStream_t). A and Y are float16 when
 // `half` is true, else float32. Asynchronous; never synchronises. Throws std::runtime_error on a
 // launch error.
 void RunSlimMatMul(const DeviceWeights* weights, const void* A, bool half, int64_t M, void* Y, void* scratch,
-                   void* stream);
+                   void* stream, Path path = Path::kAuto);
 
 // Y[M, N/2] = silu(P[:, :N/2]) * P[:, N/2:] (activation="swiglu") on `stream`; P and Y float16 when
 // `half`, else float32; the arithmetic is float32. Asynchronous.

@@ -25,6 +25,14 @@
 // re-reads its activation rows, which is what a shared-memory-tiled prefill kernel would avoid.
 // The adapter input T = A @ L is a first launch of the same kernel (L as the weight, float32 out);
 // the second launch computes A @ W and T @ R together, so R and W are read in one pass.
+//
+// Library path (more than kDecodeMaxRows rows, when cuBLAS loads): at such M a GEMM is compute
+// bound and cuBLAS's tensor-core GEMMs beat a hand-written one, so the weights are decoded into
+// float16 and handed to cuBLAS. W^T is decoded a slab of row tiles at a time into one scratch slab
+// (at most kSlabBytes, so it stays in L2 between its decode and its GEMM, and the float16 copy of W
+// never exists whole); each slab's GEMM writes its columns of Y. Adapters are two more GEMMs,
+// T = A @ L (float16) and Y += T @ R. The decoding multiplies each fragment by unit blocks on the
+// tensor cores (DecodeToHalfKernel), so it yields exactly the float16 weights the fused kernels use.
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
@@ -35,6 +43,7 @@
 #include <string>
 #include <type_traits>
 
+#include "cublas_loader.h"
 #include "slim_cuda.h"
 
 namespace slim::cuda {
@@ -50,6 +59,7 @@ struct DeviceMatrix {
 struct DeviceWeights {
   DeviceMatrix w, l, r;
   bool adapters = false;
+  bool cublas = false;  // the library path is available
   const float* bias = nullptr;
   int device = 0, sm_count = 1;
   DeviceAllocator allocator;
@@ -578,7 +588,7 @@ void Run(const DeviceWeights& dw, const void* A, int M, void* Y, void* scratch, 
     t_args.M = M;
     const Shape shape = PickShape(dw.l, M, MS, dw.sm_count, true);
     t_args.splits = shape.splits;
-    if (shape.splits > 1) Check(cudaMemsetAsync(scratch, 0, ScratchBytes(&dw, M), stream), "clearing the adapter buffer");
+    if (shape.splits > 1) Check(cudaMemsetAsync(scratch, 0, size_t(M) * dw.l.N * sizeof(float), stream), "clearing the adapter buffer");
     LaunchAdapterInput<MS, TAct>(dw, t_args, shape, stream);
     args.r = dw.r;
     args.t = static_cast<const float*>(scratch);
@@ -588,6 +598,164 @@ void Run(const DeviceWeights& dw, const void* A, int M, void* Y, void* scratch, 
   args.y = Y;
   args.splits = 1;
   LaunchMain<MS, TAct>(dw, args, PickShape(dw.w, M, MS, dw.sm_count, false), stream);
+}
+
+// ---- the library path ------------------------------------------------------------------------------
+
+// W^T rows [16 tile0, 16 (tile0 + gridDim.x)) as a row-major float16 matrix out[row][w.K]. A fragment
+// times the unit block B[k][c] = (k == kb + c) gives D[r][c] = W^T[r][kb + c] (one float16 product
+// summed in float32: exact), 8 columns per mma, for dense and 2:4 fragments alike. blockIdx.y and
+// the warps split the super-chunks.
+template <Fmt F>
+__global__ void __launch_bounds__(128) DecodeToHalfKernel(DeviceMatrix w, int tile0, __half* out) {
+  constexpr int kChunk = ChunkK(F), kPairs = kChunk / 8;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, q = lane >> 2, j = lane & 3;
+  const int warps = blockDim.x >> 5, tile = tile0 + blockIdx.x, colA = F == Fmt::kSparse4 ? 4 * j : 2 * j;
+  const bool pairs_ok = w.K % 2 == 0;
+  for (int s = blockIdx.y * warps + warp; s < w.KS; s += gridDim.y * warps) {
+    const Fragment<F> f = LoadFragment<F>(w, tile, s, lane);
+#pragma unroll
+    for (int c = 0; c < kChunksPerSuper; ++c) {
+      const int k0 = (s * kChunksPerSuper + c) * kChunk;
+      if (k0 >= w.K) break;
+      uint32_t a[4];
+      ChunkOperand<F>(f, c, ScaleAt<F>(w, tile, k0 + colA, q), ScaleAt<F>(w, tile, k0 + colA + kChunk / 2, q), a);
+#pragma unroll
+      for (int kb = 0; kb < kChunk; kb += 8) {
+        uint32_t b[1][4] = {{0, 0, 0, 0}};
+#pragma unroll
+        for (int i = 0; i < kPairs; ++i) {
+          const int k = 2 * j + 8 * i;  // this register holds B rows k, k + 1 of column q
+          b[0][i] = (k == kb + q ? 0x3C00u : 0u) | (k + 1 == kb + q ? 0x3C000000u : 0u);
+        }
+        float d[1][4] = {{0.f, 0.f, 0.f, 0.f}};
+        ChunkMma<F, 1>(d, a, b, c, f.e);
+        // d[0][i] is W^T[16 tile + q + 8 (i >> 1)][k0 + kb + 2j + (i & 1)].
+        const int k = k0 + kb + 2 * j;
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int n = 16 * tile + q + 8 * h;
+          if (n >= w.N) continue;
+          __half* row = out + size_t(n - 16 * tile0) * w.K;
+          if (pairs_ok && k + 1 < w.K) {
+            *reinterpret_cast<__half2*>(row + k) = __floats2half2_rn(d[0][2 * h], d[0][2 * h + 1]);
+          } else {
+            if (k < w.K) row[k] = __float2half_rn(d[0][2 * h]);
+            if (k + 1 < w.K) row[k + 1] = __float2half_rn(d[0][2 * h + 1]);
+          }
+        }
+      }
+    }
+  }
+}
+
+void LaunchDecode(const DeviceMatrix& w, int tile0, int tiles, __half* out, int sm_count, cudaStream_t stream) {
+  constexpr int kWarps = 4;
+  const int y = std::max(1, std::min((w.KS + kWarps - 1) / kWarps, (4 * sm_count + tiles - 1) / tiles));
+  const dim3 grid(tiles, y), block(32 * kWarps);
+  switch (w.fmt) {
+    case Fmt::kSparse4: DecodeToHalfKernel<Fmt::kSparse4><<<grid, block, 0, stream>>>(w, tile0, out); break;
+    case Fmt::kDense4: DecodeToHalfKernel<Fmt::kDense4><<<grid, block, 0, stream>>>(w, tile0, out); break;
+    case Fmt::kFloat16: DecodeToHalfKernel<Fmt::kFloat16><<<grid, block, 0, stream>>>(w, tile0, out); break;
+  }
+}
+
+__global__ void FloatToHalfKernel(const float* x, size_t count, __half* y) {
+  for (size_t i = size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < count; i += size_t(gridDim.x) * blockDim.x)
+    y[i] = __float2half_rn(x[i]);
+}
+
+template <typename T>
+__global__ void AddBiasKernel(T* y, size_t count, int N, const float* bias) {
+  for (size_t i = size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < count; i += size_t(gridDim.x) * blockDim.x)
+    y[i] = T(float(y[i]) + bias[i % N]);
+}
+
+unsigned GridFor(size_t count, int sm_count) {
+  return unsigned(std::max<size_t>(1, std::min<size_t>((count + 255) / 256, size_t(sm_count) * 16)));
+}
+
+// The decoded slab: as many row tiles as fit in kSlabBytes (at least one).
+constexpr size_t kSlabBytes = size_t(16) << 20, kCublasWorkspaceBytes = size_t(4) << 20;
+
+int SlabTiles(const DeviceMatrix& w) {
+  const size_t tile_bytes = size_t(16) * w.K * sizeof(__half);
+  return int(std::max<size_t>(1, std::min<size_t>(w.NT, kSlabBytes / tile_bytes)));
+}
+
+// Scratch of the library path, in this order, each piece 256-byte aligned: cuBLAS workspace, A as
+// float16 (float32 A only), T = A @ L and the decoded L^T and R^T (adapters only), the slab.
+struct LibraryScratch {
+  size_t offsets[6] = {};
+  size_t total = 0;
+};
+
+LibraryScratch LibraryLayout(const DeviceWeights& dw, int64_t M, bool half) {
+  const size_t h = sizeof(__half), rank = dw.adapters ? size_t(dw.l.N) : 0;
+  const size_t sizes[6] = {kCublasWorkspaceBytes,
+                           half ? 0 : size_t(M) * dw.w.K * h,
+                           size_t(M) * rank * h,
+                           rank * dw.w.K * h,
+                           size_t(dw.w.N) * rank * h,
+                           size_t(SlabTiles(dw.w)) * 16 * dw.w.K * h};
+  LibraryScratch s;
+  for (int i = 0; i < 6; ++i) {
+    s.offsets[i] = s.total;
+    s.total += (sizes[i] + 255) / 256 * 256;
+  }
+  return s;
+}
+
+void RunLibrary(const DeviceWeights& dw, const void* A, bool half, int M, void* Y, void* scratch, cudaStream_t stream) {
+  const LibraryScratch layout = LibraryLayout(dw, M, half);
+  auto piece = [&](int i) { return reinterpret_cast<__half*>(static_cast<char*>(scratch) + layout.offsets[i]); };
+  const int K = dw.w.K, N = dw.w.N;
+  const __half* a16 = static_cast<const __half*>(A);
+  if (!half) {
+    const size_t count = size_t(M) * K;
+    FloatToHalfKernel<<<GridFor(count, dw.sm_count), 256, 0, stream>>>(static_cast<const float*>(A), count, piece(1));
+    a16 = piece(1);
+  }
+  GemmCall g;
+  g.device = dw.device;
+  g.stream = stream;
+  g.workspace = piece(0);
+  g.workspace_bytes = kCublasWorkspaceBytes;
+  g.n = M;
+  // Y[M, cols] (row stride ldc) = X[M, k] @ (W^T [cols][k])^T: in cuBLAS's column-major terms the
+  // row-major W^T slab is a k x cols matrix (lda = k) taken transposed, X is k x M (ldb = k).
+  auto gemm = [&](const __half* wt, int cols, int k, const __half* x, void* y, int ldc, bool y_half, bool accumulate) {
+    g.m = cols, g.k = k, g.a = wt, g.lda = k, g.b = x, g.ldb = k, g.c = y, g.ldc = ldc;
+    g.c_half = y_half, g.accumulate = accumulate;
+    CublasGemm(g);
+  };
+  const int rank = dw.adapters ? dw.l.N : 0;
+  if (dw.adapters) {
+    LaunchDecode(dw.l, 0, dw.l.NT, piece(3), dw.sm_count, stream);
+    gemm(piece(3), rank, K, a16, piece(2), rank, true, false);
+  }
+  const int slab = SlabTiles(dw.w);
+  for (int t0 = 0; t0 < dw.w.NT; t0 += slab) {
+    const int tiles = std::min(slab, dw.w.NT - t0), n0 = 16 * t0, cols = std::min(16 * tiles, N - n0);
+    LaunchDecode(dw.w, t0, tiles, piece(5), dw.sm_count, stream);
+    const size_t y_offset = size_t(n0) * (half ? sizeof(__half) : sizeof(float));
+    gemm(piece(5), cols, K, a16, static_cast<char*>(Y) + y_offset, N, half, false);
+  }
+  if (dw.adapters) {
+    LaunchDecode(dw.r, 0, dw.r.NT, piece(4), dw.sm_count, stream);
+    gemm(piece(4), N, rank, piece(2), Y, N, half, true);
+  }
+  if (dw.bias != nullptr) {
+    const size_t count = size_t(M) * N;
+    if (half) AddBiasKernel<<<GridFor(count, dw.sm_count), 256, 0, stream>>>(static_cast<__half*>(Y), count, N, dw.bias);
+    else AddBiasKernel<<<GridFor(count, dw.sm_count), 256, 0, stream>>>(static_cast<float*>(Y), count, N, dw.bias);
+  }
+}
+
+bool UseLibrary(const DeviceWeights& dw, int64_t M, Path path) {
+  if (path == Path::kLibrary && !dw.cublas)
+    throw std::runtime_error("the library path needs cuBLAS (libcublas.so.13), which could not be loaded");
+  return dw.cublas && (path == Path::kLibrary || (path == Path::kAuto && M > kDecodeMaxRows));
 }
 
 }  // namespace
@@ -601,6 +769,7 @@ DeviceWeights* UploadWeights(const FragMatrix& w, const FragMatrix* l, const Fra
     DeviceGuard guard(device);
     Check(cudaDeviceGetAttribute(&dw->sm_count, cudaDevAttrMultiProcessorCount, device), "querying the SM count");
     AllowGemmSharedMemory();
+    dw->cublas = PrepareCublas(device);
     dw->w = Upload(w, *dw);
     if (l != nullptr && r != nullptr) {
       dw->adapters = true;
@@ -638,17 +807,21 @@ void FreeWeights(DeviceWeights* dw) {
   delete dw;
 }
 
-size_t ScratchBytes(const DeviceWeights* dw, int64_t M) {
+size_t ScratchBytes(const DeviceWeights* dw, int64_t M, bool half, Path path) {
+  if (UseLibrary(*dw, M, path)) return LibraryLayout(*dw, M, half).total;
   return dw->adapters ? size_t(M) * dw->l.N * sizeof(float) : 0;
 }
 
-void RunSlimMatMul(const DeviceWeights* dw, const void* A, bool half, int64_t M, void* Y, void* scratch, void* stream) {
+void RunSlimMatMul(const DeviceWeights* dw, const void* A, bool half, int64_t M, void* Y, void* scratch, void* stream,
+                   Path path) {
   if (M <= 0) return;
   if (M > kMaxRows) throw std::runtime_error("too many rows for the CUDA kernel");
   auto s = static_cast<cudaStream_t>(stream);
   const int m = int(M);
   DeviceGuard guard(dw->device);
-  if (UsePrefill(*dw, half, m)) {
+  if (UseLibrary(*dw, m, path)) {
+    RunLibrary(*dw, A, half, m, Y, scratch, s);
+  } else if (UsePrefill(*dw, half, m)) {
     RunPrefill(*dw, static_cast<const __half*>(A), m, static_cast<__half*>(Y), scratch, s);
   } else if (half) {
     if (m <= 8) Run<1, __half>(*dw, A, m, Y, scratch, s);

@@ -83,7 +83,7 @@ struct SlimMatMulCudaKernel {
     if (call.M > cuda::kMaxRows)
       throw OpError("input 'A' has " + std::to_string(call.M) + " rows; the CUDA kernel takes at most 2^30 per run");
     const char* what = "the scratch buffer's size";
-    const size_t adapter_bytes = (cuda::ScratchBytes(weights, call.M) + 255) / 256 * 256;
+    const size_t adapter_bytes = (cuda::ScratchBytes(weights, call.M, call.half) + 255) / 256 * 256;
     const int64_t product_bytes = gated ? CheckedMul(CheckedMul(call.M, attr.N, what), call.half ? 2 : 4, what) : 0;
     const size_t scratch_bytes = size_t(CheckedAdd(int64_t(adapter_bytes), product_bytes, what));
     void* scratch = nullptr;

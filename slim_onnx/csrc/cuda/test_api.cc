@@ -4,6 +4,7 @@
 // {K, N, group_size, sparse, rank, adapter_format (0 none, 1 float16, 2 int4), adapter_group_size}.
 // Errors return null / nonzero and write a message to `error`.
 #include <algorithm>
+#include <cstdint>
 #include <cstdio>
 #include <memory>
 #include <vector>
@@ -51,6 +52,11 @@ Attributes HostInputs(const int64_t* attrs, const void* const* inputs, TensorVie
   }
   return a;
 }
+
+cuda::Path PathFrom(int code) {
+  if (code < 0 || code > 2) throw std::invalid_argument("path must be 0 (auto), 1 (kernels) or 2 (library)");
+  return static_cast<cuda::Path>(code);
+}
 }  // namespace
 }  // namespace slim
 
@@ -67,14 +73,24 @@ extern "C" SLIM_EXPORT void* SlimOnnxCudaCreate(const int64_t* attrs, const void
   }
 }
 
-extern "C" SLIM_EXPORT size_t SlimOnnxCudaScratchBytes(void* weights, int64_t M) {
-  return slim::cuda::ScratchBytes(static_cast<slim::cuda::DeviceWeights*>(weights), M);
+// `path`: 0 automatic, 1 the fused kernels, 2 the library path (slim::cuda::Path). Returns
+// SIZE_MAX (with a message in `error`) when the path cannot run.
+extern "C" SLIM_EXPORT size_t SlimOnnxCudaScratchBytes(void* weights, int64_t M, int half, int path, char* error,
+                                                      size_t error_size) {
+  try {
+    return slim::cuda::ScratchBytes(static_cast<slim::cuda::DeviceWeights*>(weights), M, half != 0,
+                                    slim::PathFrom(path));
+  } catch (const std::exception& e) {
+    CopyError(e, error, error_size);
+    return SIZE_MAX;
+  }
 }
 
 extern "C" SLIM_EXPORT int SlimOnnxCudaRun(void* weights, const void* A, int half, int64_t M, void* Y, void* scratch,
-                                          void* stream, char* error, size_t error_size) {
+                                          void* stream, int path, char* error, size_t error_size) {
   try {
-    slim::cuda::RunSlimMatMul(static_cast<slim::cuda::DeviceWeights*>(weights), A, half != 0, M, Y, scratch, stream);
+    slim::cuda::RunSlimMatMul(static_cast<slim::cuda::DeviceWeights*>(weights), A, half != 0, M, Y, scratch, stream,
+                              slim::PathFrom(path));
     return 0;
   } catch (const std::exception& e) {
     CopyError(e, error, error_size);
