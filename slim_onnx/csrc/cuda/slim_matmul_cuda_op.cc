@@ -78,14 +78,14 @@ struct SlimMatMulCudaKernel {
     if (call.M == 0) return;
     void* stream = nullptr;
     ThrowOnError(g_api->KernelContext_GetGPUComputeStream(ctx, &stream));
-    // With the gated activation the product P goes to scratch first (after the adapter scratch).
+    // With the gated activation the product P goes to scratch first (after the run's own scratch).
     const bool gated = attr.activation == Activation::kSwiGlu;
     if (call.M > cuda::kMaxRows)
       throw OpError("input 'A' has " + std::to_string(call.M) + " rows; the CUDA kernel takes at most 2^30 per run");
     const char* what = "the scratch buffer's size";
-    const size_t adapter_bytes = (cuda::ScratchBytes(weights, call.M, call.half) + 255) / 256 * 256;
+    const size_t run_bytes = (cuda::ScratchBytes(weights, call.M, call.half) + 255) / 256 * 256;
     const int64_t product_bytes = gated ? CheckedMul(CheckedMul(call.M, attr.N, what), call.half ? 2 : 4, what) : 0;
-    const size_t scratch_bytes = size_t(CheckedAdd(int64_t(adapter_bytes), product_bytes, what));
+    const size_t scratch_bytes = size_t(CheckedAdd(int64_t(run_bytes), product_bytes, what));
     void* scratch = nullptr;
     OrtAllocator* scratch_alloc = nullptr;
     if (scratch_bytes > 0) {
@@ -103,7 +103,7 @@ struct SlimMatMulCudaKernel {
     try {
       if (scratch_bytes > 0 && scratch == nullptr) throw OpError("could not allocate the scratch buffer");
       if (gated) {
-        void* product = static_cast<char*>(scratch) + adapter_bytes;
+        void* product = static_cast<char*>(scratch) + run_bytes;
         cuda::RunSlimMatMul(weights, in[kA].data, call.half, call.M, product, scratch, stream);
         cuda::RunSwiGlu(product, call.half, call.M, attr.N, call.y, stream);
       } else {
