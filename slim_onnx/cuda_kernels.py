@@ -87,15 +87,13 @@ def fragment_layout(weights: SlimWeights) -> tuple[np.ndarray, np.ndarray, np.nd
 
 
 class CudaSlimMatMul:
-    """One SlimMatMul node's weights on a CUDA device; call it on a torch float16/float32 tensor.
-    `path` (see PATHS) chooses the code that runs it, as the op chooses with "auto"."""
+    """One SlimMatMul node's weights on a CUDA device; call it on a torch float16/float32 tensor,
+    optionally with the `path` (see PATHS) that runs it ("auto": as the op chooses)."""
 
-    def __init__(self, weights: SlimWeights, device: int = 0, path: str = "auto"):
+    def __init__(self, weights: SlimWeights, device: int = 0):
         import torch
 
-        if path not in PATHS:
-            raise ValueError(f"path must be one of {sorted(PATHS)}, got {path!r}")
-        self.k, self.n, self.device, self.path = weights.k, weights.n, device, PATHS[path]
+        self.k, self.n, self.device = weights.k, weights.n, device
         host = _HostInputs(weights)
         error = ctypes.create_string_buffer(1024)
         with torch.cuda.device(device):
@@ -103,9 +101,11 @@ class CudaSlimMatMul:
         if not self._handle:
             raise ValueError(error.value.decode())
 
-    def __call__(self, a):
+    def __call__(self, a, path: str = "auto"):
         import torch
 
+        if path not in PATHS:
+            raise ValueError(f"path must be one of {sorted(PATHS)}, got {path!r}")
         if a.dtype not in (torch.float16, torch.float32) or a.shape[-1] != self.k or not a.is_cuda:
             raise ValueError(f"expected a CUDA float16/float32 tensor [..., {self.k}], got {a.dtype} {tuple(a.shape)}")
         a = a.contiguous()
@@ -113,13 +113,13 @@ class CudaSlimMatMul:
         y = torch.empty((*a.shape[:-1], self.n), dtype=a.dtype, device=a.device)
         half = int(a.dtype == torch.float16)
         error = ctypes.create_string_buffer(1024)
-        scratch_bytes = _library().SlimOnnxCudaScratchBytes(self._handle, m, half, self.path, error, len(error))
+        scratch_bytes = _library().SlimOnnxCudaScratchBytes(self._handle, m, half, PATHS[path], error, len(error))
         if scratch_bytes == ctypes.c_size_t(-1).value:
             raise RuntimeError(error.value.decode())
         scratch = torch.empty(max(scratch_bytes, 1), dtype=torch.uint8, device=a.device)
         stream = torch.cuda.current_stream(a.device).cuda_stream
         rc = _library().SlimOnnxCudaRun(self._handle, a.data_ptr(), half, m, y.data_ptr(), scratch.data_ptr(), stream,
-                                        self.path, error, len(error))
+                                        PATHS[path], error, len(error))
         if rc != 0:
             raise RuntimeError(error.value.decode())
         return y

@@ -41,7 +41,7 @@ def assert_close(y, ref):
 
 
 def run_cuda(weights, a, path="auto"):
-    y = CudaSlimMatMul(weights, path=path)(torch.from_numpy(a).cuda())
+    y = CudaSlimMatMul(weights)(torch.from_numpy(a).cuda(), path)
     torch.cuda.synchronize()
     return y.cpu().numpy()
 

@@ -115,3 +115,58 @@ def test_random_calibration_npz(tmp_path):
     assert arrays["input_ids"].min() >= 0 and arrays["input_ids"].max() < 97
     assert (arrays["attention_mask"] == 1).all()
     np.testing.assert_array_equal(arrays["position_ids"][2, 0], np.arange(11))
+
+
+def _run(path, input_ids, attention_mask, position_ids, past=None) -> dict:
+    """The model's outputs by name; past: the cache inputs by name (empty ones when None)."""
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feeds = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+    for info in session.get_inputs()[3:]:
+        dtype = np.float16 if info.type == "tensor(float16)" else np.float32
+        feeds[info.name] = past[info.name] if past else np.zeros((len(input_ids), info.shape[1], 0, info.shape[3]), dtype)
+    return dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
+
+
+def test_with_past_matches_the_model_without_cache(tmp_path):
+    """Prefill through the cached graph gives the plain graph's logits; one decode step on its cache
+    gives the plain graph's logits for the last of n + 1 tokens."""
+    plain = scale_model.write_llama(tmp_path / "plain", **TINY, seed=5, rope_theta=THETA)
+    cached = scale_model.write_llama(tmp_path / "cached", **TINY, seed=5, rope_theta=THETA, with_past=True)
+    model = onnx.load(cached, load_external_data=False)
+    blocks = range(TINY["blocks"])
+    assert [i.name for i in model.graph.input] == ["input_ids", "attention_mask", "position_ids", *(
+        f"past_key_values.{i}.{kind}" for i in blocks for kind in ("key", "value"))]
+    assert [o.name for o in model.graph.output] == ["logits", *(f"present.{i}.{kind}" for i in blocks for kind in ("key", "value"))]
+    assert all(node.domain == "" for node in model.graph.node)
+
+    ids = np.random.default_rng(1).integers(0, TINY["vocab"], size=(2, 9))
+    n = ids.shape[1] - 1
+    positions = np.broadcast_to(np.arange(n + 1), ids.shape)
+    mask = np.ones(ids.shape, np.int64)
+    expected = _run(plain, ids, mask, positions)["logits"]
+    prefill = _run(cached, ids[:, :n], mask[:, :n], positions[:, :n])
+    np.testing.assert_allclose(prefill["logits"], expected[:, :n], atol=1e-5, rtol=1e-5)
+    head_dim = TINY["hidden"] // TINY["heads"]
+    assert prefill["present.1.value"].shape == (2, TINY["kv_heads"], n, head_dim)
+
+    past = {name.replace("present", "past_key_values"): v for name, v in prefill.items() if name != "logits"}
+    step = _run(cached, ids[:, n:], mask, positions[:, n:], past)
+    np.testing.assert_allclose(step["logits"][:, 0], expected[:, n], atol=1e-5, rtol=1e-5)
+    np.testing.assert_array_equal(step["present.0.key"][:, :, :n], past["past_key_values.0.key"])
+    assert step["present.0.key"].shape == (2, TINY["kv_heads"], n + 1, head_dim)
+
+
+def test_float16_holds_the_float32_weights_rounded(tmp_path):
+    full = scale_model.write_llama(tmp_path / "fp32", **TINY, seed=2, with_past=True)
+    half = scale_model.write_llama(tmp_path / "fp16", **TINY, seed=2, with_past=True, dtype="float16")
+    assert (tmp_path / "fp16" / "model.onnx_data").stat().st_size < (tmp_path / "fp32" / "model.onnx_data").stat().st_size
+    model = onnx.load(half, load_external_data=False)
+    float16 = onnx.TensorProto.FLOAT16
+    assert {t.data_type for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL} == {float16}
+    assert all(v.type.tensor_type.elem_type == float16 for v in [*model.graph.input[3:], *model.graph.output])
+
+    ids = np.random.default_rng(2).integers(0, TINY["vocab"], size=(1, 6))
+    feeds = (ids, np.ones(ids.shape, np.int64), np.arange(6)[None])
+    reference, logits = _run(full, *feeds)["logits"], _run(half, *feeds)["logits"]
+    assert logits.dtype == np.float16
+    np.testing.assert_allclose(logits.astype(np.float32), reference, atol=0.05 * reference.std())

@@ -6,8 +6,9 @@ Cases, each Y = A @ W for W [K, N] with float16 A:
   - NBits (ORT):  onnxruntime MatMulNBits 4-bit, block 128, on CUDAExecutionProvider (onnxruntime-gpu)
   - Slim:         SlimMatMul 2:4 + 4-bit, group 128, through the library's CUDA entry point
   - Slim+rR:      the same with rank-R 4-bit adapters (group 128)
-  - ... kernels-path / cuBLAS-path: the same op forced onto one of its two code paths (the fused kernels,
-    or float16 decode + cuBLAS GEMMs) at every M, to place the crossover the automatic choice uses
+  - ... kernels-path / library-path: the same op forced onto the code path the automatic choice did not
+    take at that M (the fused kernels above 32 rows, float16 decode + cuBLAS GEMMs at 32 or fewer), so
+    each M shows both paths and the crossover can be placed
   - Slim (ORT), Slim+rR (ORT): the same op through onnxruntime's CUDA provider (onnxruntime-gpu)
 Times are GPU time per call: the torch-side cases are captured in a CUDA graph of calls rotating over
 weight copies (together > 2x the L2 cache, so weights come from DRAM), replayed and timed with CUDA
@@ -161,8 +162,6 @@ def bench_cuda(args) -> None:
         fp16_w = [dense.clone() for _ in range(copies_for(dense.numel() * 2))]
         slim_ops = [CudaSlimMatMul(plain) for _ in range(copies_for(plain.nbytes()))]
         adapted_ops = [CudaSlimMatMul(adapted) for _ in range(copies_for(adapted.nbytes()))]
-        forced = {f"{name} {path}-path": [CudaSlimMatMul(w, path=path) for _ in range(copies_for(w.nbytes()))]
-                  for name, w in (("Slim", plain), (f"Slim+r{rank}", adapted)) for path in ("kernels", "library")}
         sparse_w = None
         try:
             from torch.sparse import to_sparse_semi_structured
@@ -189,8 +188,11 @@ def bench_cuda(args) -> None:
                 "torch fp16": graph_ms(torch, [lambda w=w: a @ w for w in fp16_w]),
                 "Slim": graph_ms(torch, [lambda op=op: op(a) for op in slim_ops]),
                 f"Slim+r{rank}": graph_ms(torch, [lambda op=op: op(a) for op in adapted_ops]),
-                **{name: graph_ms(torch, [lambda op=op: op(a) for op in ops]) for name, ops in forced.items()},
             }
+            # the path the automatic choice did not take at this M (it takes the library above 32 rows)
+            other = "kernels" if m > 32 else "library"
+            for name, ops in (("Slim", slim_ops), (f"Slim+r{rank}", adapted_ops)):
+                row[f"{name} {other}-path"] = graph_ms(torch, [lambda op=op: op(a, other) for op in ops])
             if sparse_w is not None:
                 try:
                     row["torch 2:4"] = graph_ms(torch, [lambda w=w: (w @ a.t()).t() for w in sparse_w])
@@ -206,6 +208,9 @@ def bench_cuda(args) -> None:
         results["shapes"][f"{k}x{n}"] = {"rank": rank, "ms": table,
                                           "bytes": {"Slim": plain.nbytes(), f"Slim+r{rank}": adapted.nbytes(),
                                                     "torch fp16": k * n * 2}}
+        if args.json:  # after every shape: a run cut short keeps what it measured
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=2)
         names = list(dict.fromkeys(name for row in table.values() for name in row))
         print(f"\nK={k} N={n} rank={rank}  (GPU us per call; ratio = peer / Slim)")
         print(f"{'op':<24}" + "".join(f"{'M=' + str(m):>11}" for m in ms_list))
@@ -220,6 +225,3 @@ def bench_cuda(args) -> None:
                 cells = "".join(f"{table[m][peer] / table[m][slim_name]:>9.2f}x" if peer in table[m] and slim_name in table[m]
                                 else f"{'-':>10}" for m in ms_list)
                 print(f"  {peer + ' / ' + slim_name:<38}{cells}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)

@@ -1,12 +1,20 @@
 """A Llama-style decoder ONNX model with real layer shapes and random weights, for scale benchmarks.
 
-How much memory and time compression takes depends on the shapes of the layers and on how many there
-are, not on what the weights hold; so measuring it on Llama-3-8B does not need Llama-3-8B, only a
-model whose blocks have its shapes. This builds such a model directly with onnx-ir: the graph of an
-Optimum decoder export without KV cache (inputs `input_ids`, `attention_mask`, `position_ids`, output
-`logits`; nodes named as Optimum names them, e.g. `/model/layers.3/self_attn/q_proj/MatMul`, so the
-tools find the blocks by name), made of standard opset-18 ops only, with random normal weights scaled
-so that the activations stay in a sane range through any depth.
+How much memory and time compression takes, and how fast the result runs, depends on the shapes of
+the layers and on how many there are, not on what the weights hold; so measuring it on Llama-3-8B
+does not need Llama-3-8B, only a model whose blocks have its shapes. This builds such a model
+directly with onnx-ir: the graph of an Optimum decoder export without KV cache (inputs `input_ids`,
+`attention_mask`, `position_ids`, output `logits`; nodes named as Optimum names them, e.g.
+`/model/layers.3/self_attn/q_proj/MatMul`, so the tools find the blocks by name), made of standard
+opset-18 ops only, with random normal weights scaled so that the activations stay in a sane range
+through any depth.
+
+`--with-past` writes Optimum's `text-generation-with-past` decoder instead, for generation
+benchmarks: inputs `past_key_values.{i}.key` / `.value` [batch, kv_heads, past_len, head_dim] beside
+the three above (attention_mask then covers past and new tokens), outputs `present.{i}.key` /
+`.value` = the past with the new tokens' keys and values appended, and causal attention over both.
+`--dtype float16` stores the weights and computes in float16 end to end (rotary angles excepted:
+positions in float16 would lose their units), as a GPU deployment runs it.
 
 The weights never sit in memory together (8 blocks of Llama-3-8B are 11 GB of float32): each tensor
 is generated a chunk at a time and written straight into one external data file `model.onnx_data`,
@@ -14,6 +22,7 @@ and the graph's initializers are `ir.ExternalTensor`s pointing at their offsets 
 writes the graph alone.
 
     python tools/scale_model.py /tmp/scale8b2 --preset 8b --blocks 2
+    python tools/scale_model.py /tmp/smollm2 --preset smollm2 --with-past --dtype float16
     python tools/scale_model.py /tmp/tiny --hidden 64 --intermediate 128 --heads 4 --kv-heads 2 \\
         --blocks 2 --vocab 97
 """
@@ -32,7 +41,9 @@ import onnx_ir as ir
 
 LLAMA_3_2_1B = {"hidden": 2048, "intermediate": 8192, "heads": 32, "kv_heads": 8, "blocks": 16, "vocab": 128256}
 LLAMA_3_8B = {"hidden": 4096, "intermediate": 14336, "heads": 32, "kv_heads": 8, "blocks": 32, "vocab": 128256}
-PRESETS = {"1b": LLAMA_3_2_1B, "8b": LLAMA_3_8B}
+SMOLLM2_135M = {"hidden": 576, "intermediate": 1536, "heads": 9, "kv_heads": 3, "blocks": 30, "vocab": 49152}
+PRESETS = {"1b": LLAMA_3_2_1B, "8b": LLAMA_3_8B, "smollm2": SMOLLM2_135M}
+DTYPES = {"float32": (np.float32, ir.DataType.FLOAT), "float16": (np.float16, ir.DataType.FLOAT16)}
 
 DATA_FILE = "model.onnx_data"
 ALIGNMENT = 4096  # tensor offsets in the data file: page-aligned, so each can be memory-mapped
@@ -44,15 +55,17 @@ IR_VERSION = 10
 class _WeightFile:
     """The external data file, filled one tensor at a time, one chunk of a tensor at a time."""
 
-    def __init__(self, folder: Path, seed: int):
+    def __init__(self, folder: Path, seed: int, dtype: str):
         self.folder = folder
         self.seed = seed
+        self.dtype, self.ir_dtype = DTYPES[dtype]
         self.count = 0  # tensors written: each has its own random stream, [seed, index]
         self.file = open(folder / DATA_FILE, "wb")  # noqa: SIM115 - closed by write_llama
         self.buffer = np.empty(CHUNK_BYTES // 4, np.float32)
 
     def add(self, name: str, shape: tuple[int, ...], std: float | None) -> ir.ExternalTensor:
-        """A float32 tensor of N(0, std^2) values, or ones when std is None."""
+        """A tensor of N(0, std^2) values, or ones when std is None; drawn in float32 and stored in
+        the model's dtype, so a float16 model holds the float32 model's weights rounded."""
         offset = -(-self.file.tell() // ALIGNMENT) * ALIGNMENT
         self.file.write(bytes(offset - self.file.tell()))
         rng = np.random.default_rng([self.seed, self.count])
@@ -65,9 +78,10 @@ class _WeightFile:
             else:
                 rng.standard_normal(out=chunk, dtype=np.float32)
                 chunk *= np.float32(std)
-            self.file.write(chunk)
-        return ir.ExternalTensor(DATA_FILE, offset, 4 * total, ir.DataType.FLOAT, shape=ir.Shape(shape),
-                                 name=name, base_dir=self.folder)
+            self.file.write(chunk.astype(self.dtype, copy=False))
+        size = total * np.dtype(self.dtype).itemsize
+        return ir.ExternalTensor(DATA_FILE, offset, size, self.ir_dtype, shape=ir.Shape(shape), name=name,
+                                 base_dir=self.folder)
 
 
 class _Builder:
@@ -79,6 +93,9 @@ class _Builder:
         self.nodes: list[ir.Node] = []
         self.initializers: dict[str, ir.Value] = {}
         self.constants: dict[tuple, ir.Value] = {}
+        self.float = weights.dtype  # the activations' dtype
+        self.pasts: list[ir.Value] = []  # the cache's graph inputs and outputs (cache())
+        self.presents: list[ir.Value] = []
 
     def op(self, name: str, op_type: str, *inputs: ir.Value, **attributes) -> ir.Value:
         node = ir.Node("", op_type, inputs, ir.convenience.convert_attributes(attributes), name=name)
@@ -100,6 +117,14 @@ class _Builder:
             self.constants[key] = self._initializer(ir.tensor(array, name=f"/model/Constant_{len(self.constants)}"))
         return self.constants[key]
 
+    def fconst(self, value: float) -> ir.Value:
+        """A scalar in the activations' dtype."""
+        return self.const(value, self.float)
+
+    def to_float(self, name: str, x: ir.Value) -> ir.Value:
+        """float32 x in the activations' dtype (no node when that is float32)."""
+        return x if self.float == np.float32 else self.op(name, "Cast", x, to=self.weights.ir_dtype)
+
     def weight(self, name: str, shape: tuple[int, ...], std: float | None = None) -> ir.Value:
         return self._initializer(self.weights.add(name, shape, std))
 
@@ -108,10 +133,10 @@ class _Builder:
     def rms_norm(self, prefix: str, x: ir.Value, weight: str, hidden: int, eps: float) -> ir.Value:
         """x / sqrt(mean(x^2) + eps) * gamma, spelled as Optimum exports it (and as our RMSNorm
         fusion matches it)."""
-        square = self.op(f"{prefix}/Pow", "Pow", x, self.const(2.0, np.float32))
+        square = self.op(f"{prefix}/Pow", "Pow", x, self.fconst(2.0))
         mean = self.op(f"{prefix}/ReduceMean", "ReduceMean", square, self.const([-1]), keepdims=1)
-        root = self.op(f"{prefix}/Sqrt", "Sqrt", self.op(f"{prefix}/Add", "Add", mean, self.const(eps, np.float32)))
-        inverse = self.op(f"{prefix}/Div", "Div", self.const(1.0, np.float32), root)
+        root = self.op(f"{prefix}/Sqrt", "Sqrt", self.op(f"{prefix}/Add", "Add", mean, self.fconst(eps)))
+        inverse = self.op(f"{prefix}/Div", "Div", self.fconst(1.0), root)
         normed = self.op(f"{prefix}/Mul", "Mul", x, inverse)
         return self.op(f"{prefix}/Mul_1", "Mul", normed, self.weight(weight, (hidden,)))
 
@@ -134,6 +159,19 @@ class _Builder:
         split = self.op(f"{prefix}/Reshape", "Reshape", x, self.const([0, 0, count, head_dim]))
         return self.op(f"{prefix}/Transpose", "Transpose", split, perm=[0, 2, 1, 3])
 
+    def cache(self, prefix: str, block: int, kind: str, new: ir.Value, kv_heads: int, head_dim: int) -> ir.Value:
+        """present.{block}.{kind} = Concat(past_key_values.{block}.{kind}, new) on the sequence axis,
+        [B, Hkv, past + S, D]: the graph input and output Optimum's with-past export has."""
+        past = _graph_input(f"past_key_values.{block}.{kind}", self.weights.ir_dtype,
+                            ["batch_size", kv_heads, "past_sequence_length", head_dim])
+        present = self.op(f"{prefix}/Concat", "Concat", past, new, axis=2)
+        present.name = f"present.{block}.{kind}"
+        present.type = ir.TensorType(self.weights.ir_dtype)
+        present.shape = ir.Shape(["batch_size", kv_heads, "total_sequence_length", head_dim])
+        self.pasts.append(past)
+        self.presents.append(present)
+        return present
+
     def repeat_kv(self, prefix: str, x: ir.Value, group: int, heads: int, head_dim: int) -> ir.Value:
         """[B, Hkv, S, D] -> [B, Hkv * group, S, D], each key/value head repeated for its group of
         query heads: heads = Hkv * group (Unsqueeze -> Expand -> Reshape, as exports spell it)."""
@@ -149,9 +187,11 @@ def _graph_input(name: str, dtype: ir.DataType, dims: list) -> ir.Value:
 
 
 def write_llama(folder, *, hidden: int, intermediate: int, heads: int, kv_heads: int, blocks: int, vocab: int,
-                seed: int = 0, rope_theta: float = 500000.0, eps: float = 1e-5) -> Path:
+                seed: int = 0, rope_theta: float = 500000.0, eps: float = 1e-5, with_past: bool = False,
+                dtype: str = "float32") -> Path:
     """Write folder/model.onnx (+ model.onnx_data, config.json): a Llama decoder of these shapes
-    with random weights (see the module doc); returns the model's path."""
+    with random weights, with a KV cache if with_past, in dtype "float32" or "float16" (see the
+    module doc); returns the model's path."""
     if hidden % heads or heads % kv_heads or (hidden // heads) % 2:
         raise ValueError(f"hidden {hidden} must split into {heads} heads of even size, heads into {kv_heads} groups")
     folder = Path(folder)
@@ -160,11 +200,12 @@ def write_llama(folder, *, hidden: int, intermediate: int, heads: int, kv_heads:
     residual_scale = 1 / math.sqrt(2 * blocks)  # each block adds two branches to the residual stream
 
     batch_seq = ["batch_size", "sequence_length"]
+    batch_total = ["batch_size", "total_sequence_length"] if with_past else batch_seq  # past + new tokens
     input_ids = _graph_input("input_ids", ir.DataType.INT64, batch_seq)
-    attention_mask = _graph_input("attention_mask", ir.DataType.INT64, batch_seq)
+    attention_mask = _graph_input("attention_mask", ir.DataType.INT64, batch_total)
     position_ids = _graph_input("position_ids", ir.DataType.INT64, batch_seq)
 
-    weights = _WeightFile(folder, seed)
+    weights = _WeightFile(folder, seed, dtype)
     try:
         g = _Builder(weights)
         c = g.const
@@ -173,27 +214,32 @@ def write_llama(folder, *, hidden: int, intermediate: int, heads: int, kv_heads:
 
         # Rotary tables, once for all blocks: angle[b, s, j] = position[b, s] * theta^(-2j / head_dim),
         # j < head_dim / 2, repeated for the two halves; [B, 1, S, D] to broadcast over the heads.
+        # Angles in float32 (position 600 is 0.5 apart from its neighbours in float16), cos and sin
+        # in the activations' dtype.
         p = "/model/rotary_emb"
         inv_freq = 1.0 / rope_theta ** (np.arange(0, head_dim, 2) / head_dim)
         positions = g.op(f"{p}/Unsqueeze", "Unsqueeze", g.op(f"{p}/Cast", "Cast", position_ids, to=ir.DataType.FLOAT),
                          c([-1]))
         freqs = g.op(f"{p}/Mul", "Mul", positions, c(inv_freq, np.float32))
         angles = g.op(f"{p}/Unsqueeze_1", "Unsqueeze", g.op(f"{p}/Concat", "Concat", freqs, freqs, axis=-1), c([1]))
-        cos = g.op(f"{p}/Cos", "Cos", angles)
-        sin = g.op(f"{p}/Sin", "Sin", angles)
+        cos = g.to_float(f"{p}/Cast_1", g.op(f"{p}/Cos", "Cos", angles))
+        sin = g.to_float(f"{p}/Cast_2", g.op(f"{p}/Sin", "Sin", angles))
 
-        # Attention bias, once for all blocks: query s sees key t when t <= s and attention_mask[b, t] is 1.
-        # Masked scores get float32's lowest value rather than -inf, so that a row with every key masked
-        # (a left-padding query) gives a uniform softmax instead of NaN, as in transformers.
+        # Attention bias, once for all blocks: query s (at position past + s) sees key t when
+        # t <= past + s and attention_mask[b, t] is 1, with past = T - S (T keys, S queries; 0 without
+        # a cache). Masked scores get the dtype's lowest value rather than -inf, so that a row with
+        # every key masked (a left-padding query) gives a uniform softmax instead of NaN, as in transformers.
         p = "/model/mask"
-        length = g.op(f"{p}/Gather", "Gather", g.op(f"{p}/Shape", "Shape", input_ids), c(1), axis=0)
-        index = g.op(f"{p}/Range", "Range", c(0), length, c(1))
-        causal = g.op(f"{p}/LessOrEqual", "LessOrEqual", g.op(f"{p}/Unsqueeze", "Unsqueeze", index, c([0])),
-                      g.op(f"{p}/Unsqueeze_1", "Unsqueeze", index, c([1])))  # [S, S]
+        total = g.op(f"{p}/Gather", "Gather", g.op(f"{p}/Shape", "Shape", attention_mask), c(1), axis=0)
+        length = g.op(f"{p}/Gather_1", "Gather", g.op(f"{p}/Shape_1", "Shape", input_ids), c(1), axis=0)
+        keys = g.op(f"{p}/Range", "Range", c(0), total, c(1))
+        queries = g.op(f"{p}/Range_1", "Range", g.op(f"{p}/Sub", "Sub", total, length), total, c(1))
+        causal = g.op(f"{p}/LessOrEqual", "LessOrEqual", g.op(f"{p}/Unsqueeze", "Unsqueeze", keys, c([0])),
+                      g.op(f"{p}/Unsqueeze_1", "Unsqueeze", queries, c([1])))  # [S, T]
         padding = g.op(f"{p}/Unsqueeze_2", "Unsqueeze", g.op(f"{p}/Cast", "Cast", attention_mask, to=ir.DataType.BOOL),
-                       c([1, 2]))  # [B, 1, 1, S]
-        bias = g.op(f"{p}/Where", "Where", g.op(f"{p}/And", "And", causal, padding), c(0.0, np.float32),
-                    c(np.finfo(np.float32).min, np.float32))  # [B, 1, S, S]
+                       c([1, 2]))  # [B, 1, 1, T]
+        bias = g.op(f"{p}/Where", "Where", g.op(f"{p}/And", "And", causal, padding), g.fconst(0.0),
+                    g.fconst(np.finfo(g.float).min))  # [B, 1, S, T]
 
         for i in range(blocks):
             p = f"/model/layers.{i}"
@@ -203,11 +249,14 @@ def write_llama(folder, *, hidden: int, intermediate: int, heads: int, kv_heads:
             k = g.heads_first(f"{a}/k", g.linear(f"{a}/k_proj", x, hidden, kv_heads * head_dim), kv_heads, head_dim)
             v = g.heads_first(f"{a}/v", g.linear(f"{a}/v_proj", x, hidden, kv_heads * head_dim), kv_heads, head_dim)
             q = g.rotary(f"{a}/rotary_q", q, cos, sin, head_dim // 2)
-            k = g.repeat_kv(f"{a}/k", g.rotary(f"{a}/rotary_k", k, cos, sin, head_dim // 2), group, heads, head_dim)
+            k = g.rotary(f"{a}/rotary_k", k, cos, sin, head_dim // 2)
+            if with_past:
+                k = g.cache(f"{a}/key", i, "key", k, kv_heads, head_dim)
+                v = g.cache(f"{a}/value", i, "value", v, kv_heads, head_dim)
+            k = g.repeat_kv(f"{a}/k", k, group, heads, head_dim)
             v = g.repeat_kv(f"{a}/v", v, group, heads, head_dim)
             scores = g.op(f"{a}/MatMul", "MatMul", q, g.op(f"{a}/Transpose_kt", "Transpose", k, perm=[0, 1, 3, 2]))
-            scores = g.op(f"{a}/Add", "Add", g.op(f"{a}/Mul", "Mul", scores, c(1 / math.sqrt(head_dim), np.float32)),
-                          bias)
+            scores = g.op(f"{a}/Add", "Add", g.op(f"{a}/Mul", "Mul", scores, g.fconst(1 / math.sqrt(head_dim))), bias)
             context = g.op(f"{a}/MatMul_1", "MatMul", g.op(f"{a}/Softmax", "Softmax", scores, axis=-1), v)
             context = g.op(f"{a}/Transpose", "Transpose", context, perm=[0, 2, 1, 3])
             context = g.op(f"{a}/Reshape", "Reshape", context, c([0, 0, heads * head_dim]))
@@ -230,10 +279,10 @@ def write_llama(folder, *, hidden: int, intermediate: int, heads: int, kv_heads:
 
     # The graph's output keeps the name `logits`: rename the last MatMul's output.
     logits.name = "logits"
-    logits.type = ir.TensorType(ir.DataType.FLOAT)
+    logits.type = ir.TensorType(weights.ir_dtype)
     logits.shape = ir.Shape([*batch_seq, vocab])
-    graph = ir.Graph([input_ids, attention_mask, position_ids], [logits], nodes=g.nodes,
-                     initializers=list(g.initializers.values()), opset_imports={"": OPSET}, name="main_graph")
+    graph = ir.Graph([input_ids, attention_mask, position_ids, *g.pasts], [logits, *g.presents], nodes=g.nodes, initializers=list(g.initializers.values()),
+                     opset_imports={"": OPSET}, name="main_graph")
     model = ir.Model(graph, ir_version=IR_VERSION, producer_name="slim_onnx tools/scale_model.py")
     path = folder / "model.onnx"
     # Without `external_data`, ir.save serializes each ExternalTensor as its location, offset and
@@ -243,8 +292,8 @@ def write_llama(folder, *, hidden: int, intermediate: int, heads: int, kv_heads:
     config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": hidden,
               "intermediate_size": intermediate, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
               "num_hidden_layers": blocks, "vocab_size": vocab, "head_dim": head_dim, "rope_theta": rope_theta,
-              "rms_norm_eps": eps, "hidden_act": "silu", "tie_word_embeddings": False, "torch_dtype": "float32",
-              "note": f"random weights (tools/scale_model.py), seed {seed}"}
+              "rms_norm_eps": eps, "hidden_act": "silu", "tie_word_embeddings": False, "torch_dtype": dtype,
+              "use_cache": with_past, "note": f"random weights (tools/scale_model.py), seed {seed}"}
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return path
 
@@ -265,12 +314,14 @@ def random_calibration_npz(path, *, vocab: int, windows: int = 16, seqlen: int =
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out", type=Path, help="folder for model.onnx, model.onnx_data and config.json")
-    parser.add_argument("--preset", choices=sorted(PRESETS), help="Llama-3.2-1B or Llama-3-8B shapes")
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="Llama-3.2-1B, Llama-3-8B or SmolLM2-135M shapes")
     for name in ("hidden", "intermediate", "heads", "kv-heads", "blocks", "vocab"):
         parser.add_argument(f"--{name}", type=int, help="overrides the preset")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rope-theta", type=float, default=500000.0)
     parser.add_argument("--eps", type=float, default=1e-5)
+    parser.add_argument("--with-past", action="store_true", help="with a KV cache (text-generation-with-past)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weights and activations")
     args = parser.parse_args(argv)
 
     shapes = dict(PRESETS.get(args.preset, {}))
@@ -282,7 +333,8 @@ def main(argv=None) -> None:
         parser.error(f"give --preset or all of the shapes (missing: {', '.join(sorted(missing))})")
 
     start = time.perf_counter()
-    path = write_llama(args.out, **shapes, seed=args.seed, rope_theta=args.rope_theta, eps=args.eps)
+    path = write_llama(args.out, **shapes, seed=args.seed, rope_theta=args.rope_theta, eps=args.eps,
+                       with_past=args.with_past, dtype=args.dtype)
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
     data = path.with_name(DATA_FILE).stat().st_size
