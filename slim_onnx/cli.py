@@ -52,6 +52,12 @@ def _add_compress(sub) -> None:
     p.add_argument("--calibration", choices=CALIBRATION_MODES, default=CALIBRATION_MODES[0],
                    help="stream (default): block by block, each on the output of the compressed earlier blocks, "
                         "in one pass; one-pass: every layer from the dense model at once (more memory)")
+    p.add_argument("--budget", type=float, metavar="BITS",
+                   help="choose each layer's format (2:4 or dense 4-bit, adapter rank 0..0.25) for this average of "
+                        "bits per compressed weight, scales and adapters included (the default format is about 3.8), "
+                        "least predicted damage first (measures each layer's sensitivity: slower)")
+    p.add_argument("--size-ratio", type=float, metavar="R",
+                   help="as --budget, for a size of R times the compressed layers' float16 bytes (default format: ~0.24)")
     p.add_argument("--no-fuse-attention", action="store_true",
                    help="keep the export's attention and RMSNorm ops (default: fuse cached decoder attention into "
                         "GroupQueryAttention, and residual Add + RMSNorm into SkipSimplifiedLayerNormalization)")
@@ -89,6 +95,7 @@ def _compress(args) -> int:
     report = compress(
         args.input, args.output, config, calibration, graph=graph, include=args.include, exclude=args.exclude,
         compress_lm_head=not args.no_lm_head, overwrite=args.overwrite, calibration_mode=args.calibration,
+        budget_bits=args.budget, size_ratio=args.size_ratio,
         log=_log(args.quiet), progress=progress_factory(not args.quiet and not args.verbose),
     )
     t = report["totals"]

@@ -240,6 +240,22 @@ class SlimWeights:
         return sum(a.nbytes for a in self.input_tensors().values() if a is not None)
 
 
+def packed_nbytes(k: int, n: int, group_size: int, sparse: bool, rank: int = 0, adapter_format: str = "none",
+                  adapter_group_size: int = 128, bias: bool = False) -> int:
+    """Bytes of a SlimMatMul node's weight inputs for these attributes (SlimWeights.nbytes() of such
+    a node), without packing anything: what a layer costs in each format."""
+    def tiles(rows: int, cols: int) -> int:
+        return _ceil_div(cols, TILE_N) * _ceil_div(rows, BLOCK_K)
+
+    total = tiles(k, n) * (SPARSE_BLOCK_BYTES if sparse else DENSE_BLOCK_BYTES) + num_groups(k, group_size) * n * 2
+    if adapter_format == "float16":
+        total += (k * rank + rank * n) * 2
+    elif adapter_format == "int4" and rank:
+        total += (tiles(k, rank) + tiles(rank, n)) * DENSE_BLOCK_BYTES
+        total += (num_groups(k, adapter_group_size) * rank + num_groups(rank, adapter_group_size) * n) * 2
+    return total + (4 * n if bias else 0)
+
+
 def concatenate_columns(parts: list[SlimWeights]) -> SlimWeights | None:
     """One SlimWeights computing [A @ W_1 | A @ W_2 | ...] for layers that read the same A, or None
     when their formats differ (sparsity, groups, adapter kind) or, for int4 adapters, when the joint

@@ -12,6 +12,7 @@ The input is never modified and the output folder appears only when complete; an
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import itertools
@@ -30,6 +31,7 @@ import numpy as np
 import onnx_ir as ir
 
 from slim_onnx.algorithms.layer import CompressionError, compress_layer
+from slim_onnx.budget import budget_bytes, plan_formats
 from slim_onnx.calibration import (
     CalibrationError,
     TextCalibration,
@@ -205,28 +207,35 @@ def select_layers(model: ir.Model, config: SlimConfig, include, exclude, compres
     return layers, kept
 
 
-def calibrate(model: ir.Model, layers: list[LinearLayer], feeds: list | None, config: SlimConfig, progress=None) -> dict:
+def calibrate(model: ir.Model, layers: list[LinearLayer], feeds: list | None, config: SlimConfig, progress=None,
+              hessian: bool | None = None) -> dict:
     """The input statistics of `layers` (LayerStatistics by name) on `model` as it is now; none
-    without feeds (configurations that need no statistics)."""
+    without feeds (configurations that need no statistics). hessian: whether to sum X^T X (default:
+    whether `config` needs it)."""
     if feeds is None:
         return {}
-    return collect_statistics(model, layers, feeds, hessian=config.needs_hessian, progress=progress, device=config.device,
+    hessian = config.needs_hessian if hessian is None else hessian
+    return collect_statistics(model, layers, feeds, hessian=hessian, progress=progress, device=config.device,
                               providers=_calibration_providers(config))
 
 
-def compress_layers(layers: list[LinearLayer], stats: dict, config: SlimConfig, done=None) -> tuple[dict, list[dict]]:
+def compress_layers(layers: list[LinearLayer], stats: dict, config: SlimConfig, done=None,
+                    plan: dict | None = None) -> tuple[dict, list[dict]]:
     """(SlimWeights by layer name, reports) of `layers`, with their calibration statistics by name:
-    each compressed (algorithms) and packed (packing); done(layer, report) is called as each is finished."""
+    each compressed (algorithms) and packed (packing), with `config`, or the format `plan` (budget.LayerPlan
+    by name) chose for it; done(layer, report) is called as each is finished."""
     weights, reports = {}, []
     for layer in layers:
         w, bias = layer.weight_array(), layer.bias_array()
         for value in (layer.weight, layer.bias):  # the float32 copies are what is used: unmap the file
             if value is not None and isinstance(value.const_value, ir.ExternalTensor):
                 value.const_value.release()
-        quantized = compress_layer(w, stats.get(layer.name), config, layer.name, bias)
+        chosen = plan.get(layer.name) if plan else None
+        quantized = compress_layer(w, stats.get(layer.name), chosen.config if chosen else config, layer.name, bias)
         del w
         weights[layer.name] = pack_layer(quantized)
-        reports.append(quantized.report | {"bytes_packed": weights[layer.name].nbytes()})
+        reports.append(quantized.report | {"bytes_packed": weights[layer.name].nbytes()}
+                       | ({"plan": chosen.report()} if chosen else {}))
         if done:
             done(layer, reports[-1])
     return weights, reports
@@ -259,6 +268,8 @@ def compress(
     compress_lm_head: bool = True,
     overwrite: bool = False,
     calibration_mode: str = "stream",
+    budget_bits: float | None = None,
+    size_ratio: float | None = None,
     log=None,
     progress=None,
 ) -> dict:
@@ -271,6 +282,9 @@ def compress(
     calibration_mode: "stream" (default): block by block, each block's statistics taken on the
     output of the earlier blocks compressed (as SparseGPT and SLiM do), in one pass over the model
     (streaming.py); "one-pass": every layer's statistics from the dense model at once.
+    budget_bits, size_ratio: choose each layer's format for this byte budget (average bits per compressed
+    weight, or a fraction of their float16 bytes) by predicted damage (budget.py); `config` gives
+    everything but the sparsity and adapter rank.
     log: called with each message (default: print to stderr); progress: an optional factory
     `progress(label, total)` returning a callable advanced once per calibration batch and per layer,
     which replaces the per-layer and per-block messages.
@@ -302,24 +316,38 @@ def compress(
                          "cannot run (Optimum's merged decoder_model_merged.onnx): compress the export's model.onnx "
                          "(optimum-cli export onnx ... --no-post-process), or exclude them with --exclude")
     mode = calibration_mode if feeds is not None else "none"
+    budget = None
+    if budget_bits is not None or size_ratio is not None:
+        budget = budget_bytes(sum(layer.k * layer.n for layer in kept), bits=budget_bits, size_ratio=size_ratio)
+        if feeds is None:
+            raise InputError("a byte budget (--budget/--size-ratio) needs calibration data to predict each layer's "
+                             "damage: pass --calib TEXT_OR_NPZ")
 
     weights, reports = {}, []
     blocks = transformer_blocks(kept) if mode == "stream" else [kept]
     layer_bar = progress("compressing", len(kept)) if progress and mode != "stream" else None
     done = _layer_logger(len(kept), log, layer_bar)
 
+    plan = None
+
     def compress_block(block: list[LinearLayer], stats: dict) -> None:
-        block_weights, block_reports = compress_layers(block, stats, config, done)
+        block_weights, block_reports = compress_layers(block, stats, config, done, plan)
         # in place; the clean-up after it (sort, unused nodes, fallback functions) is rewrite_graph's
         ReplaceLinearLayersPass(block_weights, graph.accuracy_level, block)(model)
         weights.update(block_weights)
         reports.extend(block_reports)
 
     with _work_folder(out) as work:
+        if budget is not None:
+            plan = plan_formats(src, model, kept, feeds, config, budget, work,
+                                providers=_calibration_providers(config), log=log)
+            _log_plan(plan, budget, log)
+        # a plan may give adapters (needing H) where the base configuration has none
+        hessian = config.needs_hessian or any(p.config.needs_hessian for p in (plan or {}).values())
         streaming = None
         if mode == "stream":
             streaming = stream_blocks(
-                model, blocks, feeds, compress_block, hessian=config.needs_hessian, device=config.device, workdir=work,
+                model, blocks, feeds, compress_block, hessian=hessian, device=config.device, workdir=work,
                 spill_weights=had_external, providers=_calibration_providers(config),
                 log=(lambda msg: None) if progress else log,
                 step=progress("compressing blocks", len(blocks)) if progress else None,
@@ -328,7 +356,7 @@ def compress(
             if feeds is not None and not progress:
                 log(f"calibrating {len(kept)} layers on {len(feeds)} batches")
             batch_bar = progress("calibrating", len(feeds)) if progress and feeds is not None else None
-            compress_block(kept, calibrate(model, kept, feeds, config, batch_bar))
+            compress_block(kept, calibrate(model, kept, feeds, config, batch_bar, hessian))
         rewrite = rewrite_graph(model, graph)
         _log_rewrite(rewrite, log)
         report = {
@@ -350,8 +378,18 @@ def compress(
         }
         if streaming is not None:
             report["streaming"] = streaming
+        if plan is not None:
+            report["budget"] = {"bytes": budget, "bits_per_weight": 8 * budget / sum(l.k * l.n for l in kept),
+                                "formats": dict(collections.Counter(p.candidate.label for p in plan.values()))}
         _write_output(model, src, out, report, had_external, overwrite, log)
     return report
+
+
+def _log_plan(plan: dict, budget: int, log) -> None:
+    chosen = sum(p.bytes for p in plan.values())
+    counts = collections.Counter(p.candidate.label for p in plan.values())
+    log(f"formats for a budget of {budget / 2**20:.2f} MiB: {chosen / 2**20:.2f} MiB chosen, "
+        + ", ".join(f"{label} x{count}" for label, count in counts.most_common()))
 
 
 def _calibration_providers(config: SlimConfig) -> tuple[str, ...]:

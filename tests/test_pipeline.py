@@ -293,3 +293,30 @@ def test_calibration_runs_only_what_the_layer_inputs_need(tiny_llama):
     for layer in layers:
         want = xtx[layer.node.inputs[0].name]
         np.testing.assert_allclose(stats[layer.name].xtx.numpy(), want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
+
+
+def test_size_ratio_chooses_formats_within_the_bytes(tiny_llama, tmp_path):
+    """--size-ratio: each layer gets a format of the ladder whose packed bytes are what the plan
+    counted, the total stays within the budget, the plan is in the report, and the bigger budget
+    brings the model's logits closer to the dense model's (KL on held-out text)."""
+    from slim_onnx.calibration import model_feeds
+    from slim_onnx.sensitivity import output_divergence
+    import onnx_ir as ir
+
+    feeds = list(model_feeds(ir.load(tiny_llama / "onnx" / "model.onnx"), np.arange(5, 69).reshape(2, 32)))
+    dense = [ort.InferenceSession(str(tiny_llama / "onnx" / "model.onnx")).run(["logits"], f)[0] for f in feeds]
+    kl = {}
+    for ratio in (0.24, 0.4):
+        out = tmp_path / f"r{ratio}"
+        res = cli("compress", tiny_llama / "onnx", out, "--calib", tiny_llama / "calib.txt", "--calib-samples", 8,
+                  "--seqlen", 64, "--size-ratio", ratio, "--accuracy-level", 0, "-q")
+        assert res.returncode == 0, res.stderr
+        report = json.loads((out / "slim_report.json").read_text())
+        layers, budget = report["layers"], report["budget"]["bytes"]
+        assert budget == int(ratio * report["totals"]["bytes_float16"])
+        assert all(layer["bytes_packed"] == layer["plan"]["bytes"] for layer in layers)
+        assert sum(layer["bytes_packed"] for layer in layers) <= budget
+        assert sum(report["budget"]["formats"].values()) == len(layers) == 15
+        session = ort.InferenceSession(str(out / "model.onnx"), slim_onnx.session_options())
+        kl[ratio] = np.mean([output_divergence(d, session.run(["logits"], f)[0], True) for f, d in zip(feeds, dense)])
+    assert kl[0.4] < kl[0.24], kl

@@ -115,61 +115,71 @@ def _quantize(w, mask, hessian, config: SlimConfig):
     return q, scales, mask
 
 
+def _quantize_weight(w: torch.Tensor, s, hessian, config: SlimConfig):
+    """Steps 1-2: (q, scales, mask) of W with the configured mask and quantizer."""
+    scored_mask = config.sparsity == "2:4" and config.pruning in ("magnitude", "wanda")
+    if scored_mask and config.mask_on == "quantized" and config.quantizer != "gptq":
+        # the paper's order: quantize the dense W, then prune the quantized weights
+        q, scales, _ = _quantize(w, None, hessian, config)
+        mask = _score_mask(dequantize(q, scales, config.group_size), s, config)
+        return q * mask, scales, mask
+    mask = _score_mask(w, s, config) if scored_mask else None
+    return _quantize(w, mask, hessian, config)
+
+
+def _fit_adapters(w: torch.Tensor, q, scales, rank: int, s, stats, hessian, config: SlimConfig):
+    """Step 3: (adapters as stored, (L, R) float32 as the kernel multiplies them) for W - W_c."""
+    error = dequantize(q, scales, config.group_size)
+    torch.sub(w, error, out=error)  # E = W - W_c in W_c's buffer, which the fit then overwrites
+    if config.lowrank == "hessian":
+        l, r = hessian_low_rank_factors(error, rank, hessian, config.damp, config.svd, config.seed, overwrite=True)
+    else:
+        stat = s if config.saliency == "rms" else stats.channel_abs_mean.to(w.device)
+        x = saliency(stat, config.saliency) if config.lowrank == "saliency" else None
+        l, r = low_rank_factors(error, rank, x, config.svd, config.seed, overwrite=True)
+    del error
+    if config.adapter_format == "float16":
+        adapters = (l.half(), r.half())
+        return adapters, tuple(a.float() for a in adapters)
+    # continue with the adapters the kernel will really use
+    adapters = (quantize_absmax(l, config.adapter_group_size), quantize_absmax(r, config.adapter_group_size))
+    return adapters, tuple(dequantize(qa, sa, config.adapter_group_size) for qa, sa in adapters)
+
+
+def _start(w, stats: LayerStatistics | None, config: SlimConfig, name: str):
+    """W as float32 on the configured device, checked, with the statistics the algorithms read:
+    (w, per-channel mean x^2 or None, DampedHessian or None)."""
+    device = torch.device(config.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CompressionError(f"layer {name}: device='cuda' was asked for, but torch sees no CUDA device")
+    w = torch.as_tensor(np.asarray(w) if not isinstance(w, torch.Tensor) else w).to(device=device, dtype=torch.float32)
+    _check_inputs(name, w, stats, config)
+    if config.bits != 4:
+        raise CompressionError(f"layer {name}: the SlimMatMul format packs bits=4, got bits={config.bits}")
+    s = stats.channel_sq_mean.to(device) if stats is not None and stats.count else None
+    hessian = DampedHessian(stats.hessian, config.damp, device) if config.needs_hessian else None
+    return w, s, hessian
+
+
 def compress_layer(
     w, stats: LayerStatistics | None, config: SlimConfig = SlimConfig(), name: str = "layer", bias=None
 ) -> QuantizedLayer:
     """Compress W [K, N] (numpy or torch) with `config`: the quantized layer, with a report of its errors."""
     start = time.perf_counter()
-    device = torch.device(config.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CompressionError(f"layer {name}: device='cuda' was asked for, but torch sees no CUDA device")
-    w = torch.as_tensor(np.asarray(w) if not isinstance(w, torch.Tensor) else w).to(device=device, dtype=torch.float32)
-    k, n = w.shape if w.ndim == 2 else (0, 0)
-    rank = config.resolve_rank(k, n) if w.ndim == 2 else 0
-    _check_inputs(name, w, stats, config)
-    if config.bits != 4:
-        raise CompressionError(f"layer {name}: the SlimMatMul format packs bits=4, got bits={config.bits}")
+    w, s, hessian = _start(w, stats, config, name)
+    k, n = w.shape
+    rank = config.resolve_rank(k, n)
     sparse = config.sparsity == "2:4"
-    s = stats.channel_sq_mean.to(device) if stats is not None and stats.count else None
-    hessian = DampedHessian(stats.hessian, config.damp, device) if config.needs_hessian else None
-
-    scored_mask = sparse and config.pruning in ("magnitude", "wanda")
-    if scored_mask and config.mask_on == "quantized" and config.quantizer != "gptq":
-        # the paper's order: quantize the dense W, then prune the quantized weights
-        q, scales, _ = _quantize(w, None, hessian, config)
-        mask = _score_mask(dequantize(q, scales, config.group_size), s, config)
-        q = q * mask
-    else:
-        mask = _score_mask(w, s, config) if scored_mask else None
-        q, scales, mask = _quantize(w, mask, hessian, config)
-
+    q, scales, mask = _quantize_weight(w, s, hessian, config)
     adapters = matrices = None
     if rank > 0:
-        error = dequantize(q, scales, config.group_size)
-        torch.sub(w, error, out=error)  # E = W - W_c in W_c's buffer, which the fit then overwrites
-        if config.lowrank == "hessian":
-            l, r = hessian_low_rank_factors(error, rank, hessian, config.damp, config.svd, config.seed, overwrite=True)
-        else:
-            stat = s if config.saliency == "rms" else stats.channel_abs_mean.to(device)
-            x = saliency(stat, config.saliency) if config.lowrank == "saliency" else None
-            l, r = low_rank_factors(error, rank, x, config.svd, config.seed, overwrite=True)
-        del error
-        if config.adapter_format == "float16":
-            adapters = (l.half(), r.half())
-            l, r = (a.float() for a in adapters)
-        else:  # continue with the adapters the kernel will really use
-            adapters = (quantize_absmax(l, config.adapter_group_size), quantize_absmax(r, config.adapter_group_size))
-            l, r = (dequantize(qa, sa, config.adapter_group_size) for qa, sa in adapters)
+        adapters, matrices = _fit_adapters(w, q, scales, rank, s, stats, hessian, config)
         if config.requantize:
-            q, scales, mask = _quantize(w - l @ r, mask, hessian, config)
-        matrices = (l, r)
+            q, scales, mask = _quantize(w - matrices[0] @ matrices[1], mask, hessian, config)
 
     def effective(cols) -> torch.Tensor:
         """Columns `cols` of the matrix the layer multiplies by: W_c + L R."""
-        w_eff = dequantize(q[:, cols], scales[:, cols], config.group_size)
-        if matrices is not None:
-            w_eff += matrices[0].float() @ matrices[1][:, cols].float()
-        return w_eff
+        return _effective(q, scales, matrices, cols, config.group_size)
 
     if adapters is not None:  # to numpy: float16 (L, R), or int4 ((L_q, L_scales), (R_q, R_scales))
         adapters = tuple(_numpy(a) if config.adapter_format == "float16" else tuple(map(_numpy, a)) for a in adapters)
@@ -180,6 +190,40 @@ def compress_layer(
     )
     layer.report = layer_report(name, w, effective, layer, rank, stats, config, time.perf_counter() - start)
     return layer
+
+
+def _effective(q, scales, matrices, cols, group_size: int) -> torch.Tensor:
+    """Columns `cols` of W_c + L R (matrices = (L, R) or None)."""
+    w_eff = dequantize(q[:, cols], scales[:, cols], group_size)
+    if matrices is not None:
+        w_eff += matrices[0].float() @ matrices[1][:, cols].float()
+    return w_eff
+
+
+def candidate_errors(w, stats: LayerStatistics, configs: list[SlimConfig], name: str = "layer") -> list[float]:
+    """The layer-output error tr(E^T H E) (mean over calibration tokens of ||x E||^2, E = W minus
+    what the layer would multiply by) of W [K, N] compressed with each of `configs`, which may differ
+    in sparsity and adapter rank only: the weights are quantized once per sparsity and the adapters
+    fitted per rank on that. Estimated on at most 1024 evenly spaced columns (scaled to all N), as
+    the reports' output error."""
+    if stats is None or stats.xtx is None:
+        raise CompressionError(f"layer {name}: predicting output errors needs LayerStatistics(hessian=True)")
+    # one conversion of W and one factorisation of H for all: the configs share everything else
+    w_t, s, hessian = _start(w, stats, max(configs, key=lambda c: c.needs_hessian), name)
+    k, n = w_t.shape
+    cols = torch.linspace(0, n - 1, min(n, 1024), device=w_t.device).round().long().unique()
+    h = stats.hessian.to(device=w_t.device, dtype=torch.float32)
+    quantized, errors = {}, []
+    for config in configs:
+        _check_inputs(name, w_t, stats, config)
+        if config.sparsity not in quantized:
+            quantized[config.sparsity] = _quantize_weight(w_t, s, hessian, config)
+        q, scales, _ = quantized[config.sparsity]
+        rank = config.resolve_rank(k, n)
+        matrices = _fit_adapters(w_t, q, scales, rank, s, stats, hessian, config)[1] if rank else None
+        e = w_t[:, cols] - _effective(q, scales, matrices, cols, config.group_size)
+        errors.append(float(((h @ e) * e).sum().clamp_min(0)) * n / len(cols))
+    return errors
 
 
 def layer_report(name, w: torch.Tensor, effective, layer: QuantizedLayer, rank: int, stats,

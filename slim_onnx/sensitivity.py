@@ -1,0 +1,88 @@
+"""How far the model's output moves when one layer alone is compressed: the per-layer sensitivity
+that weights the predicted errors in budget.py.
+
+For layer l compressed alone (the others dense), the model's output on a few calibration windows is
+compared with the dense model's: the mean KL divergence of the next-token distributions for a
+decoder (an output named "logits"), the relative squared error of the first output otherwise.
+Divided by the layer's own output error e_l = tr(E^T H E), it is s_l, the damage per unit of layer
+error. budget.py predicts candidate c's damage as s_l * e[l][c]: damage linear in e (KL is second
+order in a small perturbation, as e is) and adding over layers.
+
+One session serves every layer: each layer's weight becomes an initializer that is also a graph
+input (ONNX's overridable initializer), so a run feeds one layer's compressed weight and leaves the
+others dense.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+
+from slim_onnx.passes import find_linear_layers
+
+PROBE_FILE = "sensitivity.onnx"
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def output_divergence(dense: np.ndarray, changed: np.ndarray, logits: bool) -> float:
+    """Mean KL(dense || changed) over tokens for logits, else ||changed - dense||^2 / ||dense||^2."""
+    if logits:
+        lp, lq = _log_softmax(dense), _log_softmax(changed)
+        return float((np.exp(lp) * (lp - lq)).sum(axis=-1).mean())
+    dense64 = dense.astype(np.float64)
+    return float(((changed - dense64) ** 2).sum() / max((dense64**2).sum(), 1e-30))
+
+
+class SensitivityProbe:
+    """The model at `model_path` with the named layers' weights overridable, and its dense outputs
+    on `feeds`; divergence(layer, w) runs it with one layer's weight replaced."""
+
+    def __init__(self, model_path: Path, layer_names: list[str], feeds: list[dict], workdir: Path,
+                 providers: tuple[str, ...] = ("CPUExecutionProvider",)):
+        model = ir.load(model_path)
+        graph = model.graph
+        wanted = set(layer_names)
+        self.inputs: dict[str, tuple[str, bool, np.dtype]] = {}
+        for i, layer in enumerate(l for l in find_linear_layers(model) if l.name in wanted):
+            old = layer.weight
+            value = ir.Value(name=f"slim_sensitivity.{i}", shape=old.shape, type=old.type, const_value=old.const_value)
+            graph.register_initializer(value)
+            graph.inputs.append(value)
+            consumer = layer.transpose_node or layer.node  # a tied lm_head reads the embedding through a Transpose
+            for index, read in enumerate(consumer.inputs):
+                if read is old:
+                    consumer.replace_input_with(index, value)
+            if not any(True for _ in old.uses()):
+                graph.initializers.pop(old.name)
+            self.inputs[layer.name] = (value.name, layer.transposed, old.const_value.dtype.numpy())
+        path = workdir / PROBE_FILE
+        ir.save(model, path, external_data=PROBE_FILE + ".data")
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # overridable initializers are the point here, not a warning per layer
+        self.session = ort.InferenceSession(str(path), options, providers=list(providers))
+        names = [o.name for o in self.session.get_outputs()]
+        self.output = "logits" if "logits" in names else names[0]
+        self.feeds = feeds
+        self.dense = [self.session.run([self.output], feed)[0] for feed in feeds]
+
+    def divergence(self, layer_name: str, weight: np.ndarray) -> float:
+        """The output divergence (see output_divergence) with layer `layer_name` multiplying by
+        `weight` [K, N] instead of its dense weight, averaged over the feeds."""
+        name, transposed, dtype = self.inputs[layer_name]
+        w = np.ascontiguousarray(weight.T if transposed else weight, dtype=dtype)
+        total = 0.0
+        for feed, dense in zip(self.feeds, self.dense):
+            changed = self.session.run([self.output], {**feed, name: w})[0]
+            total += output_divergence(dense, changed, self.output == "logits")
+        return total / len(self.feeds)
+
+
+__all__ = ["SensitivityProbe", "output_divergence"]

@@ -1,0 +1,154 @@
+"""Per-layer formats under a byte budget: exact bytes, the knapsack against brute force, and the
+candidates' predicted errors against compressing the layer with each one."""
+
+import itertools
+
+import numpy as np
+import pytest
+from helpers import random_weights
+
+from slim_onnx.algorithms.layer import candidate_errors, compress_layer
+from slim_onnx.algorithms.stats import LayerStatistics
+from slim_onnx.budget import LADDER, Candidate, budget_bytes, candidate_bytes, choose_formats
+from slim_onnx.config import ConfigError, SlimConfig
+from slim_onnx.layout import packed_nbytes
+from slim_onnx.packing import pack_layer
+
+
+@pytest.mark.parametrize("k,n", [(64, 48), (100, 33), (576, 192)])
+@pytest.mark.parametrize("sparse", [True, False])
+@pytest.mark.parametrize("adapter_format,rank", [("none", 0), ("int4", 8), ("int4", 20), ("float16", 5)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_packed_nbytes_is_what_packing_writes(rng, k, n, sparse, adapter_format, rank, bias):
+    if sparse and k % 4:
+        pytest.skip("2:4 needs K % 4 == 0")
+    w = random_weights(rng, k, n, sparse=sparse, adapter_format=adapter_format, rank=rank, bias=bias)
+    assert packed_nbytes(k, n, w.group_size, sparse, w.rank, w.adapter_format, w.adapter_group_size, bias) == w.nbytes()
+
+
+def brute_force(costs, sizes, budget):
+    best = (np.inf, None)
+    for choice in itertools.product(*[range(len(c)) for c in costs]):
+        size = sum(sizes[l][c] for l, c in enumerate(choice))
+        cost = sum(costs[l][c] for l, c in enumerate(choice))
+        if size <= budget and cost < best[0]:
+            best = (cost, choice)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_choose_formats_is_the_exact_optimum(seed):
+    """Small random instances against every combination (units fine enough to count single bytes)."""
+    rng = np.random.default_rng(seed)
+    layers, candidates = 5, 4
+    sizes = rng.integers(1, 40, size=(layers, candidates))
+    costs = rng.random((layers, candidates)) * 10
+    costs[rng.random((layers, candidates)) < 0.1] = np.inf  # some formats a layer cannot take
+    costs[:, 0] = rng.random(layers) * 10  # every layer keeps one
+    lo = sizes[:, 0].sum()
+    for budget in (lo, lo + 7, lo + 30, sizes.max(axis=1).sum()):
+        choice = choose_formats(costs, sizes, int(budget), units=int(budget))
+        cost, _ = brute_force(costs, sizes, budget)
+        assert sum(sizes[l, c] for l, c in enumerate(choice)) <= budget
+        assert sum(costs[l, c] for l, c in enumerate(choice)) == pytest.approx(cost)
+
+
+def test_choose_formats_with_coarse_units_stays_within_budget():
+    rng = np.random.default_rng(0)
+    sizes = rng.integers(1000, 100000, size=(50, 8))
+    costs = rng.random((50, 8))
+    budget = int(sizes.mean(axis=1).sum())
+    choice = choose_formats(costs, sizes, budget, units=64)
+    assert sum(sizes[l, c] for l, c in enumerate(choice)) <= budget
+
+
+def test_choose_formats_refuses_an_impossible_budget():
+    with pytest.raises(ConfigError, match="below the smallest"):
+        choose_formats(np.ones((2, 2)), np.array([[10, 20], [10, 20]]), 19)
+
+
+def test_budget_bytes():
+    assert budget_bytes(1000, bits=4) == 500
+    assert budget_bytes(1000, size_ratio=0.25) == 500
+    with pytest.raises(ConfigError):
+        budget_bytes(1000)
+    with pytest.raises(ConfigError, match="fraction of the float16 size"):
+        budget_bytes(1000, size_ratio=1.5)
+
+
+def test_candidate_bytes_match_the_compressed_layer(rng):
+    k, n = 256, 96
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    base = SlimConfig(pruning="magnitude", quantizer="absmax", lowrank="naive")
+    for candidate in LADDER:
+        layer = compress_layer(w, None, candidate.config(base))
+        assert candidate_bytes(k, n, candidate, base) == pack_layer(layer).nbytes(), candidate.label
+
+
+def test_candidate_errors_are_the_layers_output_errors(rng):
+    """Each candidate's predicted tr(E^T H E) is what compressing the layer with that format gives
+    (the report's relative output error, squared, times tr(W^T H W)); more rank or no sparsity lowers it."""
+    import torch
+
+    k, n = 128, 96
+    x = rng.standard_normal((512, k)).astype(np.float32) * (1 + rng.random(k).astype(np.float32) * 3)
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    stats = LayerStatistics(k)
+    stats.update(torch.from_numpy(x))
+    base = SlimConfig()
+    configs = [c.config(base) for c in LADDER]
+    predicted = candidate_errors(w, stats, configs)
+    h = stats.hessian.double().numpy()
+    energy = float(np.einsum("kn,kj,jn->", w, h, w))
+    for config, error in zip(configs, predicted):
+        measured = compress_layer(w, stats, config).report["output_error"] ** 2 * energy
+        assert error == pytest.approx(measured, rel=1e-3)
+    by_label = dict(zip((c.label for c in LADDER), predicted))
+    assert by_label["2:4+r0.25"] < by_label["2:4+r0.1"] < by_label["2:4+r0"]
+    assert by_label["none+r0"] < by_label["2:4+r0"]
+
+
+def test_candidate_config_switches_only_the_format():
+    base = SlimConfig()
+    dense = Candidate("none", 0).config(base)
+    assert dense.sparsity == "none" and not dense.has_adapters and dense.quantizer == base.quantizer
+    assert Candidate("2:4", 0.25).config(SlimConfig(rank=0, adapter_format="none")).adapter_format == "int4"
+
+
+def test_sensitivity_probe_measures_one_layer_at_a_time(tmp_path):
+    """The probe's dense run is the model's own output; replacing one layer's weight moves the
+    output by the KL the model itself gives with that weight (checked on a copy with the weight
+    really replaced), and a tied lm_head can be probed without touching the embedding."""
+    import onnx_ir as ir
+    import onnxruntime as ort
+    from helpers import tiny_llama_export
+
+    from slim_onnx.calibration import model_feeds
+    from slim_onnx.passes import find_linear_layers
+    from slim_onnx.sensitivity import SensitivityProbe, output_divergence
+
+    root = tiny_llama_export(tmp_path)
+    path = root / "onnx" / "model.onnx"
+    model = ir.load(path)
+    layers = {layer.name: layer for layer in find_linear_layers(model)}
+    feeds = list(model_feeds(model, np.array([np.arange(3, 19), np.arange(40, 56)])))
+    names = ["/model/layers.1/mlp/down_proj/MatMul", "/lm_head/MatMul"]
+    probe = SensitivityProbe(path, names, feeds, tmp_path)
+    dense = [ort.InferenceSession(str(path)).run(["logits"], f)[0] for f in feeds]
+    assert all(np.allclose(a, b, atol=1e-5) for a, b in zip(dense, probe.dense))
+    for name in names:
+        w = layers[name].weight_array()
+        assert probe.divergence(name, w) == pytest.approx(0, abs=1e-9)
+        noisy = w + np.random.default_rng(1).standard_normal(w.shape).astype(np.float32) * 0.05
+        expected = 0.0
+        for feed, d in zip(feeds, dense):  # the same change made in the model itself
+            changed = ir.load(path)
+            layer = {l.name: l for l in find_linear_layers(changed)}[name]
+            new = ir.Value(name="replaced", shape=ir.Shape(noisy.shape), type=ir.TensorType(ir.DataType.FLOAT),
+                           const_value=ir.tensor(noisy, name="replaced"))
+            changed.graph.register_initializer(new)
+            layer.node.replace_input_with(1, new)  # MatMul(x, W [K, N]), also where a tied lm_head read a Transpose
+            proto = ir.serde.serialize_model(changed)
+            out = ort.InferenceSession(proto.SerializeToString()).run(["logits"], feed)[0]
+            expected += output_divergence(d, out, True) / len(feeds)
+        assert expected > 0 and probe.divergence(name, noisy) == pytest.approx(expected, rel=1e-4)
