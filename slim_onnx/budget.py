@@ -113,8 +113,9 @@ def choose_formats(costs: np.ndarray, sizes: np.ndarray, budget: int, units: int
 
 @dataclasses.dataclass
 class LayerPlan:
-    """The format chosen for one layer, and why: its bytes, its predicted output error e (all
-    candidates' by label), its sensitivity s and the predicted damage s * e."""
+    """The format chosen for one layer, and why: its bytes, the output error e = tr(E^T H E) (mean
+    squared error per token, on the dense model's statistics) of every candidate by label, the
+    layer's sensitivity s and the predicted damage s * e of the chosen one."""
 
     candidate: Candidate
     config: SlimConfig
@@ -124,9 +125,9 @@ class LayerPlan:
 
     def report(self) -> dict:
         error = self.errors[self.candidate.label]
-        return {"format": self.candidate.label, "bytes": self.bytes, "predicted_output_error": error,
+        return {"format": self.candidate.label, "bytes": self.bytes, "squared_output_error": error,
                 "sensitivity": self.sensitivity, "predicted_damage": self.sensitivity * error,
-                "candidate_errors": self.errors}
+                "candidate_squared_output_errors": self.errors}
 
 
 def plan_formats(model_path, model, layers, feeds: list[dict], base: SlimConfig, budget: int, workdir, *,
