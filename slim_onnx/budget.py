@@ -130,12 +130,23 @@ class LayerPlan:
                 "candidate_squared_output_errors": self.errors}
 
 
+def sibling_groups(layers) -> list[list[int]]:
+    """Indices of `layers` grouped by the activation they read (q/k/v, gate/up): the layers that
+    passes/siblings.py merges into one node when they share a format."""
+    groups: dict[int, list[int]] = {}
+    for i, layer in enumerate(layers):
+        groups.setdefault(id(layer.node.inputs[0]), []).append(i)
+    return list(groups.values())
+
+
 def plan_formats(model_path, model, layers, feeds: list[dict], base: SlimConfig, budget: int, workdir, *,
                  providers=("CPUExecutionProvider",), sensitivity_windows: int = 4, ladder=LADDER,
-                 log=lambda msg: None) -> dict[str, LayerPlan]:
+                 same_format_for_siblings: bool = True, log=lambda msg: None) -> dict[str, LayerPlan]:
     """A LayerPlan per layer (by name) for a byte budget: every candidate of `ladder` evaluated on
     the dense model's statistics, each layer's sensitivity measured with `base` (its default format)
-    on the first `sensitivity_windows` feeds, then choose_formats."""
+    on the first `sensitivity_windows` feeds, then choose_formats. same_format_for_siblings: layers
+    reading one activation are one choice (their costs and bytes summed), so that they stay one
+    merged node (one pass over the activation, the SwiGLU fold, packed attention)."""
     log(f"planning formats: statistics of {len(layers)} layers on {len(feeds)} batches")
     stats = collect_statistics(model, layers, feeds, hessian=True, device=base.device, providers=providers)
     probe = SensitivityProbe(model_path, [layer.name for layer in layers], feeds[:sensitivity_windows], workdir, providers)
@@ -155,9 +166,14 @@ def plan_formats(model_path, model, layers, feeds: list[dict], base: SlimConfig,
         errors.append({ladder[j].label: error for j, error in zip(allowed, e)})
         sensitivities.append(s)
         log(f"[{i + 1}/{len(layers)}] {layer.name}: sensitivity {s:.3g} (KL {damage:.3g} at {base.sparsity}+r{base.rank:g})")
-    choice = choose_formats(costs, sizes, budget)
-    return {layer.name: LayerPlan(ladder[c], ladder[c].config(base), int(sizes[i, c]), errors[i], sensitivities[i])
-            for i, (layer, c) in enumerate(zip(layers, choice))}
+    groups = sibling_groups(layers) if same_format_for_siblings else [[i] for i in range(len(layers))]
+    group_choice = choose_formats(np.array([costs[g].sum(axis=0) for g in groups]),
+                                  np.array([sizes[g].sum(axis=0) for g in groups]), budget)
+    choice = {i: c for g, c in zip(groups, group_choice) for i in g}
+    return {layer.name: LayerPlan(ladder[choice[i]], ladder[choice[i]].config(base), int(sizes[i, choice[i]]), errors[i],
+                                  sensitivities[i])
+            for i, layer in enumerate(layers)}
 
 
-__all__ = ["BUDGET_UNITS", "Candidate", "LADDER", "LayerPlan", "budget_bytes", "candidate_bytes", "choose_formats", "plan_formats"]
+__all__ = ["BUDGET_UNITS", "Candidate", "LADDER", "LayerPlan", "budget_bytes", "candidate_bytes", "choose_formats", "plan_formats",
+           "sibling_groups"]

@@ -339,8 +339,8 @@ def compress(
 
     with _work_folder(out) as work:
         if budget is not None:
-            plan = plan_formats(src, model, kept, feeds, config, budget, work,
-                                providers=_calibration_providers(config), log=log)
+            plan = plan_formats(src, model, kept, feeds, config, budget, work, providers=_calibration_providers(config),
+                                same_format_for_siblings=graph.merge_siblings, log=log)
             _log_plan(plan, budget, log)
         # a plan may give adapters (needing H) where the base configuration has none
         hessian = config.needs_hessian or any(p.config.needs_hessian for p in (plan or {}).values())

@@ -9,7 +9,7 @@ from helpers import random_weights
 
 from slim_onnx.algorithms.layer import candidate_errors, compress_layer
 from slim_onnx.algorithms.stats import LayerStatistics
-from slim_onnx.budget import LADDER, Candidate, budget_bytes, candidate_bytes, choose_formats
+from slim_onnx.budget import LADDER, Candidate, budget_bytes, candidate_bytes, choose_formats, sibling_groups
 from slim_onnx.config import ConfigError, SlimConfig
 from slim_onnx.layout import packed_nbytes
 from slim_onnx.packing import pack_layer
@@ -152,3 +152,16 @@ def test_sensitivity_probe_measures_one_layer_at_a_time(tmp_path):
             out = ort.InferenceSession(proto.SerializeToString()).run(["logits"], feed)[0]
             expected += output_divergence(d, out, True) / len(feeds)
         assert expected > 0 and probe.divergence(name, noisy) == pytest.approx(expected, rel=1e-4)
+
+
+def test_sibling_groups_are_the_layers_reading_one_activation():
+    import onnx_ir as ir
+
+    x, y = ir.Value(name="x"), ir.Value(name="y")
+
+    class Layer:
+        def __init__(self, value):
+            self.node = ir.node("MatMul", [value, None])
+
+    layers = [Layer(x), Layer(x), Layer(y), Layer(x), Layer(y)]
+    assert sibling_groups(layers) == [[0, 1, 3], [2, 4]]

@@ -297,8 +297,8 @@ def test_calibration_runs_only_what_the_layer_inputs_need(tiny_llama):
 
 def test_size_ratio_chooses_formats_within_the_bytes(tiny_llama, tmp_path):
     """--size-ratio: each layer gets a format of the ladder whose packed bytes are what the plan
-    counted, the total stays within the budget, the plan is in the report, and the bigger budget
-    brings the model's logits closer to the dense model's (KL on held-out text)."""
+    counted, the total stays within the budget, siblings share a format, the plan is in the report,
+    and the bigger budget brings the model's logits closer to the dense model's (KL on held-out text)."""
     from slim_onnx.calibration import model_feeds
     from slim_onnx.sensitivity import output_divergence
     import onnx_ir as ir
@@ -317,6 +317,8 @@ def test_size_ratio_chooses_formats_within_the_bytes(tiny_llama, tmp_path):
         assert all(layer["bytes_packed"] == layer["plan"]["bytes"] for layer in layers)
         assert sum(layer["bytes_packed"] for layer in layers) <= budget
         assert sum(report["budget"]["formats"].values()) == len(layers) == 15
+        # siblings (q/k/v, gate/up) share one format, so they are still merged into one node each
+        assert [len(group) for group in report["merged_siblings"]] == [3, 2, 3, 2]
         session = ort.InferenceSession(str(out / "model.onnx"), slim_onnx.session_options())
         kl[ratio] = np.mean([output_divergence(d, session.run(["logits"], f)[0], True) for f, d in zip(feeds, dense)])
     assert kl[0.4] < kl[0.24], kl
