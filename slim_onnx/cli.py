@@ -156,13 +156,31 @@ def _inspect(args) -> int:
         w = layer.weight.const_value
         rows.append({"layer": layer.name, "format": f"dense {w.dtype.name.lower()}", "shape": [layer.k, layer.n], "bytes": w.nbytes})
     total = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+    plan = _budget_plan(path.parent / "slim_report.json")
     if args.json:
-        print(json.dumps({"layers": rows, "initializer_bytes": total}, indent=2))
+        print(json.dumps({"layers": rows, "initializer_bytes": total} | ({"plan": plan} if plan else {}), indent=2))
         return 0
     for r in rows:
         print(f"{r['layer']:<48} {r['format']:<34} {r['shape'][0]:>6} x {r['shape'][1]:<6} {r['bytes'] / 2**20:>9.3f} MiB")
     print(f"{len(rows)} layers; all initializers: {total / 2**20:.1f} MiB")
+    if plan:
+        print("\nformats chosen for the byte budget (slim_report.json): sensitivity = model KL per unit of the layer's "
+              "squared output error; damage = the predicted KL of the chosen format")
+        for p in plan:
+            print(f"{p['layer']:<48} {p['format']:<12} {p['bytes'] / 2**20:>9.3f} MiB  sensitivity {p['sensitivity']:<10.3g}"
+                  f" damage {p['predicted_damage']:.3g}")
     return 0
+
+
+def _budget_plan(report_path: Path) -> list[dict]:
+    """Each layer's planned format (compress --budget/--size-ratio) from the report beside the model;
+    empty when there is none."""
+    try:
+        layers = json.loads(report_path.read_text())["layers"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    return [{"layer": layer["layer"], **{k: layer["plan"][k] for k in ("format", "bytes", "sensitivity", "predicted_damage")}}
+            for layer in layers if isinstance(layer, dict) and "plan" in layer]
 
 
 def _eval(args) -> int:

@@ -316,6 +316,8 @@ def test_size_ratio_chooses_formats_within_the_bytes(tiny_llama, tmp_path):
         assert budget == int(ratio * report["totals"]["bytes_float16"])
         assert all(layer["bytes_packed"] == layer["plan"]["bytes"] for layer in layers)
         assert sum(layer["bytes_packed"] for layer in layers) <= budget
+        shown = json.loads(cli("inspect", out, "--json").stdout)["plan"]
+        assert [(p["layer"], p["format"]) for p in shown] == [(l["layer"], l["plan"]["format"]) for l in layers]
         assert sum(report["budget"]["formats"].values()) == len(layers) == 15
         # siblings (q/k/v, gate/up) share one format, so they are still merged into one node each
         assert [len(group) for group in report["merged_siblings"]] == [3, 2, 3, 2]
