@@ -22,7 +22,7 @@ import dataclasses
 
 import numpy as np
 
-from slim_onnx.algorithms.layer import candidate_errors, compress_layer
+from slim_onnx.algorithms.layer import candidate_errors
 from slim_onnx.calibration import collect_statistics
 from slim_onnx.config import ConfigError, SlimConfig
 from slim_onnx.layout import packed_nbytes
@@ -156,10 +156,13 @@ def plan_formats(model_path, model, layers, feeds: list[dict], base: SlimConfig,
     for i, layer in enumerate(layers):
         w, bias = layer.weight_array(), layer.bias_array()
         allowed = [j for j, c in enumerate(ladder) if c.sparsity == "none" or layer.k % 4 == 0]
-        configs = [ladder[j].config(base) for j in allowed] + [base]
-        e = candidate_errors(w, stats[layer.name], configs, layer.name)
-        damage = probe.divergence(layer.name, compress_layer(w, stats[layer.name], base, layer.name, bias).effective_weight())
-        s = damage / e[-1] if e[-1] > 0 else 0.0
+        configs = [ladder[j].config(base) for j in allowed]
+        if base not in configs:  # the sensitivity is measured in the base format
+            configs.append(base)
+        at_base = configs.index(base)
+        e, base_weight = candidate_errors(w, stats[layer.name], configs, layer.name, weight_of=at_base)
+        damage = probe.divergence(layer.name, base_weight)
+        s = damage / e[at_base] if e[at_base] > 0 else 0.0
         for j, error in zip(allowed, e):
             costs[i, j] = s * error
         sizes[i] = [candidate_bytes(layer.k, layer.n, c, base, bias is not None) for c in ladder]

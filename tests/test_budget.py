@@ -97,13 +97,19 @@ def test_candidate_errors_are_the_layers_output_errors(rng):
     stats.update(torch.from_numpy(x))
     base = SlimConfig()
     configs = [c.config(base) for c in LADDER]
-    predicted = candidate_errors(w, stats, configs)
+    predicted, _ = candidate_errors(w, stats, configs)
     h = stats.hessian.double().numpy()
     energy = float(np.einsum("kn,kj,jn->", w, h, w))
     for config, error in zip(configs, predicted):
         measured = compress_layer(w, stats, config).report["output_error"] ** 2 * energy
         assert error == pytest.approx(measured, rel=1e-3)
     by_label = dict(zip((c.label for c in LADDER), predicted))
+    # the matrix it multiplies by, and the reference code's re-quantization after the adapters, as compress_layer
+    requantized = Candidate("2:4", 0.1).config(SlimConfig(requantize=True))
+    (error,), weight = candidate_errors(w, stats, [requantized], weight_of=0)
+    layer = compress_layer(w, stats, requantized)
+    assert error == pytest.approx(layer.report["output_error"] ** 2 * energy, rel=1e-3)
+    np.testing.assert_allclose(weight, layer.effective_weight(), rtol=1e-5, atol=1e-5)
     assert by_label["2:4+r0.25"] < by_label["2:4+r0.1"] < by_label["2:4+r0"]
     assert by_label["none+r0"] < by_label["2:4+r0"]
 

@@ -200,12 +200,14 @@ def _effective(q, scales, matrices, cols, group_size: int) -> torch.Tensor:
     return w_eff
 
 
-def candidate_errors(w, stats: LayerStatistics, configs: list[SlimConfig], name: str = "layer") -> list[float]:
+def candidate_errors(w, stats: LayerStatistics, configs: list[SlimConfig], name: str = "layer",
+                     weight_of: int | None = None) -> tuple[list[float], np.ndarray | None]:
     """The layer-output error tr(E^T H E) (mean over calibration tokens of ||x E||^2, E = W minus
     what the layer would multiply by) of W [K, N] compressed with each of `configs`, which may differ
     in sparsity and adapter rank only: the weights are quantized once per sparsity and the adapters
     fitted per rank on that. Estimated on at most 1024 evenly spaced columns (scaled to all N), as
-    the reports' output error."""
+    the reports' output error. Also the float32 [K, N] matrix configs[weight_of] multiplies by
+    (W_c + L R, as compress_layer's effective_weight), or None."""
     if stats is None or stats.xtx is None:
         raise CompressionError(f"layer {name}: predicting output errors needs LayerStatistics(hessian=True)")
     # one conversion of W and one factorisation of H for all: the configs share everything else
@@ -213,17 +215,21 @@ def candidate_errors(w, stats: LayerStatistics, configs: list[SlimConfig], name:
     k, n = w_t.shape
     cols = torch.linspace(0, n - 1, min(n, 1024), device=w_t.device).round().long().unique()
     h = stats.hessian.to(device=w_t.device, dtype=torch.float32)
-    quantized, errors = {}, []
-    for config in configs:
+    quantized, errors, weight = {}, [], None
+    for index, config in enumerate(configs):
         _check_inputs(name, w_t, stats, config)
         if config.sparsity not in quantized:
             quantized[config.sparsity] = _quantize_weight(w_t, s, hessian, config)
-        q, scales, _ = quantized[config.sparsity]
+        q, scales, mask = quantized[config.sparsity]
         rank = config.resolve_rank(k, n)
         matrices = _fit_adapters(w_t, q, scales, rank, s, stats, hessian, config)[1] if rank else None
+        if matrices is not None and config.requantize:  # as compress_layer does
+            q, scales, _ = _quantize(w_t - matrices[0] @ matrices[1], mask, hessian, config)
         e = w_t[:, cols] - _effective(q, scales, matrices, cols, config.group_size)
         errors.append(float(((h @ e) * e).sum().clamp_min(0)) * n / len(cols))
-    return errors
+        if index == weight_of:
+            weight = _numpy(_effective(q, scales, matrices, slice(None), config.group_size))
+    return errors, weight
 
 
 def layer_report(name, w: torch.Tensor, effective, layer: QuantizedLayer, rank: int, stats,
