@@ -341,7 +341,9 @@ def compress(
         if budget is not None:
             plan = plan_formats(src, model, kept, feeds, config, budget, work, providers=_calibration_providers(config),
                                 same_format_for_siblings=graph.merge_siblings, log=log)
-            _log_plan(plan, budget, log)
+            budget_report = _plan_summary(plan, budget, kept)
+            log(f"formats for a budget of {budget / 2**20:.2f} MiB: {budget_report['bytes_chosen'] / 2**20:.2f} MiB chosen, "
+                + ", ".join(f"{label} x{count}" for label, count in budget_report["formats"].items()))
         # a plan may give adapters (needing H) where the base configuration has none
         hessian = config.needs_hessian or any(p.config.needs_hessian for p in (plan or {}).values())
         streaming = None
@@ -379,17 +381,16 @@ def compress(
         if streaming is not None:
             report["streaming"] = streaming
         if plan is not None:
-            report["budget"] = {"bytes": budget, "bits_per_weight": 8 * budget / sum(l.k * l.n for l in kept),
-                                "formats": dict(collections.Counter(p.candidate.label for p in plan.values()))}
+            report["budget"] = budget_report
         _write_output(model, src, out, report, had_external, overwrite, log)
     return report
 
 
-def _log_plan(plan: dict, budget: int, log) -> None:
-    chosen = sum(p.bytes for p in plan.values())
+def _plan_summary(plan: dict, budget: int, layers: list[LinearLayer]) -> dict:
+    """The budget, the bytes chosen, and how many layers took each format (most first)."""
     counts = collections.Counter(p.candidate.label for p in plan.values())
-    log(f"formats for a budget of {budget / 2**20:.2f} MiB: {chosen / 2**20:.2f} MiB chosen, "
-        + ", ".join(f"{label} x{count}" for label, count in counts.most_common()))
+    return {"bytes": budget, "bits_per_weight": 8 * budget / sum(layer.k * layer.n for layer in layers),
+            "bytes_chosen": sum(p.bytes for p in plan.values()), "formats": dict(counts.most_common())}
 
 
 def _calibration_providers(config: SlimConfig) -> tuple[str, ...]:
