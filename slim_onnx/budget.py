@@ -39,7 +39,7 @@ class Candidate:
     rank: float
 
     def config(self, base: SlimConfig) -> SlimConfig:
-        """`base` with this format; a 2:4 candidate keeps base's pruning, a dense one has none."""
+        """`base` with this format (its pruning setting goes unused where the format is dense)."""
         adapters = {"rank": self.rank} if self.rank else {"rank": 0, "adapter_format": "none"}
         if self.rank and base.adapter_format == "none":
             adapters["adapter_format"] = "int4"
