@@ -17,6 +17,7 @@ _LAZY = {
     "compress_layer": "slim_onnx.algorithms.layer",
     "LayerStatistics": "slim_onnx.algorithms.stats",
     "SlimConfig": "slim_onnx.config",
+    "Budget": "slim_onnx.budget",
     "SlimWeights": "slim_onnx.layout",
     "reference_slim_matmul": "slim_onnx.layout",
     "pack_layer": "slim_onnx.packing",

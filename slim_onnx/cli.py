@@ -52,12 +52,18 @@ def _add_compress(sub) -> None:
     p.add_argument("--calibration", choices=CALIBRATION_MODES, default=CALIBRATION_MODES[0],
                    help="stream (default): block by block, each on the output of the compressed earlier blocks, "
                         "in one pass; one-pass: every layer from the dense model at once (more memory)")
-    p.add_argument("--budget", type=float, metavar="BITS",
-                   help="choose each layer's format (2:4 or dense 4-bit, adapter rank 0..0.25) for this average of "
-                        "bits per compressed weight, scales and adapters included (the default format is about 3.8), "
-                        "least predicted damage first (measures each layer's sensitivity: slower)")
-    p.add_argument("--size-ratio", type=float, metavar="R",
-                   help="as --budget, for a size of R times the compressed layers' float16 bytes (default format: ~0.24)")
+    goal = p.add_mutually_exclusive_group()
+    goal.add_argument("--budget", type=float, metavar="BITS",
+                      help="choose each layer's format (2:4 or dense 4-bit, adapter rank 0..0.25) for this average of "
+                           "bits per compressed weight, scales and adapters included (the default format is about 3.8), "
+                           "least predicted damage first (measures each layer's sensitivity: slower)")
+    goal.add_argument("--size-ratio", type=float, metavar="R",
+                      help="as --budget, for a size of R times the compressed layers' float16 bytes (default format: ~0.24)")
+    goal.add_argument("--max-kl", type=float, metavar="K",
+                      help="as --budget, for the smallest model found whose mean KL divergence from the dense model's "
+                           "next-token distributions is at most K on the first calibration windows (measured)")
+    goal.add_argument("--target-ppl-ratio", type=float, metavar="R",
+                      help="as --max-kl, for a perplexity at most R times the dense model's on those windows")
     p.add_argument("--no-fuse-attention", action="store_true",
                    help="keep the export's attention and RMSNorm ops (default: fuse cached decoder attention into "
                         "GroupQueryAttention, and residual Add + RMSNorm into SkipSimplifiedLayerNormalization)")
@@ -95,7 +101,7 @@ def _compress(args) -> int:
     report = compress(
         args.input, args.output, config, calibration, graph=graph, include=args.include, exclude=args.exclude,
         compress_lm_head=not args.no_lm_head, overwrite=args.overwrite, calibration_mode=args.calibration,
-        budget_bits=args.budget, size_ratio=args.size_ratio,
+        budget=_budget(args),
         log=_log(args.quiet), progress=progress_factory(not args.quiet and not args.verbose),
     )
     t = report["totals"]
@@ -105,6 +111,14 @@ def _compress(args) -> int:
     print(f"model weights: {t['model_bytes_before'] / 2**20:.1f} MiB -> {t['model_bytes_after'] / 2**20:.1f} MiB "
           f"({t['model_bytes_before'] / max(t['model_bytes_after'], 1):.1f}x smaller)")
     return 0
+
+
+def _budget(args):
+    """The per-layer format goal the options ask for, or None."""
+    from slim_onnx.budget import Budget
+
+    given = dict(bits=args.budget, size_ratio=args.size_ratio, max_kl=args.max_kl, ppl_ratio=args.target_ppl_ratio)
+    return Budget(**given) if any(v is not None for v in given.values()) else None
 
 
 def _log(quiet: bool):
@@ -157,6 +171,15 @@ def _inspect(args) -> int:
         rows.append({"layer": layer.name, "format": f"dense {w.dtype.name.lower()}", "shape": [layer.k, layer.n], "bytes": w.nbytes})
     total = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
     plan = _budget_plan(path.parent / "slim_report.json")
+    if args.plot:
+        if not plan:
+            from slim_onnx.pipeline import InputError
+
+            raise InputError(f"{path.parent / 'slim_report.json'} holds no per-layer plan to plot: --plot draws models "
+                             "compressed with --budget, --size-ratio, --max-kl or --target-ppl-ratio")
+        from slim_onnx.plot import save_plan_figure
+
+        print(f"plot: {save_plan_figure(plan, args.plot)}", file=sys.stderr)
     if args.json:
         print(json.dumps({"layers": rows, "initializer_bytes": total} | ({"plan": plan} if plan else {}), indent=2))
         return 0
@@ -164,22 +187,25 @@ def _inspect(args) -> int:
         print(f"{r['layer']:<48} {r['format']:<34} {r['shape'][0]:>6} x {r['shape'][1]:<6} {r['bytes'] / 2**20:>9.3f} MiB")
     print(f"{len(rows)} layers; all initializers: {total / 2**20:.1f} MiB")
     if plan:
-        print("\nformats chosen for the byte budget (slim_report.json): sensitivity = model KL per unit of the layer's "
-              "squared output error; damage = the predicted KL of the chosen format")
+        print("\nformats chosen per layer (slim_report.json): bytes; sensitivity = model divergence per unit of the "
+              "layer's relative squared output error; damage = its predicted divergence; output error "
+              "||XW - XW'|| / ||XW|| predicted (dense statistics) and measured (as compressed)")
         for p in plan:
+            errors = "  ".join(f"{p[k]:.4f}" if p[k] is not None else "-" for k in ("predicted_output_error", "output_error"))
             print(f"{p['layer']:<48} {p['format']:<12} {p['bytes'] / 2**20:>9.3f} MiB  sensitivity {p['sensitivity']:<10.3g}"
-                  f" damage {p['predicted_damage']:.3g}")
+                  f" damage {p['predicted_damage']:<10.3g} error {errors}")
     return 0
 
 
 def _budget_plan(report_path: Path) -> list[dict]:
-    """Each layer's planned format (compress --budget/--size-ratio) from the report beside the model;
-    empty when there is none."""
+    """Each layer's planned format (compress --budget/--size-ratio/...) from the report beside the
+    model, with its measured output error; empty when there is none."""
     try:
         layers = json.loads(report_path.read_text())["layers"]
     except (OSError, ValueError, KeyError, TypeError):
         return []
-    return [{"layer": layer["layer"], **{k: layer["plan"][k] for k in ("format", "bytes", "sensitivity", "predicted_damage")}}
+    return [{"layer": layer["layer"], **{k: layer["plan"][k] for k in ("format", "bytes", "sensitivity", "predicted_damage")},
+             "predicted_output_error": layer["plan"].get("predicted_output_error"), "output_error": layer.get("output_error")}
             for layer in layers if isinstance(layer, dict) and "plan" in layer]
 
 
@@ -215,6 +241,9 @@ def _run(argv: list[str] | None) -> int:
     inspect = sub.add_parser("inspect", help="list a model's layers, their formats and bytes")
     inspect.add_argument("model")
     inspect.add_argument("--json", action="store_true")
+    inspect.add_argument("--plot", metavar="FILE",
+                         help="draw a budgeted model's bytes and sensitivity per layer into FILE (.png, .svg, .pdf; "
+                              "needs matplotlib: pip install 'slim-onnx[plot]')")
     ev = sub.add_parser("eval", help="perplexity (causal LMs) and agreement with a reference model, via onnxruntime")
     ev.add_argument("model", help="a model folder or .onnx file")
     ev.add_argument("--text", required=True, help="evaluation text file or folder of .txt files")

@@ -12,7 +12,6 @@ The input is never modified and the output folder appears only when complete; an
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import dataclasses
 import itertools
@@ -31,7 +30,7 @@ import numpy as np
 import onnx_ir as ir
 
 from slim_onnx.algorithms.layer import CompressionError, compress_layer
-from slim_onnx.budget import budget_bytes, plan_formats
+from slim_onnx.budget import Budget, plan_formats
 from slim_onnx.calibration import (
     CalibrationError,
     TextCalibration,
@@ -268,8 +267,7 @@ def compress(
     compress_lm_head: bool = True,
     overwrite: bool = False,
     calibration_mode: str = "stream",
-    budget_bits: float | None = None,
-    size_ratio: float | None = None,
+    budget: Budget | None = None,
     log=None,
     progress=None,
 ) -> dict:
@@ -282,9 +280,10 @@ def compress(
     calibration_mode: "stream" (default): block by block, each block's statistics taken on the
     output of the earlier blocks compressed (as SparseGPT and SLiM do), in one pass over the model
     (streaming.py); "one-pass": every layer's statistics from the dense model at once.
-    budget_bits, size_ratio: choose each layer's format for this byte budget (average bits per compressed
-    weight, or a fraction of their float16 bytes) by predicted damage (budget.py); `config` gives
-    everything but the sparsity and adapter rank.
+    budget: choose each layer's format (budget.py) for a size (average bits per compressed weight, or a
+    fraction of their float16 bytes: the least predicted damage within it) or a quality on the
+    calibration text (largest KL or perplexity ratio: the smallest plan found that meets it);
+    `config` gives everything but the sparsity and adapter rank.
     log: called with each message (default: print to stderr); progress: an optional factory
     `progress(label, total)` returning a callable advanced once per calibration batch and per layer,
     which replaces the per-layer and per-block messages.
@@ -316,12 +315,9 @@ def compress(
                          "cannot run (Optimum's merged decoder_model_merged.onnx): compress the export's model.onnx "
                          "(optimum-cli export onnx ... --no-post-process), or exclude them with --exclude")
     mode = calibration_mode if feeds is not None else "none"
-    budget = None
-    if budget_bits is not None or size_ratio is not None:
-        budget = budget_bytes(sum(layer.k * layer.n for layer in kept), bits=budget_bits, size_ratio=size_ratio)
-        if feeds is None:
-            raise InputError("a byte budget (--budget/--size-ratio) needs calibration data to predict each layer's "
-                             "damage: pass --calib TEXT_OR_NPZ")
+    if budget is not None and feeds is None:
+        raise InputError("per-layer formats (--budget, --size-ratio, --max-kl, --target-ppl-ratio) need calibration "
+                         "data to predict each layer's damage: pass --calib TEXT_OR_NPZ")
 
     weights, reports = {}, []
     blocks = transformer_blocks(kept) if mode == "stream" else [kept]
@@ -339,11 +335,12 @@ def compress(
 
     with _work_folder(out) as work:
         if budget is not None:
-            plan = plan_formats(src, model, kept, feeds, config, budget, work, providers=_calibration_providers(config),
-                                same_format_for_siblings=graph.merge_siblings, log=log)
-            budget_report = _plan_summary(plan, budget, kept)
-            log(f"formats for a budget of {budget / 2**20:.2f} MiB: {budget_report['bytes_chosen'] / 2**20:.2f} MiB chosen, "
+            chosen = plan_formats(src, model, kept, feeds, config, budget, work, providers=_calibration_providers(config),
+                                  same_format_for_siblings=graph.merge_siblings, log=log)
+            budget_report = chosen.summary(sum(layer.k * layer.n for layer in kept))
+            log(f"formats for a budget of {chosen.budget / 2**20:.2f} MiB: {chosen.bytes / 2**20:.2f} MiB chosen, "
                 + ", ".join(f"{label} x{count}" for label, count in budget_report["formats"].items()))
+            plan = chosen.layers
         # a plan may give adapters (needing H) where the base configuration has none
         hessian = config.needs_hessian or any(p.config.needs_hessian for p in (plan or {}).values())
         streaming = None
@@ -384,13 +381,6 @@ def compress(
             report["budget"] = budget_report
         _write_output(model, src, out, report, had_external, overwrite, log)
     return report
-
-
-def _plan_summary(plan: dict, budget: int, layers: list[LinearLayer]) -> dict:
-    """The budget, the bytes chosen, and how many layers took each format (most first)."""
-    counts = collections.Counter(p.candidate.label for p in plan.values())
-    return {"bytes": budget, "bits_per_weight": 8 * budget / sum(layer.k * layer.n for layer in layers),
-            "bytes_chosen": sum(p.bytes for p in plan.values()), "formats": dict(counts.most_common())}
 
 
 def _calibration_providers(config: SlimConfig) -> tuple[str, ...]:

@@ -10,11 +10,14 @@ order in a small perturbation, as e is) and adding over layers.
 
 One session serves every layer: each layer's weight becomes an initializer that is also a graph
 input (ONNX's overridable initializer), so a run feeds one layer's compressed weight and leaves the
-others dense.
+others dense. The same session measures a whole plan (every layer's weight fed at once) for a
+quality goal, with the perplexity of the windows' own next tokens beside the divergence.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from pathlib import Path
 
 import numpy as np
@@ -41,9 +44,29 @@ def output_divergence(dense: np.ndarray, changed: np.ndarray, logits: bool) -> f
     return float(((changed - dense64) ** 2).sum() / max((dense64**2).sum(), 1e-30))
 
 
+def next_token_nll(logits: np.ndarray, feed: dict) -> float:
+    """Mean negative log-likelihood of each next input token under `logits` [B, T, V], over the
+    positions whose token and next token the attention mask keeps."""
+    ids = feed["input_ids"]
+    keep = np.ones(ids.shape, dtype=bool) if "attention_mask" not in feed else feed["attention_mask"].astype(bool)
+    keep = keep[:, :-1] & keep[:, 1:]
+    lp = _log_softmax(logits[:, :-1])
+    picked = np.take_along_axis(lp, ids[:, 1:, None].astype(np.int64), axis=-1)[..., 0]
+    return float(-picked[keep].mean())
+
+
+@dataclasses.dataclass(frozen=True)
+class Measurement:
+    """divergence: output_divergence against the dense model; ppl_ratio: perplexity of the input
+    text over the dense model's (decoders with input_ids only, else None)."""
+
+    divergence: float
+    ppl_ratio: float | None
+
+
 class SensitivityProbe:
     """The model at `model_path` with the named layers' weights overridable, and its dense outputs
-    on `feeds`; divergence(layer, w) runs it with one layer's weight replaced."""
+    on `feeds`; measure({layer: w}) runs it with those layers' weights replaced."""
 
     def __init__(self, model_path: Path, layer_names: list[str], feeds: list[dict], workdir: Path,
                  providers: tuple[str, ...] = ("CPUExecutionProvider",)):
@@ -72,17 +95,24 @@ class SensitivityProbe:
         self.output = "logits" if "logits" in names else names[0]
         self.feeds = feeds
         self.dense = [self.session.run([self.output], feed)[0] for feed in feeds]
+        logits = self.output == "logits" and all("input_ids" in feed for feed in feeds)
+        self.dense_nll = [next_token_nll(d, feed) if logits else None for d, feed in zip(self.dense, feeds)]
 
-    def divergence(self, layer_name: str, weight: np.ndarray) -> float:
-        """The output divergence (see output_divergence) with layer `layer_name` multiplying by
-        `weight` [K, N] instead of its dense weight, averaged over the feeds."""
-        name, transposed, dtype = self.inputs[layer_name]
-        w = np.ascontiguousarray(weight.T if transposed else weight, dtype=dtype)
-        total = 0.0
-        for feed, dense in zip(self.feeds, self.dense):
-            changed = self.session.run([self.output], {**feed, name: w})[0]
-            total += output_divergence(dense, changed, self.output == "logits")
-        return total / len(self.feeds)
+    def measure(self, weights: dict[str, np.ndarray]) -> Measurement:
+        """The model's output with each named layer multiplying by weights[name] [K, N] instead of
+        its dense weight (the others dense) against the dense output, averaged over the feeds."""
+        replaced = {}
+        for layer_name, weight in weights.items():
+            name, transposed, dtype = self.inputs[layer_name]
+            replaced[name] = np.ascontiguousarray(weight.T if transposed else weight, dtype=dtype)
+        divergence, nll = 0.0, 0.0
+        for feed, dense, dense_nll in zip(self.feeds, self.dense, self.dense_nll):
+            changed = self.session.run([self.output], {**feed, **replaced})[0]
+            divergence += output_divergence(dense, changed, self.output == "logits")
+            if dense_nll is not None:
+                nll += next_token_nll(changed, feed) - dense_nll
+        n = len(self.feeds)
+        return Measurement(divergence / n, math.exp(nll / n) if self.dense_nll[0] is not None else None)
 
 
-__all__ = ["SensitivityProbe", "output_divergence"]
+__all__ = ["Measurement", "SensitivityProbe", "next_token_nll", "output_divergence"]

@@ -9,7 +9,7 @@ from helpers import random_weights
 
 from slim_onnx.algorithms.layer import candidate_errors, compress_layer
 from slim_onnx.algorithms.stats import LayerStatistics
-from slim_onnx.budget import LADDER, Candidate, budget_bytes, candidate_bytes, choose_formats, sibling_groups
+from slim_onnx.budget import LADDER, Budget, Candidate, candidate_bytes, choose_formats, sibling_groups, smallest_budget
 from slim_onnx.config import ConfigError, SlimConfig
 from slim_onnx.layout import packed_nbytes
 from slim_onnx.packing import pack_layer
@@ -67,13 +67,40 @@ def test_choose_formats_refuses_an_impossible_budget():
         choose_formats(np.ones((2, 2)), np.array([[10, 20], [10, 20]]), 19)
 
 
-def test_budget_bytes():
-    assert budget_bytes(1000, bits=4) == 500
-    assert budget_bytes(1000, size_ratio=0.25) == 500
-    with pytest.raises(ConfigError):
-        budget_bytes(1000)
+def test_budget_goals():
+    assert Budget(bits=4).bytes(1000) == 500
+    assert Budget(size_ratio=0.25).bytes(1000) == 500
+    assert Budget(ppl_ratio=1.5).divergence_goal() == pytest.approx(np.log(1.5))
+    assert Budget(max_kl=0.2).is_quality and not Budget(bits=3).is_quality
+    with pytest.raises(ConfigError, match="exactly one"):
+        Budget()
+    with pytest.raises(ConfigError, match="exactly one"):
+        Budget(bits=4, max_kl=0.1)
     with pytest.raises(ConfigError, match="fraction of the float16 size"):
-        budget_bytes(1000, size_ratio=1.5)
+        Budget(size_ratio=1.5)
+    with pytest.raises(ConfigError, match="ratio above 1"):
+        Budget(ppl_ratio=0.9)
+    with pytest.raises(ConfigError, match="no byte budget"):
+        Budget(max_kl=0.1).bytes(1000)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_smallest_budget_is_the_fewest_bytes_reaching_a_cost(seed):
+    """Against every combination: the least total size among the choices whose cost is within the
+    goal, and the least-cost choice's size where no choice reaches it."""
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(1, 40, size=(4, 4))
+    costs = rng.random((4, 4)) * 10
+    combos = [(sum(sizes[l, c] for l, c in enumerate(ch)), sum(costs[l, c] for l, c in enumerate(ch)))
+              for ch in itertools.product(range(4), repeat=4)]
+    for goal in (5.0, 10.0, 20.0, 0.0):
+        fits = [size for size, cost in combos if cost <= goal]
+        want = min(fits) if fits else min(combos, key=lambda sc: sc[1])[0]
+        got = smallest_budget(costs, sizes, goal, units=int(sizes.max(axis=1).sum()))
+        assert got == want
+        if fits:
+            choice = choose_formats(costs, sizes, got, units=got)
+            assert sum(costs[l, c] for l, c in enumerate(choice)) <= goal
 
 
 def test_candidate_bytes_match_the_compressed_layer(rng):
@@ -86,8 +113,8 @@ def test_candidate_bytes_match_the_compressed_layer(rng):
 
 
 def test_candidate_errors_are_the_layers_output_errors(rng):
-    """Each candidate's predicted tr(E^T H E) is what compressing the layer with that format gives
-    (the report's relative output error, squared, times tr(W^T H W)); more rank or no sparsity lowers it."""
+    """Each candidate's predicted tr(E^T H E) / tr(W^T H W) is what compressing the layer with that
+    format gives (the report's relative output error, squared); more rank or no sparsity lowers it."""
     import torch
 
     k, n = 128, 96
@@ -98,17 +125,15 @@ def test_candidate_errors_are_the_layers_output_errors(rng):
     base = SlimConfig()
     configs = [c.config(base) for c in LADDER]
     predicted, _ = candidate_errors(w, stats, configs)
-    h = stats.hessian.double().numpy()
-    energy = float(np.einsum("kn,kj,jn->", w, h, w))
     for config, error in zip(configs, predicted):
-        measured = compress_layer(w, stats, config).report["output_error"] ** 2 * energy
+        measured = compress_layer(w, stats, config).report["output_error"] ** 2
         assert error == pytest.approx(measured, rel=1e-3)
     by_label = dict(zip((c.label for c in LADDER), predicted))
     # the matrix it multiplies by, and the reference code's re-quantization after the adapters, as compress_layer
     requantized = Candidate("2:4", 0.1).config(SlimConfig(requantize=True))
     (error,), weight = candidate_errors(w, stats, [requantized], weight_of=0)
     layer = compress_layer(w, stats, requantized)
-    assert error == pytest.approx(layer.report["output_error"] ** 2 * energy, rel=1e-3)
+    assert error == pytest.approx(layer.report["output_error"] ** 2, rel=1e-3)
     np.testing.assert_allclose(weight, layer.effective_weight(), rtol=1e-5, atol=1e-5)
     assert by_label["2:4+r0.25"] < by_label["2:4+r0.1"] < by_label["2:4+r0"]
     assert by_label["none+r0"] < by_label["2:4+r0"]
@@ -144,7 +169,7 @@ def test_sensitivity_probe_measures_one_layer_at_a_time(tmp_path):
     assert all(np.allclose(a, b, atol=1e-5) for a, b in zip(dense, probe.dense))
     for name in names:
         w = layers[name].weight_array()
-        assert probe.divergence(name, w) == pytest.approx(0, abs=1e-9)
+        assert probe.measure({name: w}).divergence == pytest.approx(0, abs=1e-9)
         noisy = w + np.random.default_rng(1).standard_normal(w.shape).astype(np.float32) * 0.05
         expected = 0.0
         for feed, d in zip(feeds, dense):  # the same change made in the model itself
@@ -157,7 +182,30 @@ def test_sensitivity_probe_measures_one_layer_at_a_time(tmp_path):
             proto = ir.serde.serialize_model(changed)
             out = ort.InferenceSession(proto.SerializeToString()).run(["logits"], feed)[0]
             expected += output_divergence(d, out, True) / len(feeds)
-        assert expected > 0 and probe.divergence(name, noisy) == pytest.approx(expected, rel=1e-4)
+        assert expected > 0 and probe.measure({name: noisy}).divergence == pytest.approx(expected, rel=1e-4)
+    # a whole plan: both layers replaced at once, and the perplexity of the windows' next tokens
+    # against torch's cross entropy on the same change made in the model itself
+    import torch
+
+    noisy = {name: layers[name].weight_array() * 1.5 for name in names}
+    changed = ir.load(path)
+    for layer in (l for l in find_linear_layers(changed) if l.name in names):
+        new = ir.Value(name=f"replaced{layer.name}", shape=ir.Shape(noisy[layer.name].shape), type=ir.TensorType(ir.DataType.FLOAT),
+                       const_value=ir.tensor(noisy[layer.name], name=f"replaced{layer.name}"))
+        changed.graph.register_initializer(new)
+        layer.node.replace_input_with(1, new)
+    session = ort.InferenceSession(ir.serde.serialize_model(changed).SerializeToString())
+    kl, nll = 0.0, 0.0
+    for feed, d in zip(feeds, dense):
+        out = session.run(["logits"], feed)[0]
+        kl += output_divergence(d, out, True) / len(feeds)
+        ids = torch.from_numpy(feed["input_ids"][:, 1:]).reshape(-1)
+        for logits, sign in ((out, 1), (d, -1)):
+            flat = torch.from_numpy(logits[:, :-1]).double().reshape(-1, logits.shape[-1])
+            nll += sign * float(torch.nn.functional.cross_entropy(flat, ids)) / len(feeds)
+    measured = probe.measure(noisy)
+    assert measured.divergence == pytest.approx(kl, rel=1e-4)
+    assert measured.ppl_ratio == pytest.approx(np.exp(nll), rel=1e-5) and measured.ppl_ratio > 1
 
 
 def test_sibling_groups_are_the_layers_reading_one_activation():
@@ -171,3 +219,21 @@ def test_sibling_groups_are_the_layers_reading_one_activation():
 
     layers = [Layer(x), Layer(x), Layer(y), Layer(x), Layer(y)]
     assert sibling_groups(layers) == [[0, 1, 3], [2, 4]]
+
+
+def test_plan_figure_draws_each_layers_bytes_and_sensitivity(tmp_path):
+    """The bars are the layers' bytes by format, the line their sensitivities, in layer order, and
+    the file is written whole (inspect --plot on real models: test_pipeline)."""
+    pytest.importorskip("matplotlib")
+    from slim_onnx.plot import plan_figure, save_plan_figure
+
+    plan = [{"layer": f"/model/layers.{i // 3}/l{i % 3}/MatMul", "format": ("2:4+r0.1", "none+r0")[i % 2],
+             "bytes": 1000 * (i + 1), "sensitivity": 0.1 / (i + 1), "predicted_damage": 0.01 * i} for i in range(9)]
+    top, bottom = plan_figure(plan).axes
+    bars = sorted((round(b.get_x() + b.get_width() / 2), b.get_height()) for b in top.patches)
+    assert bars == [(i, p["bytes"] / 2**20) for i, p in enumerate(plan)]
+    assert {t.get_text() for t in top.get_legend().get_texts()} == {"2:4+r0.1", "none+r0"}
+    np.testing.assert_allclose(bottom.lines[0].get_ydata(), [p["sensitivity"] for p in plan])
+    assert [t.get_text() for t in bottom.get_xticklabels()] == ["0", "1", "2"]
+    path = save_plan_figure(plan, tmp_path / "plan.svg")
+    assert path.read_text().lstrip().startswith("<?xml") and [p.name for p in tmp_path.iterdir()] == ["plan.svg"]

@@ -98,6 +98,10 @@ def test_inspect_lists_layers(compressed):
     assert res.returncode == 0, res.stderr
     rows = json.loads(res.stdout)["layers"]
     assert sum("2:4 int4" in r["format"] for r in rows) == 2 * 4 + 1  # nodes: q/k/v and gate/up merged
+    # a uniform compression has no per-layer plan to draw
+    res = cli("inspect", compressed, "--plot", compressed.parent / "plan.png")
+    assert res.returncode == 2 and "holds no per-layer plan" in res.stderr
+    assert not (compressed.parent / "plan.png").exists()
 
 
 @pytest.mark.parametrize(
@@ -316,11 +320,64 @@ def test_size_ratio_chooses_formats_within_the_bytes(tiny_llama, tmp_path):
         assert budget == int(ratio * report["totals"]["bytes_float16"])
         assert all(layer["bytes_packed"] == layer["plan"]["bytes"] for layer in layers)
         assert sum(layer["bytes_packed"] for layer in layers) <= budget
-        shown = json.loads(cli("inspect", out, "--json").stdout)["plan"]
+        shown = json.loads(cli("inspect", out, "--json", "--plot", out.parent / f"plan{ratio}.png").stdout)["plan"]
         assert [(p["layer"], p["format"]) for p in shown] == [(l["layer"], l["plan"]["format"]) for l in layers]
+        assert all(p["output_error"] == l["output_error"] and 0 < p["predicted_output_error"] < 1 for p, l in zip(shown, layers))
+        assert (out.parent / f"plan{ratio}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert sum(report["budget"]["formats"].values()) == len(layers) == 15
         # siblings (q/k/v, gate/up) share one format, so they are still merged into one node each
         assert [len(group) for group in report["merged_siblings"]] == [3, 2, 3, 2]
         session = ort.InferenceSession(str(out / "model.onnx"), slim_onnx.session_options())
         kl[ratio] = np.mean([output_divergence(d, session.run(["logits"], f)[0], True) for f, d in zip(feeds, dense)])
     assert kl[0.4] < kl[0.24], kl
+
+
+def test_quality_goals_choose_the_smallest_plan_that_measures_within_them(tmp_path):
+    """--max-kl / --target-ppl-ratio: the search measures whole plans on the first calibration
+    windows and keeps the smallest that meets the goal; with one-pass statistics the written model
+    is that plan, so its own KL and perplexity on those windows are what the search measured.
+    A goal no plan reaches is refused with the best found, and nothing is written."""
+    import onnx_ir as ir
+    from slim_onnx.budget import Budget
+    from slim_onnx.calibration import model_feeds
+    from slim_onnx.config import ConfigError, GraphOptions
+    from slim_onnx.sensitivity import next_token_nll, output_divergence
+
+    import torch
+    from transformers import LlamaForCausalLM
+
+    root = tiny_llama_export(tmp_path / "wide", initializer_range=0.2)  # decisive logits
+    src = root / "onnx" / "model.onnx"
+    # text the model itself writes (sampled), on which a compressed model's perplexity can only rise on average
+    torch.manual_seed(0)
+    start = torch.from_numpy(np.random.default_rng(3).integers(3, 250, size=(16, 1)))
+    ids = LlamaForCausalLM.from_pretrained(root / "hf").generate(start, do_sample=True, max_length=32, min_length=32)
+    ids = ids.numpy().reshape(8, 2, 32)
+    feeds = [f for batch in ids for f in model_feeds(ir.load(src), batch)]
+    dense = [ort.InferenceSession(str(src)).run(["logits"], f)[0] for f in feeds[:4]]
+
+    def measure(out):  # KL and perplexity ratio of a written model on the probe's windows
+        session = ort.InferenceSession(str(out / "model.onnx"), slim_onnx.session_options())
+        logits = [session.run(["logits"], f)[0] for f in feeds[:4]]
+        kl = np.mean([output_divergence(d, x, True) for d, x in zip(dense, logits)])
+        nll = np.mean([next_token_nll(x, f) - next_token_nll(d, f) for d, x, f in zip(dense, logits, feeds)])
+        return kl, np.exp(nll)
+
+    run = dict(calibration_mode="one-pass", graph=GraphOptions(accuracy_level=0), log=lambda msg: None)
+    slim_onnx.compress(src, tmp_path / "uniform", SlimConfig(), feeds, **run)
+    uniform_kl, uniform_ppl = measure(tmp_path / "uniform")
+    for goal in (Budget(max_kl=uniform_kl / 3), Budget(ppl_ratio=1 + (uniform_ppl - 1) / 3)):
+        out = tmp_path / f"goal{goal.max_kl or goal.ppl_ratio}"
+        report = slim_onnx.compress(src, out, SlimConfig(), feeds, budget=goal, **run)
+        rounds = report["budget"]["search"]
+        value = "divergence" if goal.max_kl else "ppl_ratio"
+        limit = goal.max_kl or goal.ppl_ratio
+        met = [r for r in rounds if r[value] <= limit]
+        assert met and report["budget"]["bytes_chosen"] == min(r["bytes"] for r in met)
+        chosen = next(r for r in met if r["bytes"] == report["budget"]["bytes_chosen"])
+        kl, ppl = measure(out)
+        assert kl == pytest.approx(chosen["divergence"], rel=2e-2) and ppl == pytest.approx(chosen["ppl_ratio"], rel=1e-3)
+        assert (kl if goal.max_kl else ppl) <= limit * 1.001
+    with pytest.raises(ConfigError, match="no plan reached --max-kl"):
+        slim_onnx.compress(src, tmp_path / "unreachable", SlimConfig(), feeds, budget=Budget(max_kl=1e-12), **run)
+    assert not (tmp_path / "unreachable").exists()

@@ -8,7 +8,12 @@ tokens with an empty past; decode = `--decode` single-token steps feeding the KV
 reported as tokens/s. Medians over `--repeats`, the models taking turns; all sessions share one
 global thread pool of `--threads`.
 
-    python tools/bench_model.py --dense exported/ --slim slim/
+    python tools/bench_model.py --dense exported/ --slim slim/ --also budget0.30=slim_030/
+
+`--also LABEL=FOLDER` (repeatable) adds more compressed models, such as per-layer budgets
+(`compress --size-ratio`): they take turns with the others, and every model's weight bytes are
+printed beside its speed, since a budget buys accuracy with bytes that may run slower (a dense 4-bit
+layer moves more bytes than a 2:4 one).
 
 CUDA (--device cuda, onnxruntime-gpu): a float16 export with KV cache generating greedily through IO
 binding, as a GPU deployment runs it: each step's `present` outputs stay in device memory and are
@@ -66,6 +71,11 @@ def matmul_nbits_model(dense: Path, out: Path) -> Path:
     return path
 
 
+def weight_bytes(path: Path) -> int:
+    """The bytes of a model's initializers (external data counted, not read)."""
+    return sum(v.const_value.nbytes for v in ir.load(path).graph.initializers.values() if v.const_value is not None)
+
+
 def attention_fused_model(src: Path, out: Path) -> Path:
     """`src` with the attention and norm fusions `slim-onnx compress` applies (passes/manager.py)."""
     model = ir.load(src)
@@ -78,6 +88,7 @@ def attention_fused_model(src: Path, out: Path) -> Path:
 
 class Decoder:
     def __init__(self, path: Path, library: bool):
+        self.path = path
         so = slim_onnx.session_options() if library else ort.SessionOptions()
         so.use_per_session_threads = False
         self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
@@ -310,6 +321,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dense", help="the dense export folder")
     parser.add_argument("--slim", help="the compressed folder")
+    parser.add_argument("--also", action="append", default=[], metavar="LABEL=FOLDER",
+                        help="CPU: another compressed folder to time beside --slim (repeatable)")
     parser.add_argument("--prefill", type=int, default=512)
     parser.add_argument("--decode", type=int, help="decode steps (default 64; cuda: 128)")
     parser.add_argument("--repeats", type=int, default=3)
@@ -334,6 +347,9 @@ def main() -> None:
         return
     if args.slim_adapters or args.nbits:
         parser.error("--slim-adapters and --nbits are for --device cuda")
+    also = dict(item.split("=", 1) for item in args.also if "=" in item)
+    if len(also) != len(args.also):
+        parser.error("--also takes LABEL=FOLDER")
     args.decode = args.decode or 64
     ort.capi._pybind_state.set_global_thread_pool_sizes(args.threads, 1)
 
@@ -346,7 +362,8 @@ def main() -> None:
             "dense fp32 +GQA": Decoder(attention_fused_model(dense, Path(tmp) / "dense_gqa"), False),
             "MatMulNBits acc4 +GQA": Decoder(attention_fused_model(nbits, Path(tmp) / "nbits_gqa"), False),
             "SlimMatMul": Decoder(resolve_model_path(args.slim), True),
-        }
+        } | {label: Decoder(resolve_model_path(folder), True) for label, folder in also.items()}
+        weights = {name: weight_bytes(m.path) for name, m in models.items()}
         vocab = models["dense fp32"].session.get_outputs()[0].shape[-1] or 1000
         prompt = np.random.default_rng(0).integers(3, min(int(vocab), 30000), size=(1, args.prefill), dtype=np.int64)
         runs = {(name, mode): [] for name in models for mode in (False, True)}
@@ -360,20 +377,23 @@ def main() -> None:
             "prefill_ms": statistics.median(r[0] for r in runs[name, False]) * 1e3,
             "decode_tok_s": statistics.median(r[1] for r in runs[name, False]),
             "decode_tok_s_ortvalue_cache": statistics.median(r[1] for r in runs[name, True]),
+            "weight_mib": weights[name] / 2**20,
         }
         for name in models
     }
     print(f"prefill {args.prefill} tokens, decode {args.decode} tokens, {args.threads} threads (medians of {args.repeats}); "
           "decode with the cache as numpy arrays (ORTModelForCausalLM on CPU) and kept as OrtValues")
-    print(f"{'model':<24}{'prefill ms':>12}{'decode tok/s':>14}{'OrtValue cache':>16}")
+    print(f"{'model':<24}{'weights MiB':>12}{'prefill ms':>12}{'decode tok/s':>14}{'OrtValue cache':>16}")
     for name, r in results.items():
-        print(f"{name:<24}{r['prefill_ms']:>12.1f}{r['decode_tok_s']:>14.1f}{r['decode_tok_s_ortvalue_cache']:>16.1f}")
-    s = results["SlimMatMul"]
-    for peer in (name for name in results if name != "SlimMatMul"):
-        p = results[peer]
-        print(f"SlimMatMul vs {peer:<22} prefill {p['prefill_ms'] / s['prefill_ms']:.2f}x, decode "
-              f"{s['decode_tok_s'] / p['decode_tok_s']:.2f}x, with the OrtValue cache "
-              f"{s['decode_tok_s_ortvalue_cache'] / p['decode_tok_s_ortvalue_cache']:.2f}x")
+        print(f"{name:<24}{r['weight_mib']:>12.1f}{r['prefill_ms']:>12.1f}{r['decode_tok_s']:>14.1f}"
+              f"{r['decode_tok_s_ortvalue_cache']:>16.1f}")
+    for ours in ("SlimMatMul", *also):
+        s = results[ours]
+        for peer in (name for name in results if name not in ("SlimMatMul", *also)):
+            p = results[peer]
+            print(f"{ours} vs {peer:<22} prefill {p['prefill_ms'] / s['prefill_ms']:.2f}x, decode "
+                  f"{s['decode_tok_s'] / p['decode_tok_s']:.2f}x, with the OrtValue cache "
+                  f"{s['decode_tok_s_ortvalue_cache'] / p['decode_tok_s_ortvalue_cache']:.2f}x")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 

@@ -202,12 +202,13 @@ def _effective(q, scales, matrices, cols, group_size: int) -> torch.Tensor:
 
 def candidate_errors(w, stats: LayerStatistics, configs: list[SlimConfig], name: str = "layer",
                      weight_of: int | None = None) -> tuple[list[float], np.ndarray | None]:
-    """The layer-output error tr(E^T H E) (mean over calibration tokens of ||x E||^2, E = W minus
-    what the layer would multiply by) of W [K, N] compressed with each of `configs`, which may differ
-    in sparsity and adapter rank only: the weights are quantized once per sparsity and the adapters
-    fitted per rank on that. Estimated on at most 1024 evenly spaced columns (scaled to all N), as
-    the reports' output error. Also the float32 [K, N] matrix configs[weight_of] multiplies by
-    (W_c + L R, as compress_layer's effective_weight), or None."""
+    """The relative squared layer-output error tr(E^T H E) / tr(W^T H W) (the calibration tokens'
+    ||x E||^2 over ||x W||^2, E = W minus what the layer would multiply by: the square of the
+    reports' output_error) of W [K, N] compressed with each of `configs`, which may differ in
+    sparsity and adapter rank only: the weights are quantized once per sparsity and the adapters
+    fitted per rank on that. On at most 1024 evenly spaced columns, as the reports. Also the float32
+    [K, N] matrix configs[weight_of] multiplies by (W_c + L R, as compress_layer's
+    effective_weight), or None."""
     if stats is None or stats.xtx is None:
         raise CompressionError(f"layer {name}: predicting output errors needs LayerStatistics(hessian=True)")
     # one conversion of W and one factorisation of H for all: the configs share everything else
@@ -215,6 +216,7 @@ def candidate_errors(w, stats: LayerStatistics, configs: list[SlimConfig], name:
     k, n = w_t.shape
     cols = torch.linspace(0, n - 1, min(n, 1024), device=w_t.device).round().long().unique()
     h = stats.hessian.to(device=w_t.device, dtype=torch.float32)
+    energy = float(((h @ w_t[:, cols]) * w_t[:, cols]).sum())
     quantized, errors, weight = {}, [], None
     for index, config in enumerate(configs):
         _check_inputs(name, w_t, stats, config)
@@ -226,7 +228,7 @@ def candidate_errors(w, stats: LayerStatistics, configs: list[SlimConfig], name:
         if matrices is not None and config.requantize:  # as compress_layer does
             q, scales, _ = _quantize(w_t - matrices[0] @ matrices[1], mask, hessian, config)
         e = w_t[:, cols] - _effective(q, scales, matrices, cols, config.group_size)
-        errors.append(float(((h @ e) * e).sum().clamp_min(0)) * n / len(cols))
+        errors.append(float(((h @ e) * e).sum().clamp_min(0)) / energy if energy > 0 else 0.0)
         if index == weight_of:
             weight = _numpy(_effective(q, scales, matrices, slice(None), config.group_size))
     return errors, weight
