@@ -105,7 +105,7 @@ class Budget:
 
     def divergence_goal(self) -> float:
         """The quality goal as a KL divergence: a perplexity ratio R is a mean log-likelihood loss of
-        ln R per token, which the KL approximates (the two agree within 3% on SmolLM2, docs/algorithms.md)."""
+        ln R per token, which the KL approximates (ln R was 0.93-1.03x the KL on SmolLM2 held-out text, docs/algorithms.md)."""
         return self.max_kl if self.max_kl is not None else math.log(self.ppl_ratio)
 
 

@@ -109,8 +109,9 @@ def _input_dims(value: ir.Value) -> list[int | None]:
     return [d if isinstance(d, int) else None for d in (value.shape or [])]
 
 
-def model_feeds(model: ir.Model, windows: np.ndarray) -> Iterator[dict[str, np.ndarray]]:
-    """One feed per token window, filling the inputs an Optimum export declares."""
+def model_feeds(model: ir.Model, windows: np.ndarray, past_head_size: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+    """One feed per token window, filling the inputs an Optimum export (or an onnxruntime-genai
+    model, whose past inputs leave the head size symbolic: `past_head_size`) declares."""
     for window in windows:
         seq = len(window)
         feeds = {}
@@ -127,6 +128,8 @@ def model_feeds(model: ir.Model, windows: np.ndarray) -> Iterator[dict[str, np.n
                 feeds[name] = np.zeros((1, seq), dtype=dtype)
             elif name.startswith("past_key_values") or name.startswith("past_"):
                 dims = _input_dims(value)
+                if len(dims) == 4 and dims[3] is None:
+                    dims[3] = past_head_size
                 if len(dims) != 4 or dims[1] is None or dims[3] is None:
                     raise CalibrationError(f"cannot build an empty past for input {name} of shape {value.shape}")
                 feeds[name] = np.zeros((1, dims[1], 0, dims[3]), dtype=dtype)

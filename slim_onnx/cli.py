@@ -259,6 +259,7 @@ def _run(argv: list[str] | None) -> int:
     from slim_onnx.algorithms.layer import CompressionError
     from slim_onnx.calibration import CalibrationError
     from slim_onnx.config import ConfigError
+    from slim_onnx.genai import GenaiConfigError
     from slim_onnx.layout import FormatError
     from slim_onnx.pipeline import InputError
     from slim_onnx.schema import UnknownVariant
@@ -273,7 +274,8 @@ def _run(argv: list[str] | None) -> int:
         if args.command == "eval":
             return _eval(args)
         return _inspect(args)
-    except (InputError, CalibrationError, CompressionError, ConfigError, FormatError, UnknownVariant) as error:
+    except (InputError, CalibrationError, CompressionError, ConfigError, FormatError, GenaiConfigError,
+            UnknownVariant) as error:
         print(f"slim-onnx: error: {_one_line(error)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except OSError as error:  # the machine's side (a full disk, a file that vanished), not the input's

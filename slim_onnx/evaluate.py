@@ -15,6 +15,7 @@ import numpy as np
 import onnxruntime as ort
 
 from slim_onnx.calibration import CalibrationError, load_tokenizer, model_feeds, read_text
+from slim_onnx.genai import past_head_size, read_genai_config
 from slim_onnx.pipeline import InputError, load_model, resolve_model_path
 from slim_onnx.runtime import session_options
 
@@ -61,7 +62,7 @@ def evaluate(model_dir, text_path, reference_dir=None, seqlen: int = 512, max_wi
     name = "logits" if causal else output_names[0]
     if ref is not None and name not in [o.name for o in ref.get_outputs()]:
         raise InputError(f"the reference {reference_dir} has no output {name!r}: is it an export of the same model?")
-    for window, feeds in zip(windows, model_feeds(model, windows)):
+    for window, feeds in zip(windows, model_feeds(model, windows, past_head_size(read_genai_config(path.parent)))):
         out = session.run([name], feeds)[0][0]
         ref_out = ref.run([name], feeds)[0][0] if ref is not None else None
         if ref_out is not None and ref_out.shape != out.shape:

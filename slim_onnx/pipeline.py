@@ -42,6 +42,7 @@ from slim_onnx.calibration import (
     token_windows,
 )
 from slim_onnx.config import CALIBRATION_MODES, GraphOptions, SlimConfig
+from slim_onnx.genai import past_head_size, read_genai_config, write_genai_folder
 from slim_onnx.packing import pack_layer
 from slim_onnx.streaming import stream_blocks
 from slim_onnx.passes import GraphRewrite, ReplaceLinearLayersPass, find_linear_layers, rewrite_graph
@@ -181,7 +182,8 @@ def _calibration_feeds(model: ir.Model, model_dir: Path, calibration, log):
         text = read_text(calibration.path, log)
         tokenizer = load_tokenizer(calibration.tokenizer or model_dir)
         ids = np.asarray(tokenizer(text)["input_ids"], dtype=np.int64)
-        return list(model_feeds(model, token_windows(ids, calibration.samples, calibration.seqlen, calibration.seed)))
+        windows = token_windows(ids, calibration.samples, calibration.seqlen, calibration.seed)
+        return list(model_feeds(model, windows, past_head_size(read_genai_config(model_dir))))
     return list(calibration)  # an iterable of feed dicts
 
 
@@ -300,8 +302,13 @@ def compress(
     graph = _loadable(graph, log)
     model = load_model(src)
     bytes_before = _initializer_bytes(model)
-    if any(n.domain == DOMAIN and n.op_type == SLIM_MATMUL for n in ir.traversal.RecursiveGraphIterator(model.graph)):
+    ops = {(n.domain or "", n.op_type) for n in ir.traversal.RecursiveGraphIterator(model.graph)}
+    if (DOMAIN, SLIM_MATMUL) in ops:
         raise InputError(f"{src} is already compressed (it holds SlimMatMul nodes)")
+    if ("com.microsoft", "MatMulNBits") in ops:
+        raise InputError(f"{src} is already quantized (MatMulNBits): its weights cannot be recompressed well. Compress the "
+                         "float model instead (onnxruntime-genai: build it with `-p fp32` or `-p fp16`)")
+    genai = read_genai_config(src.parent)
     layers, kept = select_layers(model, config, include, exclude, compress_lm_head, log)
     feeds = None
     if config.needs_statistics:
@@ -379,7 +386,7 @@ def compress(
             report["streaming"] = streaming
         if plan is not None:
             report["budget"] = budget_report
-        _write_output(model, src, out, report, had_external, overwrite, log)
+        _write_output(model, src, out, report, had_external, overwrite, log, genai)
     return report
 
 
@@ -481,11 +488,24 @@ def _interrupts_deferred():
         previous(signal.SIGINT, None)  # the default handler raises KeyboardInterrupt
 
 
+def _genai_library(log) -> str | None:
+    """Our kernel library for an onnxruntime-genai folder to carry, or None (with a warning) where
+    it is not built: the folder then runs the fallback functions."""
+    from slim_onnx.runtime import LibraryNotFoundError, library_path
+
+    try:
+        return library_path()
+    except LibraryNotFoundError as error:
+        log(f"warning: the onnxruntime-genai folder will run SlimMatMul as standard ops (slower): {error}")
+        return None
+
+
 def _write_output(
-    model: ir.Model, src: Path, out: Path, report: dict, had_external: bool, overwrite: bool, log
+    model: ir.Model, src: Path, out: Path, report: dict, had_external: bool, overwrite: bool, log, genai: dict | None = None
 ) -> None:
     """Write everything into a temporary folder beside `out`, then move it into place. On failure
-    the temporary folder and the folders made for it are removed."""
+    the temporary folder and the folders made for it are removed. `genai`: the input's
+    onnxruntime-genai config, written back naming our library (copied in)."""
     made = [folder for folder in out.parents if not folder.exists()]  # deepest first
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -500,6 +520,8 @@ def _write_output(
         else:
             ir.save(model, target)
         (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2))
+        if genai is not None:
+            write_genai_folder(tmp, genai, _genai_library(log))
         _check_replaceable(out, overwrite)  # again: something may have appeared there during the work
         _move_into_place(tmp, out, log)
     except BaseException:

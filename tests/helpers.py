@@ -338,3 +338,44 @@ def tiny_llama_export(root: Path, initializer_range: float = 0.02) -> Path:
     main_export(str(root / "hf"), str(root / "onnx"), task="text-generation-with-past")
     (root / "calib.txt").write_text(english(100_000, 60_000))
     return root
+
+
+# onnxruntime-genai 0.18's model builder is written against transformers 5: it imports two Qwen3.5
+# classes at module level (a Llama build never uses them) and reads rope settings from
+# config.rope_scaling as a dict. The Optimum exporter pins transformers 4.57, so the builder runs in a
+# subprocess with placeholders for those names, on a copy of the model whose config spells out
+# the default rope.
+_GENAI_BUILDER = """
+import runpy, sys
+from transformers.utils import import_utils
+placeholders = {"Qwen3_5ForConditionalGeneration", "Qwen3_5MoeForConditionalGeneration"}
+lazy_getattr = import_utils._LazyModule.__getattr__
+def getattr_with_placeholders(self, name):
+    try:
+        return lazy_getattr(self, name)
+    except (AttributeError, ImportError):
+        if name in placeholders:
+            return type(name, (), {})
+        raise
+import_utils._LazyModule.__getattr__ = getattr_with_placeholders
+sys.argv = ["builder", *sys.argv[1:]]
+runpy.run_module("onnxruntime_genai.models.builder", run_name="__main__")
+"""
+
+
+def genai_build(hf_dir: Path, out: Path, precision: str = "fp32") -> Path:
+    """An onnxruntime-genai model folder `out` built from the Hugging Face folder `hf_dir` by
+    onnxruntime-genai's own model builder (CPU, `precision`)."""
+    import json
+    import shutil
+
+    source = out.parent / f"{out.name}.hf"
+    shutil.copytree(hf_dir, source)
+    config = json.loads((source / "config.json").read_text())
+    config["rope_scaling"] = config.get("rope_scaling") or {"rope_type": "default"}
+    (source / "config.json").write_text(json.dumps(config))
+    res = subprocess.run([sys.executable, "-c", _GENAI_BUILDER, "-m", str(source), "-i", str(source), "-o", str(out),
+                          "-p", precision, "-e", "cpu", "-c", str(out.parent / f"{out.name}.cache")],
+                         capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert res.returncode == 0 and (out / "genai_config.json").is_file(), res.stderr[-3000:]
+    return out
