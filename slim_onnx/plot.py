@@ -37,6 +37,7 @@ def plan_figure(plan: list[dict]):
     for f in formats:
         chosen = [i for i in x if plan[i]["format"] == f]
         top.bar(chosen, [plan[i]["bytes"] / 2**20 for i in chosen], width=0.85, color=colours[f], label=f)
+    top.set_yscale("log")  # lm_head and the MLP dwarf q/k/v on a linear scale
     top.set_ylabel("packed MiB")
     top.legend(title="format", fontsize="small", ncols=min(4, len(formats)))
     bottom.plot(x, [p["sensitivity"] for p in plan], "k.-", lw=0.8, label="sensitivity")
