@@ -7,6 +7,12 @@ SlimMatMul is faster).
 
     python tools/bench_op.py                      # K = N = 4096, M in 1, 16, 128
     python tools/bench_op.py --m 1 --json out.json
+    python tools/bench_op.py --m 1 16 --chain 8   # weights streamed from memory, as in a model
+
+By default each op's weights stay in the cache between runs (one op timed again and again: the
+op's compute). `--chain L` (K = N only) times L copies of the op in sequence, each with its own copy
+of the weights, and reports the time per copy: once L copies exceed the last-level cache, every
+run streams them from memory, as a model's decode step streams its layers.
 
 CUDA (--device cuda, see docs/cuda.md): SlimMatMul's CUDA kernels against torch float16 matmul
 (cuBLAS), torch 2:4 semi-structured float16, and onnxruntime MatMulNBits on CUDA when onnxruntime-gpu
@@ -26,6 +32,7 @@ import statistics
 import time
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
@@ -43,6 +50,32 @@ def _single_op_model(node, initializers, k: int, n: int, opsets):
         initializers,
     )
     return helper.make_model(graph, opset_imports=opsets, ir_version=IR_VERSION)
+
+
+def chain_model(model: onnx.ModelProto, layers: int) -> onnx.ModelProto:
+    """`layers` copies of a one-node K x K model in sequence, A -> ... -> Y, each node with its own
+    copy of the weights (the copies share any model-local function)."""
+    if layers == 1:
+        return model
+    graph = model.graph
+    (node,) = graph.node
+    chained = onnx.ModelProto()
+    chained.CopyFrom(model)
+    del chained.graph.node[:]
+    del chained.graph.initializer[:]
+    for i in range(layers):
+        rename = {init.name: f"{init.name}.{i}" for init in graph.initializer}
+        rename |= {"A": "A" if i == 0 else f"h{i}", "Y": "Y" if i == layers - 1 else f"h{i + 1}"}
+        copy = chained.graph.node.add()
+        copy.CopyFrom(node)
+        copy.name = f"{node.name or node.op_type}.{i}"
+        copy.input[:] = [rename.get(x, x) for x in node.input]
+        copy.output[:] = [rename.get(x, x) for x in node.output]
+        for init in graph.initializer:
+            weights = chained.graph.initializer.add()
+            weights.CopyFrom(init)
+            weights.name = rename[init.name]
+    return chained
 
 
 def matmul_model(w: np.ndarray):
@@ -102,6 +135,8 @@ def main() -> None:
     parser.add_argument("--m", type=int, nargs="+", default=None, help="default 1 16 128 (cuda: 1 16 128 2048)")
     parser.add_argument("--rank", type=int, default=None, help="adapter rank (default 0.1 * min(K, N), rounded up to 8, as SlimConfig)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--chain", type=int, default=1,
+                        help="CPU, K = N: time this many copies of each op in sequence (per copy), weights streamed from memory")
     parser.add_argument("--seconds", type=float, default=1.0, help="minimum timing time per case")
     parser.add_argument("--json", help="also write the results to this JSON file")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -125,10 +160,13 @@ def main() -> None:
     slim_plain = slim_onnx.pack_weight(w, group_size=128, sparse=True)
     slim_adapt = slim_onnx.pack_weight(w, group_size=128, sparse=True, adapters=adapters, adapter_format="int4")
 
+    if args.chain > 1 and args.k != args.n:
+        parser.error("--chain needs K = N (each copy's output is the next one's input)")
+
     def session(model, custom: bool):
         so = slim_onnx.session_options() if custom else ort.SessionOptions()
         so.use_per_session_threads = False  # one shared pool: idle sessions' threads never spin beside the timed one
-        return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(chain_model(model, args.chain).SerializeToString(), so, providers=["CPUExecutionProvider"])
 
     cases = {
         "MatMul fp32": session(matmul_model(w), False),
@@ -139,13 +177,15 @@ def main() -> None:
         f"Slim+r{args.rank} acc0": session(slim_onnx.make_slim_matmul_model(slim_adapt, accuracy_level=0), True),
         f"Slim+r{args.rank} acc4": session(slim_onnx.make_slim_matmul_model(slim_adapt, accuracy_level=4), True),
     }
-    results = {"k": args.k, "n": args.n, "rank": args.rank, "threads": args.threads, "kernel": slim_onnx.kernel_name(), "ms": {}}
+    results = {"k": args.k, "n": args.n, "rank": args.rank, "threads": args.threads, "chain": args.chain,
+               "kernel": slim_onnx.kernel_name(), "ms": {}}
     for m in args.m:
         a = rng.standard_normal((m, args.k)).astype(np.float32)
-        results["ms"][m] = time_sessions(cases, a, args.seconds)
+        results["ms"][m] = {name: ms / args.chain for name, ms in time_sessions(cases, a, args.seconds).items()}
 
     names = list(cases)
-    print(f"K={args.k} N={args.n} threads={args.threads} kernels={results['kernel']}  (median ms; ratio = peer / Slim)")
+    per = f"; per op of a chain of {args.chain}, weights streamed from memory" if args.chain > 1 else "; weights in cache"
+    print(f"K={args.k} N={args.n} threads={args.threads} kernels={results['kernel']}  (median ms{per}; ratio = peer / Slim)")
     print(f"{'op':<22}" + "".join(f"{'M=' + str(m):>12}" for m in args.m))
     for name in names:
         print(f"{name:<22}" + "".join(f"{results['ms'][m][name]:>12.3f}" for m in args.m))
