@@ -256,10 +256,25 @@ def packed_nbytes(k: int, n: int, group_size: int, sparse: bool, rank: int = 0, 
     return total + (4 * n if bias else 0)
 
 
+def _block_diagonal_scales(parts: list[SlimWeights], offsets, rank: int, group_size: int) -> np.ndarray:
+    """R's scales [groups of the joint rank, N] for the block-diagonal joint R: each part's own
+    groups at the joint groups holding its rows (concatenate_columns checks they coincide), 1
+    where a part's columns have only the zeros off its block."""
+    scales = np.ones((num_groups(rank, group_size), sum(p.n for p in parts)), dtype=np.float16)
+    col = 0
+    for o, p in zip(offsets, parts):
+        first = o // group_size
+        scales[first:first + p.adapter_r_scales.shape[0], col:col + p.n] = p.adapter_r_scales
+        col += p.n
+    return scales
+
+
 def concatenate_columns(parts: list[SlimWeights]) -> SlimWeights | None:
     """One SlimWeights computing [A @ W_1 | A @ W_2 | ...] for layers that read the same A, or None
-    when their formats differ (sparsity, groups, adapter kind) or, for int4 adapters, when the joint
-    rank would span several adapter groups (one group keeps each part's scales as they are).
+    when their formats differ (sparsity, groups, adapter kind) or, for int4 adapters, when a part's
+    rows of the joint R would not keep its own adapter groups: each part's rows must start on a
+    group boundary of the joint rank or lie inside one joint group (so every part keeps its scales
+    exactly; q/k/v of ranks 144, 48, 48 with groups of 128 do).
 
     W, its scales and the biases concatenate along N; adapters as L = [L_1 | L_2 | ...] and R block
     diagonal (zeros off the blocks), so A @ L @ R is each part's own product in its columns. At
@@ -271,7 +286,9 @@ def concatenate_columns(parts: list[SlimWeights]) -> SlimWeights | None:
         return None
     rank, n = sum(p.rank for p in parts), sum(p.n for p in parts)
     int4 = first.adapter_format == "int4"
-    if int4 and num_groups(rank, first.adapter_group_size) != 1:
+    g = first.adapter_group_size
+    offsets = np.cumsum([0] + [p.rank for p in parts[:-1]])
+    if int4 and not all(o % g == 0 or o // g == (o + p.rank - 1) // g for o, p in zip(offsets, parts)):
         return None
     pack = pack_2of4_int4 if first.sparse else pack_dense_int4
     bias = None
@@ -290,7 +307,7 @@ def concatenate_columns(parts: list[SlimWeights]) -> SlimWeights | None:
         adapters = dict(adapter_l=pack_dense_int4(l) if int4 else l, adapter_r=pack_dense_int4(r) if int4 else r)
         if int4:
             adapters["adapter_l_scales"] = np.concatenate([p.adapter_l_scales for p in parts], axis=1)
-            adapters["adapter_r_scales"] = np.concatenate([p.adapter_r_scales for p in parts], axis=1)
+            adapters["adapter_r_scales"] = _block_diagonal_scales(parts, offsets, rank, g)
     return SlimWeights(
         first.k, n, pack(np.concatenate([p.quantized_weight() for p in parts], axis=1)),
         np.concatenate([p.w_scales for p in parts], axis=1), first.group_size, first.sparse, bias,

@@ -108,17 +108,20 @@ def test_weights_validation_names_the_problem(rng):
         SlimWeights(k=16, n=8, w=packed, w_scales=np.ones((2, 8), np.float16), group_size=8, rank=4)
 
 
-@pytest.mark.parametrize("adapter_format,rank", [("none", 0), ("float16", 8), ("int4", 8)])
-def test_concatenate_columns_matches_the_parts(rng, adapter_format, rank):
+@pytest.mark.parametrize("adapter_format,ranks", [("none", (0, 0, 0)), ("float16", (8, 8, 8)), ("int4", (8, 8, 8)),
+                                                  ("int4", (40, 8, 16)), ("int4", (32, 64, 8))])
+def test_concatenate_columns_matches_the_parts(rng, adapter_format, ranks):
     """The merged weights compute the parts' outputs side by side: to float rounding in float32, and
     within the int8 activations' rounding at accuracy_level 4 (the adapter input is quantized over
-    the joint rank there)."""
+    the joint rank there). With int4 adapters in groups of 32 the joint rank may span several
+    groups where each part keeps its own (ranks 40, 8, 16: offsets 0, 40, 48 -> groups [0, 32),
+    [32, 64); ranks 32, 64, 8: offsets 0, 32, 96, each on a group boundary)."""
     from slim_onnx.layout import concatenate_columns, reference_slim_matmul
 
-    parts = [random_weights(rng, 64, n, group_size=32, adapter_format=adapter_format, rank=rank, bias=b)
-             for n, b in [(24, True), (13, False), (40, True)]]
+    parts = [random_weights(rng, 64, n, group_size=32, adapter_format=adapter_format, rank=r, bias=b)
+             for n, b, r in zip((24, 13, 40), (True, False, True), ranks)]
     merged = concatenate_columns(parts)
-    assert (merged.n, merged.rank) == (77, 3 * rank)
+    assert (merged.n, merged.rank) == (77, sum(ranks))
     a = rng.standard_normal((5, 64)).astype(np.float32)
     for level, tol in ((0, 1e-6), (4, 5e-3)):
         want = np.concatenate([reference_slim_matmul(a, p, level) for p in parts], axis=1)
@@ -132,4 +135,4 @@ def test_concatenate_columns_refuses_what_it_cannot_merge(rng):
     sparse, dense = random_weights(rng, 64, 16, sparse=True), random_weights(rng, 64, 16, sparse=False)
     assert concatenate_columns([sparse, dense]) is None  # different formats
     wide = [random_weights(rng, 64, 16, adapter_format="int4", rank=24) for _ in range(2)]
-    assert concatenate_columns(wide) is None  # joint rank 48 spans two adapter groups of 32
+    assert concatenate_columns(wide) is None  # the second part's rows 24..47 straddle the groups of 32 at 32

@@ -6,8 +6,8 @@ k and v projections (576 x 192) take as long as its q projection (576 x 576). On
 siblings does that work once. The merged weights are `layout.concatenate_columns` of the parts
 (W and biases side by side, adapters [L_1 | L_2 | ...] with a block-diagonal R), so the merged
 node computes exactly the parts' outputs at accuracy_level 0; at 4 the adapter input is quantized
-once over the joint rank. Groups whose formats differ, or whose joint int4-adapter rank would span
-several adapter groups, are left as they are.
+once over the joint rank. Groups whose formats differ, or whose int4 adapters would not keep their
+own scale groups in the joint rank (concatenate_columns), are left as they are.
 
   y_i = SlimMatMul_i(x)  for i = 1..n   ->   y_1, ..., y_n = Split(SlimMatMul(x), [N_1, ..., N_n], axis=-1)
 """
