@@ -64,6 +64,9 @@ def _add_compress(sub) -> None:
                            "next-token distributions is at most K on the first calibration windows (measured)")
     goal.add_argument("--target-ppl-ratio", type=float, metavar="R",
                       help="as --max-kl, for a perplexity at most R times the dense model's on those windows")
+    p.add_argument("--target", choices=GraphOptions.TARGETS, default="cpu",
+                   help="cuda: a graph onnxruntime's CUDA provider runs whole: float16 activations end to end, the "
+                        "export's attention in float16 instead of our CPU attention op (default: cpu)")
     p.add_argument("--no-fuse-attention", action="store_true",
                    help="keep the export's attention and RMSNorm ops (default: fuse cached decoder attention into "
                         "GroupQueryAttention, and residual Add + RMSNorm into SkipSimplifiedLayerNormalization)")
@@ -94,9 +97,9 @@ def _compress(args) -> int:
             args.calib, args.calib_samples, args.seqlen, args.seed, args.tokenizer
         )
     fuse, merge = not args.no_fuse_attention, not args.no_merge_siblings
-    graph = GraphOptions(
-        accuracy_level=args.accuracy_level, quantize_embeddings=not args.no_quantize_embeddings, fuse_attention=fuse,
-        fuse_norms=fuse, merge_siblings=merge, fuse_swiglu=merge, pack_attention=merge,
+    graph = GraphOptions.for_target(
+        args.target, accuracy_level=args.accuracy_level, quantize_embeddings=not args.no_quantize_embeddings,
+        fuse_attention=fuse, fuse_norms=fuse, merge_siblings=merge, fuse_swiglu=merge, pack_attention=merge,
     )
     report = compress(
         args.input, args.output, config, calibration, graph=graph, include=args.include, exclude=args.exclude,

@@ -164,6 +164,9 @@ class GraphOptions:
     fuse_swiglu: the SwiGLU after a merged gate/up folded into its node (passes/swiglu.py).
     pack_attention: the merged q/k/v product fed to the fused attention directly, rotary included
         (passes/packed_attention.py).
+    target: "cpu", or "cuda": a graph onnxruntime's CUDA provider runs whole, with float16
+        activations end to end (passes/float16.py) and no op that only has a CPU kernel (our fused
+        attention: fuse_attention and pack_attention must be off; see GraphOptions.for_target).
     """
 
     accuracy_level: int = 4
@@ -173,13 +176,29 @@ class GraphOptions:
     merge_siblings: bool = True
     fuse_swiglu: bool = True
     pack_attention: bool = True
+    target: str = "cpu"
 
     PASSES = ("quantize_embeddings", "fuse_attention", "fuse_norms", "merge_siblings", "fuse_swiglu", "pack_attention")
+    TARGETS = ("cpu", "cuda")
+    CPU_ONLY_PASSES = ("fuse_attention", "pack_attention")  # our GroupQueryAttention has no CUDA kernel
 
     def __post_init__(self) -> None:
         if self.accuracy_level not in ACCURACY_LEVELS:
             raise ConfigError(f"accuracy_level={self.accuracy_level}: expected one of {ACCURACY_LEVELS} "
                               "(4: int8 activations, 0: float32)")
+        if self.target not in self.TARGETS:
+            raise ConfigError(f"target={self.target!r}: expected one of {self.TARGETS}")
+        on = [name for name in self.CPU_ONLY_PASSES if getattr(self, name)]
+        if self.target == "cuda" and on:
+            raise ConfigError(f"target='cuda' cannot use {on}: our fused attention runs on the CPU only "
+                              "(GraphOptions.for_target('cuda') switches them off)")
+
+    @classmethod
+    def for_target(cls, target: str, **choices) -> GraphOptions:
+        """The options for `target` ("cpu" or "cuda"), the passes `target` cannot run switched off."""
+        if target == "cuda":
+            choices.update({name: False for name in cls.CPU_ONLY_PASSES})
+        return cls(target=target, **choices)
 
     @classmethod
     def only(cls, *passes: str) -> GraphOptions:

@@ -435,6 +435,8 @@ def _log_rewrite(rewrite: GraphRewrite, log) -> None:
         log(f"folded {rewrite.swiglu_fused} SwiGLU activations into their gate/up SlimMatMul")
     if rewrite.attention_packed:
         log(f"fed {rewrite.attention_packed} attention layers their merged q/k/v product and rotary caches directly")
+    if rewrite.float16_values:
+        log(f"converted {rewrite.float16_values} float32 values to float16 for the CUDA provider (rotary angles kept float32)")
 
 
 _BLOCK_INDEX = re.compile(r"(?:layers|layer|blocks|block|h)[./_](\d+)(?:[./_]|$)")
