@@ -101,3 +101,29 @@ def test_graph_options_for_cuda_leave_out_our_cpu_attention():
     assert options.target == "cuda" and not options.fuse_attention and not options.pack_attention and options.merge_siblings
     with pytest.raises(ConfigError, match="expected one of"):
         GraphOptions(target="tpu")
+
+
+def test_a_float16_export_keeps_its_own_float32_parts(models, tmp_path):
+    """An export made in float16 already is what --target cuda writes: its float32 islands (the
+    exporter's upcasts around norms and softmax) are left as they are, and the model runs."""
+    from optimum.exporters.onnx import main_export
+
+    root = models[0].parent
+    main_export(str(root / "hf"), str(tmp_path / "fp16"), task="text-generation-with-past", dtype="fp16", device="cpu")
+    out = tmp_path / "slim"
+    res = subprocess.run([sys.executable, "-m", "slim_onnx.cli", "compress", str(tmp_path / "fp16"), str(out), "--calib",
+                          str(root / "calib.txt"), "--calib-samples", "4", "--seqlen", "32", "--target", "cuda", "-q"],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+
+    def float32_casts(path):
+        return sum(n.op_type == "Cast" and n.attribute[0].i == FLOAT for n in onnx.load(str(path)).graph.node)
+
+    assert float32_casts(out / "model.onnx") == float32_casts(tmp_path / "fp16" / "model.onnx") > 0
+    assert json.loads((out / "slim_report.json").read_text())["float16_values"] == 0
+    session = ort.InferenceSession(str(out / "model.onnx"), slim_onnx.session_options())
+    past = {i.name: np.zeros((1, i.shape[1], 0, i.shape[3]), np.float16) for i in session.get_inputs() if i.name.startswith("past")}
+    ids = np.arange(3, 13)[None]
+    logits = session.run(["logits"], {"input_ids": ids, "attention_mask": np.ones_like(ids),
+                                      "position_ids": np.arange(10)[None], **past})[0]
+    assert logits.dtype == np.float16 and np.isfinite(logits).all()

@@ -14,6 +14,9 @@ becomes a float16 graph, as an export made with `--dtype fp16` is:
     cos / sin values are cast to float16 where the rest of the graph reads them;
   - and what our ops' contract keeps float32: SlimMatMul's bias (docs/op-spec.md), and the float32
     statistics outputs (mean, inverse std) of com.microsoft's normalization ops.
+
+A float16 export (no float32 graph input or output) is left as it is: its float32 parts are the
+exporter's deliberate ones (norms and softmax computed in float32 between Casts).
 """
 
 from __future__ import annotations
@@ -98,6 +101,9 @@ class ConvertToFloat16Pass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
+        self.converted = 0
+        if not any(v.dtype == _FLOAT32 for v in (*graph.inputs, *graph.outputs)):
+            return ir.passes.PassResult(model, modified=False)
         island = _rotary_angles(graph)
         types = _element_types(graph)
         self.converted = 0
