@@ -271,9 +271,11 @@ def measure_candidates(model_path, model, layers, feeds: list[dict], base: SlimC
         w, bias = layer.weight_array(), layer.bias_array()
         allowed = [j for j, c in enumerate(ladder) if c.sparsity == "none" or layer.k % 4 == 0]
         configs = [ladder[j].config(base) for j in allowed]
-        if base not in configs:  # the sensitivity is measured in the base format
-            configs.append(base)
-        at_base = configs.index(base)
+        # the sensitivity is measured in the base format (dense where K % 4 rules out 2:4)
+        own_base = base if layer.k % 4 == 0 else dataclasses.replace(base, sparsity="none")
+        if own_base not in configs:
+            configs.append(own_base)
+        at_base = configs.index(own_base)
         e, base_weight = candidate_errors(w, stats[layer.name], configs, layer.name, weight_of=at_base)
         damage = probe.measure({layer.name: base_weight}).divergence
         s = damage / e[at_base] if e[at_base] > 0 else 0.0
@@ -282,7 +284,7 @@ def measure_candidates(model_path, model, layers, feeds: list[dict], base: SlimC
         sizes[i] = [candidate_bytes(layer.k, layer.n, c, base, bias is not None) for c in ladder]
         errors.append({ladder[j].label: error for j, error in zip(allowed, e)})
         sensitivities.append(s)
-        log(f"[{i + 1}/{len(layers)}] {layer.name}: sensitivity {s:.3g} (divergence {damage:.3g} at {base.sparsity}+r{base.rank:g})")
+        log(f"[{i + 1}/{len(layers)}] {layer.name}: sensitivity {s:.3g} (divergence {damage:.3g} at {own_base.sparsity}+r{base.rank:g})")
     groups = sibling_groups(layers) if same_format_for_siblings else [[i] for i in range(len(layers))]
     table = CandidateTable(layers, ladder, base, costs, sizes, errors, sensitivities, groups)
     return table, stats, probe

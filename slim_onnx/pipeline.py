@@ -187,16 +187,18 @@ def _calibration_feeds(model: ir.Model, model_dir: Path, calibration, log):
     return list(calibration)  # an iterable of feed dicts
 
 
-def select_layers(model: ir.Model, config: SlimConfig, include, exclude, compress_lm_head: bool, log):
+def select_layers(model: ir.Model, config: SlimConfig, include, exclude, compress_lm_head: bool, log,
+                  per_layer_formats: bool = False):
     """(every linear layer, the ones to compress): --include/--exclude/--no-lm-head applied, and layers
-    that cannot be 2:4-sparse kept dense (an error when --include names them)."""
+    that cannot be 2:4-sparse kept dense (an error when --include names them), unless formats are
+    chosen per layer (a budget), which gives them dense 4-bit formats."""
     layers = find_linear_layers(model)
     if not layers:
         raise InputError("the model has no weight MatMul/Gemm layer to compress")
     explicit = set(include or ())
     kept = []
     for layer in _selected(layers, include, exclude, compress_lm_head):
-        if config.sparsity == "2:4" and layer.k % 4:
+        if config.sparsity == "2:4" and layer.k % 4 and not per_layer_formats:
             if any(re.fullmatch(p, layer.name) for p in explicit):
                 raise InputError(f"layer {layer.name}: K={layer.k} is not divisible by 4, so it cannot be 2:4-sparse")
             log(f"warning: keeping {layer.name} dense (K={layer.k} is not divisible by 4)")
@@ -309,7 +311,7 @@ def compress(
         raise InputError(f"{src} is already quantized (MatMulNBits): its weights cannot be recompressed well. Compress the "
                          "float model instead (onnxruntime-genai: build it with `-p fp32` or `-p fp16`)")
     genai = read_genai_config(src.parent)
-    layers, kept = select_layers(model, config, include, exclude, compress_lm_head, log)
+    layers, kept = select_layers(model, config, include, exclude, compress_lm_head, log, per_layer_formats=budget is not None)
     feeds = None
     if config.needs_statistics:
         feeds = _calibration_feeds(model, src.parent, calibration, log)

@@ -237,3 +237,36 @@ def test_plan_figure_draws_each_layers_bytes_and_sensitivity(tmp_path):
     assert [t.get_text() for t in bottom.get_xticklabels()] == ["0", "1", "2"]
     path = save_plan_figure(plan, tmp_path / "plan.svg")
     assert path.read_text().lstrip().startswith("<?xml") and [p.name for p in tmp_path.iterdir()] == ["plan.svg"]
+
+
+def test_layers_that_cannot_be_2of4_take_dense_formats_under_a_budget(tmp_path):
+    """K = 6 rules out 2:4: without a budget such a layer stays float, with one it is planned among
+    the dense 4-bit formats and compressed, and the model computes close to the float one."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    import slim_onnx
+    from slim_onnx.config import GraphOptions
+
+    rng = np.random.default_rng(0)
+    w1, w2 = rng.standard_normal((6, 64)).astype(np.float32), rng.standard_normal((64, 32)).astype(np.float32) / 8
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w1"], ["h"], name="/model/layers.0/up/MatMul"),
+         helper.make_node("Relu", ["h"], ["r"]), helper.make_node("MatMul", ["r", "w2"], ["y"], name="/model/layers.0/down/MatMul")],
+        "k6", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "s", 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "s", 32])],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
+    src = tmp_path / "k6.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10), src)
+    feeds = [{"x": rng.standard_normal((2, 16, 6)).astype(np.float32)} for _ in range(6)]
+    options = dict(graph=GraphOptions(accuracy_level=0), calibration_mode="one-pass", log=lambda msg: None)
+    uniform = slim_onnx.compress(src, tmp_path / "uniform", slim_onnx.SlimConfig(), feeds, **options)
+    assert uniform["kept_dense"] == ["/model/layers.0/up/MatMul"]
+    planned = slim_onnx.compress(src, tmp_path / "planned", slim_onnx.SlimConfig(), feeds, budget=Budget(size_ratio=0.4), **options)
+    formats = {layer["layer"]: layer["plan"]["format"] for layer in planned["layers"]}
+    assert formats["/model/layers.0/up/MatMul"].startswith("none+") and planned["kept_dense"] == []
+    session = ort.InferenceSession(str(tmp_path / "planned" / "k6.onnx"), slim_onnx.session_options())
+    want = np.maximum(feeds[0]["x"] @ w1, 0) @ w2
+    got = session.run(["y"], feeds[0])[0]
+    assert np.abs(got - want).max() < 0.2 * np.abs(want).max()
