@@ -106,7 +106,6 @@ class ConvertToFloat16Pass(ir.passes.InPlacePass):
             return ir.passes.PassResult(model, modified=False)
         island = _rotary_angles(graph)
         types = _element_types(graph)
-        self.converted = 0
         self._casts: dict[int, ir.Value] = {}
 
         def keeps_float32(use: ir.Usage) -> bool:
@@ -138,7 +137,9 @@ class ConvertToFloat16Pass(ir.passes.InPlacePass):
                 node.attributes["to"] = ir.AttrInt64("to", _FLOAT16)
             elif node.domain == "" and node.op_type in ("Constant", "ConstantOfShape"):
                 value = node.attributes.get("value")
-                if value is not None and value.value.dtype == _FLOAT32:
+                if value is None and node.op_type == "ConstantOfShape":  # float32 zeros by default
+                    node.attributes["value"] = ir.AttrTensor("value", ir.tensor(np.zeros(1, np.float16)))
+                elif value is not None and value.value.dtype == _FLOAT32:
                     node.attributes["value"] = ir.AttrTensor("value", _half_tensor(value.value, value.value.name or ""))
                 for name in ("value_float", "value_floats"):  # float32 by definition: a float16 tensor instead
                     if name in node.attributes:
