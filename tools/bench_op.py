@@ -10,8 +10,8 @@ SlimMatMul is faster).
     python tools/bench_op.py --m 1 16 --chain 8   # weights streamed from memory, as in a model
 
 By default each op's weights stay in the cache between runs (one op timed again and again: the
-op's compute). `--chain L` (K = N only) times L copies of the op in sequence, each with its own copy
-of the weights, and reports the time per copy: once L copies exceed the last-level cache, every
+op's compute). `--chain L` (K = N only) times L copies of the op in sequence, each with its own
+random weights, and reports the time per copy: once L copies exceed the last-level cache, every
 run streams them from memory, as a model's decode step streams its layers.
 
 CUDA (--device cuda, see docs/cuda.md): SlimMatMul's CUDA kernels against torch float16 matmul
@@ -52,26 +52,25 @@ def _single_op_model(node, initializers, k: int, n: int, opsets):
     return helper.make_model(graph, opset_imports=opsets, ir_version=IR_VERSION)
 
 
-def chain_model(model: onnx.ModelProto, layers: int) -> onnx.ModelProto:
-    """`layers` copies of a one-node K x K model in sequence, A -> ... -> Y, each node with its own
-    copy of the weights (the copies share any model-local function)."""
-    if layers == 1:
-        return model
-    graph = model.graph
-    (node,) = graph.node
+def chain_model(models: list[onnx.ModelProto]) -> onnx.ModelProto:
+    """One-node K x K models of one op (each with its own weights) in sequence, A -> ... -> Y (they
+    share any model-local function)."""
+    if len(models) == 1:
+        return models[0]
     chained = onnx.ModelProto()
-    chained.CopyFrom(model)
+    chained.CopyFrom(models[0])
     del chained.graph.node[:]
     del chained.graph.initializer[:]
-    for i in range(layers):
-        rename = {init.name: f"{init.name}.{i}" for init in graph.initializer}
-        rename |= {"A": "A" if i == 0 else f"h{i}", "Y": "Y" if i == layers - 1 else f"h{i + 1}"}
+    for i, model in enumerate(models):
+        (node,) = model.graph.node
+        rename = {init.name: f"{init.name}.{i}" for init in model.graph.initializer}
+        rename |= {"A": "A" if i == 0 else f"h{i}", "Y": "Y" if i == len(models) - 1 else f"h{i + 1}"}
         copy = chained.graph.node.add()
         copy.CopyFrom(node)
         copy.name = f"{node.name or node.op_type}.{i}"
         copy.input[:] = [rename.get(x, x) for x in node.input]
         copy.output[:] = [rename.get(x, x) for x in node.output]
-        for init in graph.initializer:
+        for init in model.graph.initializer:
             weights = chained.graph.initializer.add()
             weights.CopyFrom(init)
             weights.name = rename[init.name]
@@ -151,31 +150,33 @@ def main() -> None:
     args.rank = args.rank or slim_onnx.SlimConfig(rank=0.1).resolve_rank(args.k, args.n)
     # Before any session exists: every session runs on one global pool of `threads` threads.
     ort.capi._pybind_state.set_global_thread_pool_sizes(args.threads, 1)
-    rng = np.random.default_rng(0)
-    w = (rng.standard_normal((args.k, args.n)) / np.sqrt(args.k)).astype(np.float32)
-    adapters = (
-        rng.standard_normal((args.k, args.rank)).astype(np.float32) * 0.01,
-        rng.standard_normal((args.rank, args.n)).astype(np.float32) * 0.01,
-    )
-    slim_plain = slim_onnx.pack_weight(w, group_size=128, sparse=True)
-    slim_adapt = slim_onnx.pack_weight(w, group_size=128, sparse=True, adapters=adapters, adapter_format="int4")
-
     if args.chain > 1 and args.k != args.n:
         parser.error("--chain needs K = N (each copy's output is the next one's input)")
+    rng = np.random.default_rng(0)
+    # one W (and adapters) per copy in a chain: distinct bytes, which no runtime can share
+    ws = [(rng.standard_normal((args.k, args.n)) / np.sqrt(args.k)).astype(np.float32) for _ in range(args.chain)]
+    adapters = [(rng.standard_normal((args.k, args.rank)).astype(np.float32) * 0.01,
+                 rng.standard_normal((args.rank, args.n)).astype(np.float32) * 0.01) for _ in range(args.chain)]
+    slim_plain = [slim_onnx.pack_weight(w, group_size=128, sparse=True) for w in ws]
+    slim_adapt = [slim_onnx.pack_weight(w, group_size=128, sparse=True, adapters=a, adapter_format="int4")
+                  for w, a in zip(ws, adapters)]
 
-    def session(model, custom: bool):
+    def session(models, custom: bool):
         so = slim_onnx.session_options() if custom else ort.SessionOptions()
         so.use_per_session_threads = False  # one shared pool: idle sessions' threads never spin beside the timed one
-        return ort.InferenceSession(chain_model(model, args.chain).SerializeToString(), so, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(chain_model(models).SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+    def slim(packed, level):
+        return session([slim_onnx.make_slim_matmul_model(p, accuracy_level=level) for p in packed], True)
 
     cases = {
-        "MatMul fp32": session(matmul_model(w), False),
-        "MatMulNBits acc0": session(matmul_nbits_model(w, 0), False),
-        "MatMulNBits acc4": session(matmul_nbits_model(w, 4), False),
-        "Slim acc0": session(slim_onnx.make_slim_matmul_model(slim_plain, accuracy_level=0), True),
-        "Slim acc4": session(slim_onnx.make_slim_matmul_model(slim_plain, accuracy_level=4), True),
-        f"Slim+r{args.rank} acc0": session(slim_onnx.make_slim_matmul_model(slim_adapt, accuracy_level=0), True),
-        f"Slim+r{args.rank} acc4": session(slim_onnx.make_slim_matmul_model(slim_adapt, accuracy_level=4), True),
+        "MatMul fp32": session([matmul_model(w) for w in ws], False),
+        "MatMulNBits acc0": session([matmul_nbits_model(w, 0) for w in ws], False),
+        "MatMulNBits acc4": session([matmul_nbits_model(w, 4) for w in ws], False),
+        "Slim acc0": slim(slim_plain, 0),
+        "Slim acc4": slim(slim_plain, 4),
+        f"Slim+r{args.rank} acc0": slim(slim_adapt, 0),
+        f"Slim+r{args.rank} acc4": slim(slim_adapt, 4),
     }
     results = {"k": args.k, "n": args.n, "rank": args.rank, "threads": args.threads, "chain": args.chain,
                "kernel": slim_onnx.kernel_name(), "ms": {}}

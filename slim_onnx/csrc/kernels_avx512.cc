@@ -86,6 +86,11 @@ inline __m512i PairInts(const int32_t* t, const int32_t* u) {
                             _mm256_loadu_si256(reinterpret_cast<const __m256i*>(u)), 1);
 }
 
+// Software prefetch this many bytes ahead in each of the two tiles' streams: with weights that do not
+// fit the last-level cache (a model's decode step), 4096x4096 at one row ran 0.274 -> 0.250 ms per
+// layer on a 2-core AMD EPYC (tools/bench_op.py --chain 8; 1 KiB ahead gave 0.256), unchanged in cache.
+constexpr int64_t kPrefetchAhead = 4096;
+
 template <typename Pair, int R>
 void TilePairRows(const Matrix4& w, int64_t t, int64_t u, const uint8_t* aq, const float* ascale, int64_t lda,
                   float* acc) {
@@ -100,6 +105,8 @@ void TilePairRows(const Matrix4& w, int64_t t, int64_t u, const uint8_t* aq, con
     for (int r = 0; r < R; ++r) even[r] = odd[r] = _mm512_setzero_si512();
     int64_t b = 0;
     for (; b + 2 <= nb; b += 2) {
+      _mm_prefetch(reinterpret_cast<const char*>(pt + b * bytes + kPrefetchAhead), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(pu + b * bytes + kPrefetchAhead), _MM_HINT_T0);
       const Pair p0(pt + b * bytes, pu + b * bytes), p1(pt + (b + 1) * bytes, pu + (b + 1) * bytes);
       for (int r = 0; r < R; ++r) {
         const uint8_t* a = aq + r * lda + (b0 + b) * kBlockK;
