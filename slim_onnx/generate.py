@@ -23,27 +23,31 @@ from slim_onnx.runtime import session_options
 class CachedDecoder:
     """One onnxruntime session of a decoder and its generation loop. `model`: a .onnx file, or a
     folder holding model.onnx; threads: onnxruntime's intra-op threads (None: its default);
-    library: register our SlimMatMul kernels (False: stock onnxruntime, the fallback functions)."""
+    library: register our SlimMatMul kernels (False: stock onnxruntime, the fallback functions);
+    options: SessionOptions to start from (e.g. a shared thread pool)."""
 
     def __init__(self, model: str | os.PathLike, *, threads: int | None = None, library: bool = True,
-                 providers: tuple[str, ...] = ("CPUExecutionProvider",)):
+                 providers: tuple[str, ...] = ("CPUExecutionProvider",), options: ort.SessionOptions | None = None):
         path = Path(model)
-        path = path / "model.onnx" if path.is_dir() else path
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} does not exist: give a decoder .onnx file or a folder holding model.onnx")
-        so = session_options() if library else ort.SessionOptions()
+        self.path = path / "model.onnx" if path.is_dir() else path
+        if not self.path.is_file():
+            raise FileNotFoundError(f"{self.path} does not exist: give a decoder .onnx file or a folder holding model.onnx")
+        so = options if options is not None else ort.SessionOptions()
+        if library:
+            session_options(so)
         if threads:
             so.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(path), so, providers=list(providers))
+        self.session = ort.InferenceSession(str(self.path), so, providers=list(providers))
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         self.outputs = [o.name for o in self.session.get_outputs()]
         missing = {"input_ids", "logits"} - set(self.inputs) - set(self.outputs)
         if missing or not any(n.startswith("past_key_values") for n in self.inputs):
-            raise ValueError(f"{path} is not a decoder with a KV cache (input_ids, past_key_values.*, logits): "
+            raise ValueError(f"{self.path} is not a decoder with a KV cache (input_ids, past_key_values.*, logits): "
                              "export it with --task text-generation-with-past")
         self._types = {name: np.int32 if "int32" in info.type else np.int64 for name, info in self.inputs.items()}
 
-    def _empty_past(self) -> dict:
+    def empty_past(self) -> dict[str, np.ndarray]:
+        """The past inputs of the first step: every cache with no entries."""
         past = {}
         for name, info in self.inputs.items():
             if name.startswith("past_key_values"):
@@ -54,15 +58,21 @@ class CachedDecoder:
                 past[name] = np.zeros((1, heads, 0, head_size), dtype=dtype)
         return past
 
-    def _feeds(self, ids: list[int], past: dict, past_len: int) -> dict:
+    def feeds(self, ids, past: dict, past_len: int) -> dict:
+        """One step's inputs: token ids `ids` (a sequence) after `past_len` cached ones, with the
+        attention mask and positions where the model takes them, and `past` (numpy or OrtValues)."""
         seq = len(ids)
         feeds = {"input_ids": np.array([ids], dtype=self._types["input_ids"])}
         if "attention_mask" in self.inputs:
             feeds["attention_mask"] = np.ones((1, past_len + seq), dtype=self._types["attention_mask"])
         if "position_ids" in self.inputs:
             feeds["position_ids"] = np.arange(past_len, past_len + seq, dtype=self._types["position_ids"])[None]
-        feeds = {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in feeds.items()}
         return feeds | past
+
+    def run_ort_values(self, feeds: dict) -> dict[str, ort.OrtValue]:
+        """The model's outputs by name as OrtValues (numpy inputs are wrapped, OrtValues passed on)."""
+        feeds = {k: v if isinstance(v, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(v) for k, v in feeds.items()}
+        return dict(zip(self.outputs, self.session.run_with_ort_values(self.outputs, feeds)))
 
     def tokens(self, prompt: list[int], max_new_tokens: int, eos: set[int] = frozenset(), temperature: float = 0.0,
                seed: int | None = None) -> Iterator[int]:
@@ -71,10 +81,9 @@ class CachedDecoder:
         if not prompt:
             raise ValueError("the prompt holds no tokens")
         rng = np.random.default_rng(seed)
-        past = {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in self._empty_past().items()}
-        ids, past_len = list(prompt), 0
+        past, ids, past_len = self.empty_past(), list(prompt), 0
         for _ in range(max_new_tokens):
-            out = dict(zip(self.outputs, self.session.run_with_ort_values(self.outputs, self._feeds(ids, past, past_len))))
+            out = self.run_ort_values(self.feeds(ids, past, past_len))
             logits = out["logits"].numpy()[0, -1].astype(np.float64)
             if temperature > 0:
                 p = np.exp((logits - logits.max()) / temperature)

@@ -55,6 +55,7 @@ from onnx import TensorProto, helper
 
 import slim_onnx
 from slim_onnx.config import GraphOptions
+from slim_onnx.generate import CachedDecoder
 from slim_onnx.passes import rewrite_graph
 from slim_onnx.pipeline import resolve_model_path
 
@@ -86,26 +87,13 @@ def attention_fused_model(src: Path, out: Path) -> Path:
     return out / "model.onnx"
 
 
-class Decoder:
-    def __init__(self, path: Path, library: bool):
-        self.path = path
-        so = slim_onnx.session_options() if library else ort.SessionOptions()
-        so.use_per_session_threads = False
-        self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-        self.inputs = {i.name: i for i in self.session.get_inputs()}
-        self.outputs = [o.name for o in self.session.get_outputs()]
+class Decoder(CachedDecoder):
+    """A decoder timed as it generates, on the global thread pool all sessions share."""
 
-    def _feeds(self, ids: np.ndarray, past: dict, past_len: int) -> dict:
-        seq = ids.shape[1]
-        feeds = {"input_ids": ids}
-        if "attention_mask" in self.inputs:
-            feeds["attention_mask"] = np.ones((1, past_len + seq), dtype=np.int64)
-        if "position_ids" in self.inputs:
-            feeds["position_ids"] = np.arange(past_len, past_len + seq, dtype=np.int64)[None]
-        for name, info in self.inputs.items():
-            if name.startswith("past_key_values"):
-                feeds[name] = past.get(name, np.zeros((1, info.shape[1], 0, info.shape[3]), dtype=np.float32))
-        return feeds
+    def __init__(self, path: Path, library: bool):
+        so = ort.SessionOptions()
+        so.use_per_session_threads = False
+        super().__init__(path, library=library, options=so)
 
     def run(self, prompt: np.ndarray, steps: int, ort_values: bool) -> tuple[float, float]:
         """(prefill seconds, decode tokens per second). ort_values: the cache stays in onnxruntime's
@@ -114,22 +102,21 @@ class Decoder:
         def step(feeds: dict) -> dict:
             if not ort_values:
                 return dict(zip(self.outputs, self.session.run(None, feeds)))
-            feeds = {k: v if isinstance(v, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(v) for k, v in feeds.items()}
-            return dict(zip(self.outputs, self.session.run_with_ort_values(self.outputs, feeds)))
+            return self.run_ort_values(feeds)
 
         def last_token(out: dict) -> np.ndarray:
             logits = out["logits"].numpy() if ort_values else out["logits"]
             return logits[:, -1:].argmax(-1).astype(np.int64)
 
         t0 = time.perf_counter()
-        out = step(self._feeds(prompt, {}, 0))
+        out = step(self.feeds(prompt[0], self.empty_past(), 0))
         token = last_token(out)
         prefill = time.perf_counter() - t0
         past_len = prompt.shape[1]
         t0 = time.perf_counter()
         for _ in range(steps):
             past = {n.replace("present", "past_key_values"): v for n, v in out.items() if n.startswith("present")}
-            out = step(self._feeds(token, past, past_len))
+            out = step(self.feeds(token[0], past, past_len))
             token = last_token(out)
             past_len += 1
         return prefill, steps / (time.perf_counter() - t0)
