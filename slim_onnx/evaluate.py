@@ -18,6 +18,7 @@ from slim_onnx.calibration import CalibrationError, load_tokenizer, model_feeds,
 from slim_onnx.genai import past_head_size, read_genai_config
 from slim_onnx.pipeline import InputError, load_model, resolve_model_path
 from slim_onnx.runtime import session_options
+from slim_onnx.sensitivity import log_softmax
 
 
 def _session(path: Path, with_library: bool) -> ort.InferenceSession:
@@ -26,12 +27,6 @@ def _session(path: Path, with_library: bool) -> ort.InferenceSession:
         return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     except Exception as error:  # onnxruntime's errors share no base class
         raise InputError(f"onnxruntime cannot load {path} ({error}); is it damaged or incomplete?") from None
-
-
-def _log_softmax(logits: np.ndarray) -> np.ndarray:
-    x = logits.astype(np.float64)
-    x -= x.max(-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
 def _check_window_options(seqlen: int, max_windows: int | None) -> None:
@@ -69,11 +64,11 @@ def evaluate(model_dir, text_path, reference_dir=None, seqlen: int = 512, max_wi
             raise InputError(f"the reference's {name!r} has shape {list(ref_out.shape)}, this model's "
                              f"{list(out.shape)}: is the reference an export of the same model?")
         if causal:
-            logp = _log_softmax(out[:-1])
+            logp = log_softmax(out[:-1])
             nll -= logp[np.arange(seqlen - 1), window[1:]].sum()
             tokens += seqlen - 1
             if ref_out is not None:
-                ref_logp = _log_softmax(ref_out[:-1])
+                ref_logp = log_softmax(ref_out[:-1])
                 kl += (np.exp(ref_logp) * (ref_logp - logp)).sum()
                 agree += int((ref_logp.argmax(-1) == logp.argmax(-1)).sum())
         elif ref_out is not None:

@@ -29,30 +29,38 @@ from slim_onnx.passes import find_linear_layers
 PROBE_FILE = "sensitivity.onnx"
 
 
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    x = x - x.max(axis=-1, keepdims=True)
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """log softmax over the last axis, in float64."""
+    x = logits.astype(np.float64)
+    x -= x.max(axis=-1, keepdims=True)
     return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def _kl(lp: np.ndarray, lq: np.ndarray) -> float:
+    return float((np.exp(lp) * (lp - lq)).sum(axis=-1).mean())
 
 
 def output_divergence(dense: np.ndarray, changed: np.ndarray, logits: bool) -> float:
     """Mean KL(dense || changed) over tokens for logits, else ||changed - dense||^2 / ||dense||^2."""
     if logits:
-        lp, lq = _log_softmax(dense), _log_softmax(changed)
-        return float((np.exp(lp) * (lp - lq)).sum(axis=-1).mean())
+        return _kl(log_softmax(dense), log_softmax(changed))
     dense64 = dense.astype(np.float64)
     return float(((changed - dense64) ** 2).sum() / max((dense64**2).sum(), 1e-30))
+
+
+def _next_token_nll(lp: np.ndarray, feed: dict) -> float:
+    """next_token_nll from the log-probabilities lp [B, T, V] of every position."""
+    ids = feed["input_ids"]
+    keep = np.ones(ids.shape, dtype=bool) if "attention_mask" not in feed else feed["attention_mask"].astype(bool)
+    keep = keep[:, :-1] & keep[:, 1:]
+    picked = np.take_along_axis(lp[:, :-1], ids[:, 1:, None].astype(np.int64), axis=-1)[..., 0]
+    return float(-picked[keep].mean())
 
 
 def next_token_nll(logits: np.ndarray, feed: dict) -> float:
     """Mean negative log-likelihood of each next input token under `logits` [B, T, V], over the
     positions whose token and next token the attention mask keeps."""
-    ids = feed["input_ids"]
-    keep = np.ones(ids.shape, dtype=bool) if "attention_mask" not in feed else feed["attention_mask"].astype(bool)
-    keep = keep[:, :-1] & keep[:, 1:]
-    lp = _log_softmax(logits[:, :-1])
-    picked = np.take_along_axis(lp, ids[:, 1:, None].astype(np.int64), axis=-1)[..., 0]
-    return float(-picked[keep].mean())
+    return _next_token_nll(log_softmax(logits), feed)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,11 +116,15 @@ class SensitivityProbe:
         divergence, nll = 0.0, 0.0
         for feed, dense, dense_nll in zip(self.feeds, self.dense, self.dense_nll):
             changed = self.session.run([self.output], {**feed, **replaced})[0]
-            divergence += output_divergence(dense, changed, self.output == "logits")
+            if self.output != "logits":
+                divergence += output_divergence(dense, changed, False)
+                continue
+            lq = log_softmax(changed)  # once, for both the KL and the likelihood
+            divergence += _kl(log_softmax(dense), lq)
             if dense_nll is not None:
-                nll += next_token_nll(changed, feed) - dense_nll
+                nll += _next_token_nll(lq, feed) - dense_nll
         n = len(self.feeds)
         return Measurement(divergence / n, math.exp(nll / n) if self.dense_nll[0] is not None else None)
 
 
-__all__ = ["Measurement", "SensitivityProbe", "next_token_nll", "output_divergence"]
+__all__ = ["Measurement", "SensitivityProbe", "log_softmax", "next_token_nll", "output_divergence"]
