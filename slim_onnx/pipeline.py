@@ -171,7 +171,9 @@ def _selected(layers, include, exclude, compress_lm_head: bool):
     return chosen
 
 
-def _calibration_feeds(model: ir.Model, model_dir: Path, calibration, log):
+def _calibration_feeds(model: ir.Model, model_dir: Path, calibration, log, genai: dict | None = None):
+    """The calibration's feed dicts (None without calibration); genai: the model folder's
+    onnxruntime-genai config, whose head size sizes the empty past."""
     if calibration is None:
         return None
     if isinstance(calibration, (str, os.PathLike)) and str(calibration).endswith(".npz"):
@@ -183,7 +185,7 @@ def _calibration_feeds(model: ir.Model, model_dir: Path, calibration, log):
         tokenizer = load_tokenizer(calibration.tokenizer or model_dir)
         ids = np.asarray(tokenizer(text)["input_ids"], dtype=np.int64)
         windows = token_windows(ids, calibration.samples, calibration.seqlen, calibration.seed)
-        return list(model_feeds(model, windows, past_head_size(read_genai_config(model_dir))))
+        return list(model_feeds(model, windows, past_head_size(genai)))
     return list(calibration)  # an iterable of feed dicts
 
 
@@ -314,7 +316,7 @@ def compress(
     layers, kept = select_layers(model, config, include, exclude, compress_lm_head, log, per_layer_formats=budget is not None)
     feeds = None
     if config.needs_statistics:
-        feeds = _calibration_feeds(model, src.parent, calibration, log)
+        feeds = _calibration_feeds(model, src.parent, calibration, log, genai)
         if feeds is None:
             raise InputError("this configuration needs calibration data: pass --calib TEXT_OR_NPZ")
     had_external = any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
