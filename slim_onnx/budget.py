@@ -181,10 +181,14 @@ class LayerPlan:
     errors: dict[str, float]
     sensitivity: float
 
+    @property
+    def predicted_damage(self) -> float:
+        return self.sensitivity * self.errors[self.candidate.label]
+
     def report(self) -> dict:
         error = self.errors[self.candidate.label]
         return {"format": self.candidate.label, "bytes": self.bytes, "predicted_output_error": math.sqrt(error),
-                "sensitivity": self.sensitivity, "predicted_damage": self.sensitivity * error,
+                "sensitivity": self.sensitivity, "predicted_damage": self.predicted_damage,
                 "candidate_squared_output_errors": self.errors}
 
 
@@ -250,7 +254,7 @@ class CandidateTable:
 
     @staticmethod
     def predicted(plan: Plan) -> float:
-        return sum(p.report()["predicted_damage"] for p in plan.layers.values())
+        return sum(p.predicted_damage for p in plan.layers.values())
 
 
 def measure_candidates(model_path, model, layers, feeds: list[dict], base: SlimConfig, workdir, *,
