@@ -46,7 +46,7 @@ from slim_onnx.genai import past_head_size, read_genai_config, write_genai_folde
 from slim_onnx.packing import pack_layer
 from slim_onnx.streaming import stream_blocks
 from slim_onnx.passes import GraphRewrite, ReplaceLinearLayersPass, find_linear_layers, rewrite_graph
-from slim_onnx.passes.linear import LinearLayer
+from slim_onnx.passes.linear import LinearLayer, block_index
 from slim_onnx.schema import DOMAIN, SLIM_MATMUL
 
 MODEL_FILE_NAMES = ("model.onnx", "decoder_model_merged.onnx", "decoder_model.onnx")
@@ -443,17 +443,13 @@ def _log_rewrite(rewrite: GraphRewrite, log) -> None:
         log(f"converted {rewrite.float16_values} float32 values to float16 for the CUDA provider (rotary angles kept float32)")
 
 
-_BLOCK_INDEX = re.compile(r"(?:layers|layer|blocks|block|h)[./_](\d+)(?:[./_]|$)")
-
-
 def transformer_blocks(layers: list[LinearLayer]) -> list[list[LinearLayer]]:
     """Consecutive layers grouped by the block index in their names (`/model/layers.3/...`,
     `/transformer/h.3/...`, `/encoder/layer.3/...`); a layer outside any block is its own group."""
     groups: list[list[LinearLayer]] = []
     previous = object()
     for layer in layers:
-        match = _BLOCK_INDEX.search(layer.name)
-        key = match.group(1) if match else None
+        key = block_index(layer.name)
         if key is None or key != previous:
             groups.append([])
         groups[-1].append(layer)

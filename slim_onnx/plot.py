@@ -9,15 +9,10 @@ whose damage would have been largest. matplotlib is an optional extra (pip insta
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
 from slim_onnx.config import ConfigError
-
-
-def _block_of(layer: str) -> str | None:
-    match = re.search(r"layers?\.(\d+)", layer)
-    return match.group(1) if match else None
+from slim_onnx.passes.linear import block_index
 
 
 def plan_figure(plan: list[dict]):
@@ -45,8 +40,8 @@ def plan_figure(plan: list[dict]):
     bottom.set_yscale("log")
     bottom.set_ylabel("divergence")
     bottom.legend(fontsize="small")
-    ticks = [i for i in x if _block_of(plan[i]["layer"]) != (_block_of(plan[i - 1]["layer"]) if i else None)]
-    bottom.set_xticks(ticks, [_block_of(plan[i]["layer"]) or plan[i]["layer"].split("/")[1] for i in ticks], fontsize="small")
+    ticks = [i for i in x if block_index(plan[i]["layer"]) != (block_index(plan[i - 1]["layer"]) if i else None)]
+    bottom.set_xticks(ticks, [block_index(plan[i]["layer"]) or plan[i]["layer"].split("/")[1] for i in ticks], fontsize="small")
     bottom.set_xlabel("layer (ticks at each block's first layer)")
     return figure
 

@@ -12,11 +12,22 @@ Cast of one (rotary embedding tables), so that only weights of real layers are c
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import numpy as np
 import onnx_ir as ir
 
 from slim_onnx.passes.graph import constant_source, weight_source
+
+
+_BLOCK_INDEX = re.compile(r"(?:layers|layer|blocks|block|h)[./_](\d+)(?:[./_]|$)")
+
+
+def block_index(name: str) -> str | None:
+    """The transformer block a layer's node name places it in (`/model/layers.3/...`,
+    `/transformer/h.3/...`, `/encoder/layer.3/...` give "3"), or None."""
+    match = _BLOCK_INDEX.search(name)
+    return match.group(1) if match else None
 
 
 @dataclasses.dataclass
