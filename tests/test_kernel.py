@@ -246,3 +246,22 @@ def test_output_type_and_shape_are_inferred(rng, tmp_path, activation, n_out):
     out = onnx.load(str(tmp_path / "optimized.onnx")).graph.output[0].type.tensor_type  # Relu passes it on
     assert out.elem_type == onnx.TensorProto.FLOAT16
     assert [d.dim_param or d.dim_value for d in out.shape.dim] == ["d0", "d1", n_out]
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+def test_int8_sums_of_very_long_groups_do_not_overflow(sparse):
+    # One scale group over K = 140000 with every weight at -8 and every activation at the int8
+    # maximum: the int32 sum of a column reaches about 3.6e9 (16 q units) if nothing is flushed.
+    from slim_onnx.packing import pack_quantized
+
+    k, n = 140_000, 16
+    q = np.full((k, n), -8, np.int8)
+    if sparse:
+        q.reshape(k // 4, 4, n)[:, 2:, :] = 0
+    w = pack_quantized(q, np.full((1, n), 0.01, np.float16), k, sparse, None, "int4")
+    a = np.ones((2, k), np.float32)
+    a[1] = -a[1]
+    y = run(make_slim_matmul_model(w, accuracy_level=4), a)
+    ref = reference_slim_matmul(a, w, 4).astype(np.float64)
+    assert_close(y, ref, np.float32)
+    assert abs(ref[0, 0] - 0.01 * -8 * (k // 2 if sparse else k)) < 1e-3 * abs(ref[0, 0])

@@ -524,7 +524,7 @@ void SiluMul(const float* gate, const float* up, int64_t n, float* out) {
 }  // namespace
 
 const KernelTable* Avx2Kernels() {
-  static const KernelTable table{"avx2", GemmF32, GemmI8, QuantizeRows, GemmRowMajorF32, AttendRow, SiluMul};
+  static const KernelTable table{"avx2", GemmF32, GemmI8, QuantizeRows, GemmRowMajorF32, AttendRow, SiluMul, nullptr};
   return &table;
 }
 

@@ -1,18 +1,34 @@
-// AVX-512 (F, BW, VNNI) kernel for SlimMatMul's int8 path at M <= 4 rows, the decode case
-// (compiled with -mavx512f -mavx512bw -mavx512vnni, chosen at run time). Everything else, and int8
-// products of more rows, run the AVX2 kernels (kernels_avx2.cc), whose loop this one follows.
+// AVX-512 (F, BW, VNNI) kernel for SlimMatMul's int8 path (accuracy_level 4), compiled with
+// -mavx512f -mavx512bw -mavx512vnni and chosen at run time. The float path and everything else run the
+// AVX2 kernels (kernels_avx2.cc).
 //
-// Loop structure, per pair of column tiles (t, t+1) (threads split tiles; an odd last tile is paired
-// with itself and stored once):
-//   for each scale group g:
-//     for each block b of the group, both tiles' blocks decoded into one 512-bit register, tile t in
-//     the low 256 bits and tile t+1 in the high ones, laid out exactly as the AVX2 decoder does it
-//     (entry e of a tile in byte e of its half, column c in int32 lane c):
-//       sparse: acc += vpdpbusd(pshufb(a_u8[8b..8b+7] in every 64-bit word, positions), values)
-//       dense:  acc += vpdpbusd(a_u8[8b..8b+3] in every word, k 0..3) + vpdpbusd(a_u8[8b+4..], k 4..7)
-//     y[16 columns] += (acc - corr_g) * a_scale[row, g] * w_scale[g, 16 columns]
-// vpdpbusd adds four u8 x s8 products into an int32 lane in one instruction, so there is no int16
-// stage to widen (AVX2's pmaddubsw + pmaddwd); two accumulators per row hide its latency.
+// Layout. At prepack (Relayout) each pair of column tiles p = (2p, 2p+1) gets its own copy of its
+// weights, arranged so that one 512-bit register holds a block of the pair's 16 columns: dword lane L
+// is column L of the pair (tile 2p's 8 columns, then 2p+1's), byte s of the lane is slot s of that
+// column. Per pair, K is walked in block order:
+//   sparse, per quad of 4 blocks (192 bytes; Kb padded to whole quads with zero weights):
+//     64 bytes: byte 4L+s holds slot s's value nibble (q + 8) of block 0 (low nibble) and block 1 (high);
+//     64 bytes: the same for blocks 2 and 3;
+//     64 bytes: byte 4L+s holds slot s's 2-bit position in blocks 0..3, block j at bits 2j.
+//   dense, per block (64 bytes): byte 4L+s holds k = s in the low nibble and k = 4 + s in the high one.
+// These are the packed form's bytes, permuted; per pair and scale group there are 16 scales (divided
+// by 16) and 16 corrections (x 16, as float).
+//
+// Why this layout: the packed form interleaves each tile's values and positions, so decoding a block
+// of two tiles took two inserts, two variable shifts and several masks: 5 shuffle-port operations per
+// 64 multiply-adds, which bound the loop (7.2 cycles per block on a 2-core AMD EPYC). Here decoding is
+// bitwise and shared: (x & 0xF0) ^ 0x80 is 16 q as a signed byte (one vpternlog, the low nibble first
+// shifted up by 4, one shift per two blocks), and ((x >> 2j) & 3) | C is a block's pshufb index into 16
+// activation bytes (two blocks) broadcast to every 128-bit lane, C = 4 for slots 2 and 3 (the block's
+// second group of 4 k) plus 8 for an odd block.
+//
+// Loop structure, per pair and chunk of up to 4 rows:
+//   for each scale group g, in chunks of at most kFlushBlocks blocks:
+//     for each quad: acc[r] += vpdpbusd(pshufb(a_u8[16 k] in every lane, index_j), 16 q_j), j = 0..3
+//     y[r] += (acc[r] - 16 corr_g) * (scale_g / 16) * a_scale[r, g]
+// (blocks before the first whole quad of a group, and after its last, are taken one at a time with
+// 8 broadcast activation bytes). vpdpbusd adds four u8 x s8 products into an int32 lane: no int16
+// stage to widen, and two accumulators per row hide its latency.
 #include <immintrin.h>
 
 // GCC 12 reports the intentionally undefined pass-through operands inside its own AVX-512 intrinsics.
@@ -26,139 +42,238 @@
 namespace slim {
 namespace {
 
-// 16 bytes of tile t's block in both 128-bit lanes of the low half, tile u's in the high half.
-inline __m512i Records(const uint8_t* t, const uint8_t* u) {
-  const __m256i lo = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(t)));
-  const __m256i hi = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(u)));
-  return _mm512_inserti64x4(_mm512_zextsi256_si512(lo), hi, 1);
+constexpr int64_t kQuadBlocks = 4;
+constexpr int64_t kQuadBytes = 192;       // sparse: 4 blocks of a tile pair
+constexpr int64_t kDenseBlockPairBytes = 64;  // dense: 1 block of a tile pair
+constexpr int64_t kPairColumns = 2 * kTileN;
+// |a_u8 * 16 q| <= 255 * 128 and 4 products per lane and block: 4096 blocks stay below 2^31.
+constexpr int64_t kFlushBlocks = 4096;
+// Software prefetch this many bytes ahead in the pair's stream: with weights that do not fit the
+// last-level cache (a model's decode step) it saved 8% per layer on the packed form's two streams.
+constexpr int64_t kPrefetchAhead = 4096;
+
+int64_t PairStride(const Matrix4& w) {
+  return w.sparse ? CeilDiv(w.Kb, kQuadBlocks) * kQuadBytes : w.Kb * kDenseBlockPairBytes;
 }
 
-inline __m512i ValueBytes(const uint8_t* t, const uint8_t* u) {
-  __m512i v = _mm512_srlv_epi64(Records(t, u), _mm512_set_epi64(4, 4, 0, 0, 4, 4, 0, 0));
-  v = _mm512_and_si512(v, _mm512_set1_epi8(0x0F));
-  return _mm512_sub_epi8(v, _mm512_set1_epi8(8));
+// Entry e of a packed tile-block: its value nibble (q + 8) and, for a sparse block, its 2-bit position.
+int PackedNibble(const uint8_t* rec, int e) { return e < 16 ? (rec[e] & 0x0F) : (rec[e - 16] >> 4); }
+int PackedPosition(const uint8_t* rec, int e) { return (rec[16 + e % 8] >> (2 * (e / 8))) & 3; }
+
+void Relayout(const Matrix4& w, KernelLayout& out) {
+  const int64_t pairs = CeilDiv(w.Nt, 2), stride = PairStride(w);
+  out.stride = stride;
+  // 0x88: both nibbles q = 0 (the padding tile of an odd Nt and the padding blocks of the last quad).
+  out.bytes.assign(pairs * stride, 0);
+  out.scales.assign(pairs * w.groups * kPairColumns, 0.f);
+  out.corr.assign(pairs * w.groups * kPairColumns, 0.f);
+  for (int64_t p = 0; p < pairs; ++p) {
+    uint8_t* dst = out.bytes.data() + p * stride;
+    if (w.sparse) {
+      for (int64_t q = 0; q < stride / kQuadBytes; ++q) std::memset(dst + q * kQuadBytes, 0x88, 128);
+    } else {
+      std::memset(dst, 0x88, stride);
+    }
+    for (int h = 0; h < 2; ++h) {
+      const int64_t t = 2 * p + h;
+      if (t >= w.Nt) break;
+      for (int64_t b = 0; b < w.Kb; ++b) {
+        const uint8_t* rec = w.tile(t) + b * w.block_bytes();
+        if (w.sparse) {
+          uint8_t* quad = dst + (b / kQuadBlocks) * kQuadBytes;
+          const int j = int(b % kQuadBlocks);
+          for (int e = 0; e < 32; ++e) {
+            const int i = 4 * (8 * h + e / 4) + e % 4;  // lane 8h + column, byte = slot
+            uint8_t& v = quad[(j / 2) * 64 + i];
+            v = (j % 2 == 0) ? uint8_t((v & 0xF0) | PackedNibble(rec, e)) : uint8_t((v & 0x0F) | (PackedNibble(rec, e) << 4));
+            quad[128 + i] |= uint8_t(PackedPosition(rec, e) << (2 * j));
+          }
+        } else {
+          int8_t q[8][8];
+          DecodeBlock(rec, false, q);
+          uint8_t* blk = dst + b * kDenseBlockPairBytes;
+          for (int c = 0; c < 8; ++c)
+            for (int s = 0; s < 4; ++s) blk[4 * (8 * h + c) + s] = uint8_t((q[c][s] + 8) | ((q[c][4 + s] + 8) << 4));
+        }
+      }
+      for (int64_t g = 0; g < w.groups; ++g)
+        for (int c = 0; c < kTileN; ++c) {
+          const int64_t from = (t * w.groups + g) * kTileN + c, to = (p * w.groups + g) * kPairColumns + kTileN * h + c;
+          out.scales[to] = w.scales[from] / 16.f;
+          out.corr[to] = 16.f * float(w.corr[from]);
+        }
+    }
+  }
 }
 
-inline __m512i PositionBytes(const uint8_t* t, const uint8_t* u) {
-  int64_t pt, pu;
-  std::memcpy(&pt, t, 8);
-  std::memcpy(&pu, u, 8);
-  const __m512i p = _mm512_inserti64x4(_mm512_zextsi256_si512(_mm256_set1_epi64x(pt)), _mm256_set1_epi64x(pu), 1);
-  __m512i x = _mm512_and_si512(_mm512_srlv_epi64(p, _mm512_set_epi64(6, 4, 2, 0, 6, 4, 2, 0)), _mm512_set1_epi8(3));
-  return _mm512_or_si512(x, _mm512_set1_epi32(0x04040000));  // slots 2, 3 sit in the block's second group of 4
+// 16 q as signed bytes from the nibbles in bits 4..7 of each byte (q + 8 there): (x & 0xF0) ^ 0x80.
+inline __m512i SixteenQ(__m512i x) {
+  return _mm512_ternarylogic_epi32(x, _mm512_set1_epi8(char(0xF0)), _mm512_set1_epi8(char(0x80)), 0x6A);
 }
+inline __m512i LowNibbles(__m512i x) { return SixteenQ(_mm512_slli_epi16(x, 4)); }
+inline __m512i HighNibbles(__m512i x) { return SixteenQ(x); }
 
+// pshufb index: (positions & 3) | c, c per slot byte (see the layout comment).
+inline __m512i Index(__m512i positions, __m512i c) {
+  return _mm512_ternarylogic_epi32(positions, _mm512_set1_epi8(3), c, 0xEA);
+}
+inline __m512i EvenBlockOffsets() { return _mm512_set1_epi32(0x04040000); }
+inline __m512i OddBlockOffsets() { return _mm512_set1_epi32(0x0C0C0808); }
+
+inline __m512i Load(const uint8_t* p) { return _mm512_loadu_si512(p); }
+inline __m512i Broadcast16(const uint8_t* p) {
+  return _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
 inline __m512i Broadcast8(const uint8_t* p) {
   int64_t x;
   std::memcpy(&x, p, 8);
   return _mm512_set1_epi64(x);
 }
-
 inline __m512i Broadcast4(const uint8_t* p) {
   int32_t x;
   std::memcpy(&x, p, 4);
   return _mm512_set1_epi32(x);
 }
+inline __m512i Dot(__m512i acc, __m512i a, __m512i w) { return _mm512_dpbusd_epi32(acc, a, w); }
 
-struct SparsePair {
-  __m512i w, pos;
-  SparsePair(const uint8_t* t, const uint8_t* u) : w(ValueBytes(t, u)), pos(PositionBytes(t + 16, u + 16)) {}
-  __m512i Dot(__m512i acc, const uint8_t* a) const {
-    return _mm512_dpbusd_epi32(acc, _mm512_shuffle_epi8(Broadcast8(a), pos), w);
+// Independent vpdpbusd chains per row: its latency (4-5 cycles on a 2-core AMD EPYC) exceeds a
+// block's work, so one row needs four chains to keep the port busy; with more rows two suffice and
+// keep the registers for the rows.
+template <int R>
+constexpr int kChains = R == 1 ? 4 : 2;
+
+// The products of one quad (blocks b .. b+3, whole) for R rows; a: row 0's activations at block b.
+template <int R, int C = kChains<R>>
+inline void SparseQuad(const uint8_t* quad, const uint8_t* a, int64_t lda, __m512i (&acc)[R][C]) {
+  const __m512i v01 = Load(quad), v23 = Load(quad + 64), pos = Load(quad + 128);
+  const __m512i w0 = LowNibbles(v01), w1 = HighNibbles(v01), w2 = LowNibbles(v23), w3 = HighNibbles(v23);
+  const __m512i i0 = Index(pos, EvenBlockOffsets()), i1 = Index(_mm512_srli_epi16(pos, 2), OddBlockOffsets());
+  const __m512i i2 = Index(_mm512_srli_epi16(pos, 4), EvenBlockOffsets());
+  const __m512i i3 = Index(_mm512_srli_epi16(pos, 6), OddBlockOffsets());
+  for (int r = 0; r < R; ++r) {
+    const __m512i a01 = Broadcast16(a + r * lda), a23 = Broadcast16(a + r * lda + 2 * kBlockK);
+    acc[r][0] = Dot(acc[r][0], _mm512_shuffle_epi8(a01, i0), w0);
+    acc[r][1 % C] = Dot(acc[r][1 % C], _mm512_shuffle_epi8(a01, i1), w1);
+    acc[r][2 % C] = Dot(acc[r][2 % C], _mm512_shuffle_epi8(a23, i2), w2);
+    acc[r][3 % C] = Dot(acc[r][3 % C], _mm512_shuffle_epi8(a23, i3), w3);
   }
-};
-
-struct DensePair {
-  __m512i lo, hi;  // k 0..3, k 4..7
-  DensePair(const uint8_t* t, const uint8_t* u) : lo(ValueBytes(t, u)), hi(ValueBytes(t + 16, u + 16)) {}
-  __m512i Dot(__m512i acc, const uint8_t* a) const {
-    return _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc, Broadcast4(a), lo), Broadcast4(a + 4), hi);
-  }
-};
-
-// Tile t's 8 values in the low half, tile u's in the high half.
-inline __m512 PairFloats(const float* t, const float* u) {
-  return _mm512_castsi512_ps(_mm512_inserti64x4(_mm512_zextsi256_si512(_mm256_castps_si256(_mm256_loadu_ps(t))),
-                                                _mm256_castps_si256(_mm256_loadu_ps(u)), 1));
-}
-inline __m512i PairInts(const int32_t* t, const int32_t* u) {
-  return _mm512_inserti64x4(_mm512_zextsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(t))),
-                            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(u)), 1);
 }
 
-// Software prefetch this many bytes ahead in each of the two tiles' streams: with weights that do not
-// fit the last-level cache (a model's decode step), 4096x4096 at one row ran 0.274 -> 0.250 ms per
-// layer on a 2-core AMD EPYC (tools/bench_op.py --chain 8; 1 KiB ahead gave 0.256), unchanged in cache.
-constexpr int64_t kPrefetchAhead = 4096;
+// One sparse block b on its own (8 activation bytes, so nothing past block b is read).
+template <int R, int C = kChains<R>>
+inline void SparseBlock(const uint8_t* pair, int64_t b, const uint8_t* a, int64_t lda, __m512i (&acc)[R][C]) {
+  const uint8_t* quad = pair + (b / kQuadBlocks) * kQuadBytes;
+  const int j = int(b % kQuadBlocks);
+  const __m512i v = Load(quad + (j / 2) * 64);
+  const __m512i wq = j % 2 == 0 ? LowNibbles(v) : HighNibbles(v);
+  const __m512i index = Index(_mm512_srl_epi16(Load(quad + 128), _mm_cvtsi32_si128(2 * j)), EvenBlockOffsets());
+  for (int r = 0; r < R; ++r) acc[r][j % 2] = Dot(acc[r][j % 2], _mm512_shuffle_epi8(Broadcast8(a + r * lda), index), wq);
+}
 
-template <typename Pair, int R>
-void TilePairRows(const Matrix4& w, int64_t t, int64_t u, const uint8_t* aq, const float* ascale, int64_t lda,
-                  float* acc) {
-  __m512 y[R];
-  for (int r = 0; r < R; ++r) y[r] = _mm512_setzero_ps();
-  const int64_t bytes = w.block_bytes();
+// One dense block into chains c0 (k 0..3) and c1 (k 4..7).
+template <int R, int C = kChains<R>>
+inline void DenseBlock(const uint8_t* blk, const uint8_t* a, int64_t lda, __m512i (&acc)[R][C], int c0, int c1) {
+  const __m512i v = Load(blk), lo = LowNibbles(v), hi = HighNibbles(v);
+  for (int r = 0; r < R; ++r) {
+    acc[r][c0] = Dot(acc[r][c0], Broadcast4(a + r * lda), lo);
+    acc[r][c1] = Dot(acc[r][c1], Broadcast4(a + r * lda + 4), hi);
+  }
+}
+
+// Blocks [b, end) of pair `pair` for R rows into the int32 accumulators.
+template <bool kSparse, int R, int C = kChains<R>>
+inline void PairBlocks(const uint8_t* pair, int64_t b, int64_t end, const uint8_t* aq, int64_t lda,
+                       __m512i (&acc)[R][C]) {
+  if (!kSparse) {
+    for (; b + 2 <= end; b += 2) {
+      const uint8_t* blk = pair + b * kDenseBlockPairBytes;
+      _mm_prefetch(reinterpret_cast<const char*>(blk + kPrefetchAhead), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(blk + kDenseBlockPairBytes + kPrefetchAhead), _MM_HINT_T0);
+      DenseBlock<R>(blk, aq + b * kBlockK, lda, acc, 0, 1);
+      DenseBlock<R>(blk + kDenseBlockPairBytes, aq + (b + 1) * kBlockK, lda, acc, 2 % C, 3 % C);
+    }
+    if (b < end) DenseBlock<R>(pair + b * kDenseBlockPairBytes, aq + b * kBlockK, lda, acc, 0, 1);
+    return;
+  }
+  for (; b < end && b % kQuadBlocks != 0; ++b) SparseBlock<R>(pair, b, aq + b * kBlockK, lda, acc);
+  for (; b + kQuadBlocks <= end; b += kQuadBlocks) {
+    const uint8_t* quad = pair + (b / kQuadBlocks) * kQuadBytes;
+    for (int64_t line = 0; line < kQuadBytes; line += 64)
+      _mm_prefetch(reinterpret_cast<const char*>(quad + line + kPrefetchAhead), _MM_HINT_T0);
+    SparseQuad<R>(quad, aq + b * kBlockK, lda, acc);
+  }
+  for (; b < end; ++b) SparseBlock<R>(pair, b, aq + b * kBlockK, lda, acc);
+}
+
+// y[R][16] = rows [0, R) of aq times pair p's 16 columns.
+template <bool kSparse, int R>
+void PairRows(const Matrix4& w, int64_t p, const uint8_t* aq, const float* ascale, int64_t lda, float* y) {
+  constexpr int C = kChains<R>;
+  const KernelLayout& lay = *w.layout;
+  const uint8_t* pair = lay.bytes.data() + p * lay.stride;
+  __m512 sum[R];
+  for (int r = 0; r < R; ++r) sum[r] = _mm512_setzero_ps();
   for (int64_t g = 0; g < w.groups; ++g) {
-    const int64_t b0 = g * w.blocks_per_group, nb = std::min(w.Kb - b0, w.blocks_per_group);
-    const uint8_t* pt = w.tile(t) + b0 * bytes;
-    const uint8_t* pu = w.tile(u) + b0 * bytes;
-    __m512i even[R], odd[R];
-    for (int r = 0; r < R; ++r) even[r] = odd[r] = _mm512_setzero_si512();
-    int64_t b = 0;
-    for (; b + 2 <= nb; b += 2) {
-      _mm_prefetch(reinterpret_cast<const char*>(pt + b * bytes + kPrefetchAhead), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(pu + b * bytes + kPrefetchAhead), _MM_HINT_T0);
-      const Pair p0(pt + b * bytes, pu + b * bytes), p1(pt + (b + 1) * bytes, pu + (b + 1) * bytes);
+    const int64_t b0 = g * w.blocks_per_group, end = std::min(w.Kb, b0 + w.blocks_per_group);
+    const int64_t at = (p * w.groups + g) * kPairColumns;
+    const __m512 wscale = _mm512_loadu_ps(lay.scales.data() + at);
+    __m512 scale[R];
+    for (int r = 0; r < R; ++r) scale[r] = _mm512_mul_ps(wscale, _mm512_set1_ps(ascale[r * w.groups + g]));
+    for (int64_t c0 = b0; c0 < end;) {
+      const int64_t c1 = std::min(end, c0 + kFlushBlocks);
+      __m512i acc[R][C];
+      for (int r = 0; r < R; ++r)
+        for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_si512();
+      PairBlocks<kSparse, R>(pair, c0, c1, aq, lda, acc);
+      const __m512 corr = c1 == end ? _mm512_loadu_ps(lay.corr.data() + at) : _mm512_setzero_ps();
       for (int r = 0; r < R; ++r) {
-        const uint8_t* a = aq + r * lda + (b0 + b) * kBlockK;
-        even[r] = p0.Dot(even[r], a);
-        odd[r] = p1.Dot(odd[r], a + kBlockK);
+        __m512i total = acc[r][0];
+        for (int c = 1; c < C; ++c) total = _mm512_add_epi32(total, acc[r][c]);
+        sum[r] = _mm512_fmadd_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(total), corr), scale[r], sum[r]);
       }
-    }
-    if (b < nb) {
-      const Pair p0(pt + b * bytes, pu + b * bytes);
-      for (int r = 0; r < R; ++r) even[r] = p0.Dot(even[r], aq + r * lda + (b0 + b) * kBlockK);
-    }
-    const int64_t at = (t * w.groups + g) * kTileN, au = (u * w.groups + g) * kTileN;
-    const __m512 wscale = PairFloats(w.scales + at, w.scales + au);
-    const __m512i corr = PairInts(w.corr + at, w.corr + au);
-    for (int r = 0; r < R; ++r) {
-      const __m512 d = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_add_epi32(even[r], odd[r]), corr));
-      y[r] = _mm512_fmadd_ps(d, _mm512_mul_ps(wscale, _mm512_set1_ps(ascale[r * w.groups + g])), y[r]);
+      c0 = c1;
     }
   }
-  for (int r = 0; r < R; ++r) _mm512_storeu_ps(acc + r * 2 * kTileN, y[r]);
+  for (int r = 0; r < R; ++r) _mm512_storeu_ps(y + r * kPairColumns, sum[r]);
 }
 
 // The AVX2 table this one extends (set once by Avx512Kernels).
 const KernelTable* g_avx2 = nullptr;
 
-template <typename Pair>
-void GemmI8Impl(const Matrix4& w, const uint8_t* aq, const float* ascale, int64_t M, int64_t lda, float* y,
-                int64_t ldy, int64_t t0, int64_t t1, bool accumulate) {
-  alignas(64) float acc[4 * 2 * kTileN];  // [row][16]: tile t, then tile u
-  alignas(64) float tile_u[4 * kTileN];
-  for (int64_t t = t0; t < t1; t += 2) {
-    const int64_t u = std::min(t + 1, t1 - 1);
-    switch (M) {
-      case 4: TilePairRows<Pair, 4>(w, t, u, aq, ascale, lda, acc); break;
-      case 3: TilePairRows<Pair, 3>(w, t, u, aq, ascale, lda, acc); break;
-      case 2: TilePairRows<Pair, 2>(w, t, u, aq, ascale, lda, acc); break;
-      default: TilePairRows<Pair, 1>(w, t, u, aq, ascale, lda, acc); break;
+template <bool kSparse>
+void GemmI8Pairs(const Matrix4& w, const uint8_t* aq, const float* ascale, int64_t M, int64_t lda, float* y,
+                 int64_t ldy, int64_t t0, int64_t t1, bool accumulate) {
+  alignas(64) float out[4 * kPairColumns];
+  for (int64_t p = t0 / 2; 2 * p < t1; ++p) {
+    for (int64_t r0 = 0; r0 < M; r0 += 4) {
+      const int64_t rows = std::min<int64_t>(4, M - r0);
+      const uint8_t* a = aq + r0 * lda;
+      const float* s = ascale + r0 * w.groups;
+      switch (rows) {
+        case 4: PairRows<kSparse, 4>(w, p, a, s, lda, out); break;
+        case 3: PairRows<kSparse, 3>(w, p, a, s, lda, out); break;
+        case 2: PairRows<kSparse, 2>(w, p, a, s, lda, out); break;
+        default: PairRows<kSparse, 1>(w, p, a, s, lda, out); break;
+      }
+      // A task's range may start or end inside a pair: store only its own tiles.
+      for (int64_t h = 0; h < 2; ++h) {
+        const int64_t t = 2 * p + h;
+        if (t < t0 || t >= t1) continue;
+        const int64_t n0 = t * kTileN, nc = std::min(kTileN, w.N - n0);
+        for (int64_t r = 0; r < rows; ++r) {
+          float* dst = y + (r0 + r) * ldy + n0;
+          const float* src = out + r * kPairColumns + h * kTileN;
+          for (int64_t c = 0; c < nc; ++c) dst[c] = accumulate ? dst[c] + src[c] : src[c];
+        }
+      }
     }
-    // StoreTile reads [M][8] accumulators: compact tile t's rows in place, tile u's into tile_u.
-    for (int64_t m = 0; m < M; ++m) {
-      std::memcpy(tile_u + m * kTileN, acc + m * 2 * kTileN + kTileN, kTileN * sizeof(float));
-      std::memmove(acc + m * kTileN, acc + m * 2 * kTileN, kTileN * sizeof(float));
-    }
-    StoreTile(acc, M, t, w.N, y, ldy, accumulate);
-    if (u != t) StoreTile(tile_u, M, u, w.N, y, ldy, accumulate);
   }
 }
 
 void GemmI8(const Matrix4& w, const uint8_t* aq, const float* ascale, int64_t M, int64_t lda, float* y, int64_t ldy,
             int64_t t0, int64_t t1, bool accumulate) {
-  if (M > 4) return g_avx2->gemm_i8(w, aq, ascale, M, lda, y, ldy, t0, t1, accumulate);
-  (w.sparse ? GemmI8Impl<SparsePair> : GemmI8Impl<DensePair>)(w, aq, ascale, M, lda, y, ldy, t0, t1, accumulate);
+  if (w.layout == nullptr) return g_avx2->gemm_i8(w, aq, ascale, M, lda, y, ldy, t0, t1, accumulate);
+  (w.sparse ? GemmI8Pairs<true> : GemmI8Pairs<false>)(w, aq, ascale, M, lda, y, ldy, t0, t1, accumulate);
 }
 
 }  // namespace
@@ -169,6 +284,7 @@ const KernelTable* Avx512Kernels(const KernelTable& avx2) {
     KernelTable t = avx2;
     t.name = "avx512";
     t.gemm_i8 = GemmI8;
+    t.relayout = Relayout;
     return t;
   }();
   return &table;

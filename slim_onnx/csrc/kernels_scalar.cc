@@ -136,7 +136,7 @@ void SiluMul(const float* gate, const float* up, int64_t n, float* out) {
 }  // namespace
 
 const KernelTable& ScalarKernels() {
-  static const KernelTable table{"scalar", GemmF32, GemmI8, QuantizeRows, GemmRowMajorF32, AttendRow, SiluMul};
+  static const KernelTable table{"scalar", GemmF32, GemmI8, QuantizeRows, GemmRowMajorF32, AttendRow, SiluMul, nullptr};
   return table;
 }
 

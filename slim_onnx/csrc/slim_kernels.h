@@ -14,6 +14,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <vector>
 
 namespace slim {
 
@@ -23,6 +24,8 @@ constexpr int64_t kSparseBlockBytes = 24;
 constexpr int64_t kDenseBlockBytes = 32;
 
 inline int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+struct KernelLayout;
 
 // A packed 4-bit matrix, ready for the kernels.
 struct Matrix4 {
@@ -34,8 +37,17 @@ struct Matrix4 {
   const uint8_t* packed = nullptr;  // [Nt][Kb][block_bytes()]
   const float* scales = nullptr;    // [Nt][groups][8], padding columns 0
   const int32_t* corr = nullptr;    // [Nt][groups][8]: 128 * sum of q over the group
+  const KernelLayout* layout = nullptr;  // the kernel table's own copy, when it makes one (relayout)
   int64_t block_bytes() const { return sparse ? kSparseBlockBytes : kDenseBlockBytes; }
   const uint8_t* tile(int64_t t) const { return packed + t * Kb * block_bytes(); }
+};
+
+// A kernel table's own arrangement of a Matrix4's weights, scales and corrections, made once at
+// prepack; its meaning is the table's (kernels_avx512.cc).
+struct KernelLayout {
+  std::vector<uint8_t> bytes;
+  std::vector<float> scales, corr;
+  int64_t stride = 0;  // bytes per unit of columns
 };
 
 // Decode one tile-block into q[c][k] (8 columns x 8 k, values in [-8, 7]). Scalar, used by the
@@ -85,6 +97,9 @@ struct KernelTable {
                      const float* bias, float* scores, float* out);
   // SwiGLU: out[i] = gate[i] * sigmoid(gate[i]) * up[i] for i < n.
   void (*silu_mul)(const float* gate, const float* up, int64_t n, float* out);
+  // Arranges w for this table's gemm_i8 (which then reads w.layout); nullptr when gemm_i8 reads the
+  // packed form. The copy costs as much memory as the packed weights.
+  void (*relayout)(const Matrix4& w, KernelLayout& out);
 };
 
 // Write (or add) the [M][8] accumulator of tile t into y, skipping padding columns.

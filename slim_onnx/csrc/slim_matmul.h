@@ -38,6 +38,7 @@ struct PreparedMatrix {
   Matrix4 m;
   std::vector<float> scales;
   std::vector<int32_t> corr;
+  KernelLayout layout;  // the CPU kernels' own copy, if they make one (KernelTable::relayout)
 };
 
 struct Prepared {

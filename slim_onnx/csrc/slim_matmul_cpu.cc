@@ -92,6 +92,18 @@ struct Operand {
   }
 };
 
+// Prepack for the chosen kernels: the int8 path's own weight arrangement, where the table has one.
+std::unique_ptr<Prepared> PrepareCpu(const Attributes& attr, const TensorView* in, const KernelTable& kt) {
+  std::unique_ptr<Prepared> p = Prepare(attr, in);
+  if (kt.relayout == nullptr || attr.accuracy_level != 4) return p;
+  for (PreparedMatrix* m : {&p->w, &p->l, &p->r}) {
+    if (m->m.packed == nullptr) continue;  // no int4 adapters
+    kt.relayout(m->m, m->layout);
+    m->m.layout = &m->layout;
+  }
+  return p;
+}
+
 struct SlimMatMulCpuKernel {
   static constexpr const char* kOpName = "SlimMatMul";
   static constexpr const char* kProvider = "CPUExecutionProvider";
@@ -116,7 +128,7 @@ struct SlimMatMulCpuKernel {
     std::unique_ptr<Prepared> local;
     const Prepared* p = constant.get();
     if (p == nullptr) {
-      local = Prepare(attr, in);
+      local = PrepareCpu(attr, in, *kernels);
       p = local.get();
     }
 
@@ -204,7 +216,7 @@ struct SlimMatMulCpuKernel {
 SlimMatMulCpuKernel::SlimMatMulCpuKernel(const OrtKernelInfo* info, const std::string& name)
     : node(name), attr(ReadAttributes(info)), kernels(&SelectKernels()) {
   TensorView in[kNumInputs];
-  if (ConstantWeights(info, in)) constant = Prepare(attr, in);
+  if (ConstantWeights(info, in)) constant = PrepareCpu(attr, in, *kernels);
 }
 
 }  // namespace
