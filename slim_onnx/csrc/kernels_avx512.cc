@@ -243,6 +243,11 @@ const KernelTable* g_avx2 = nullptr;
 template <bool kSparse>
 void GemmI8Pairs(const Matrix4& w, const uint8_t* aq, const float* ascale, int64_t M, int64_t lda, float* y,
                  int64_t ldy, int64_t t0, int64_t t1, bool accumulate) {
+  // The loops prefetch kPrefetchAhead bytes ahead of themselves; the first bytes of this range
+  // are fetched here, since whatever the thread ran before has evicted earlier prefetches.
+  const uint8_t* first = w.layout->bytes.data() + (t0 / 2) * w.layout->stride;
+  const int64_t head = std::min<int64_t>(kPrefetchAhead, (CeilDiv(t1, 2) - t0 / 2) * w.layout->stride);
+  for (int64_t line = 0; line < head; line += 64) _mm_prefetch(reinterpret_cast<const char*>(first + line), _MM_HINT_T0);
   alignas(64) float out[4 * kPairColumns];
   for (int64_t p = t0 / 2; 2 * p < t1; ++p) {
     for (int64_t r0 = 0; r0 < M; r0 += 4) {

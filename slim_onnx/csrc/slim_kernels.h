@@ -14,6 +14,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <new>
 #include <vector>
 
 namespace slim {
@@ -44,9 +45,28 @@ struct Matrix4 {
 
 // A kernel table's own arrangement of a Matrix4's weights, scales and corrections, made once at
 // prepack; its meaning is the table's (kernels_avx512.cc).
+// Allocates on 64-byte boundaries: the AVX-512 kernel reads whole cache lines, and malloc's 16-byte
+// alignment would split every such load across two lines.
+template <typename T>
+struct CacheLineAllocator {
+  using value_type = T;
+  CacheLineAllocator() = default;
+  template <typename U>
+  CacheLineAllocator(const CacheLineAllocator<U>&) {}
+  T* allocate(std::size_t n) {
+    void* p = ::operator new(n * sizeof(T), std::align_val_t(64));
+    return static_cast<T*>(p);
+  }
+  void deallocate(T* p, std::size_t) { ::operator delete(p, std::align_val_t(64)); }
+  template <typename U>
+  bool operator==(const CacheLineAllocator<U>&) const { return true; }
+  template <typename U>
+  bool operator!=(const CacheLineAllocator<U>&) const { return false; }
+};
+
 struct KernelLayout {
-  std::vector<uint8_t> bytes;
-  std::vector<float> scales, corr;
+  std::vector<uint8_t, CacheLineAllocator<uint8_t>> bytes;
+  std::vector<float, CacheLineAllocator<float>> scales, corr;
   int64_t stride = 0;  // bytes per unit of columns
 };
 

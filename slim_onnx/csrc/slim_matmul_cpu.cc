@@ -35,19 +35,20 @@ void ParallelTiles(OrtKernelContext* ctx, int64_t tiles, int64_t work_per_tile, 
   ParallelFor(ctx, tasks, [&](int64_t i) { fn(tiles * i / tasks, tiles * (i + 1) / tasks); });
 }
 
-// Rows of a [M, lda] buffer that hold a NaN or an infinity among their first K values (exponent bits
-// all ones; an integer test, so the loop vectorizes).
+// Rows of a [M, lda] buffer that hold a NaN or an infinity among their first K values: exponent bits
+// all ones, which the +2^23 carries into bit 31. An OR of integers, so the loop vectorizes (a
+// comparison per value did not, and took 2 us per 4096 values).
 std::vector<int64_t> NonFiniteRows(const float* a, int64_t M, int64_t lda, int64_t K) {
   std::vector<int64_t> rows;
   for (int64_t m = 0; m < M; ++m) {
     const float* row = a + m * lda;
-    bool bad = false;
+    uint32_t any = 0;
     for (int64_t k = 0; k < K; ++k) {
       uint32_t bits;
       std::memcpy(&bits, row + k, 4);
-      bad |= (bits & 0x7F800000u) == 0x7F800000u;
+      any |= (bits & 0x7F800000u) + 0x00800000u;
     }
-    if (bad) rows.push_back(m);
+    if (any >> 31) rows.push_back(m);
   }
   return rows;
 }
@@ -168,7 +169,11 @@ struct SlimMatMulCpuKernel {
     if (attr.adapter == AdapterFormat::kInt4) {
       ldt = p->r.m.Kb * kBlockK;
       t.assign(CheckedMul(M, ldt, "the adapter buffer's size"), 0.f);
-      const Operand a_l(kt, p->l.m, int8, a32.data(), M, lda);
+      // A's quantization for L is W's when their K-groups agree (the default, 128 and 128).
+      std::optional<Operand> own;
+      if (p->l.m.groups != p->w.m.groups || p->l.m.blocks_per_group != p->w.m.blocks_per_group)
+        own.emplace(kt, p->l.m, int8, a32.data(), M, lda);
+      const Operand& a_l = own ? *own : a_w;
       ParallelTiles(ctx, p->l.m.Nt, work, [&](int64_t t0, int64_t t1) {
         a_l.MultiplyTiles(kt, p->l.m, t.data(), ldt, t0, t1, false);
       });
