@@ -41,15 +41,29 @@ def library_path() -> str:
     )
 
 
-def session_options(so: ort.SessionOptions | None = None) -> ort.SessionOptions:
-    """SessionOptions with the SlimMatMul kernels registered (a new object, or `so` updated)."""
+def session_options(so: ort.SessionOptions | None = None, *, low_memory: bool = False) -> ort.SessionOptions:
+    """SessionOptions with the SlimMatMul kernels registered (a new object, or `so` updated).
+
+    On CPUs with AVX-512 VNNI the int8 kernels read their own copy of each weight, re-arranged at
+    session creation, which holds as many bytes again as the packed weights. `low_memory=True` keeps
+    one copy and runs the AVX2 kernels instead (slower decode); it needs onnxruntime >= 1.24, whose
+    kernels can read session config entries.
+    """
     so = so if so is not None else ort.SessionOptions()
+    if low_memory:
+        version = tuple(int(part) for part in ort.__version__.split(".")[:2])
+        if version < (1, 24):
+            raise ValueError(
+                f"low_memory needs onnxruntime >= 1.24 (this is {ort.__version__}); with an older one, "
+                "set SLIM_ONNX_KERNEL=avx2 in the environment before the library loads"
+            )
+        so.add_session_config_entry("slim_onnx.low_memory", "1")
     so.register_custom_ops_library(library_path())
     return so
 
 
 def kernel_name() -> str:
-    """Which CPU kernel set the library runs on this machine: "avx2" or "scalar"."""
+    """Which CPU kernel set the library runs on this machine: "avx512", "avx2" or "scalar"."""
     lib = ctypes.CDLL(library_path())
     lib.SlimOnnxKernelName.restype = ctypes.c_char_p
     return lib.SlimOnnxKernelName().decode()

@@ -265,3 +265,51 @@ def test_int8_sums_of_very_long_groups_do_not_overflow(sparse):
     ref = reference_slim_matmul(a, w, 4).astype(np.float64)
     assert_close(y, ref, np.float32)
     assert abs(ref[0, 0] - 0.01 * -8 * (k // 2 if sparse else k)) < 1e-3 * abs(ref[0, 0])
+
+
+LOW_MEMORY_CHECK = """
+import json
+import numpy as np, onnxruntime as ort
+import slim_onnx
+from slim_onnx import make_slim_matmul_model, reference_slim_matmul
+from slim_onnx.packing import pack_quantized
+
+def resident():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096
+
+k, n = 4096, 8192
+rng = np.random.default_rng(0)
+q = rng.integers(-8, 8, size=(k, n)).astype(np.int8)
+q.reshape(k // 4, 4, n)[:, 2:, :] = 0
+w = pack_quantized(q, (rng.random((k // 128, n)) * 0.01 + 0.001).astype(np.float16), 128, True, None, "int4")
+model = make_slim_matmul_model(w, accuracy_level=4).SerializeToString()
+a = rng.standard_normal((3, k)).astype(np.float32)
+ref = reference_slim_matmul(a, w, 4).astype(np.float64)
+before = resident()
+session = ort.InferenceSession(model, slim_onnx.session_options(low_memory=LOW), providers=["CPUExecutionProvider"])
+grown = resident() - before
+y = session.run(None, {"A": a})[0]
+error = float(np.abs(y - ref).max() / np.abs(ref).max())
+print(json.dumps({"grown": grown, "error": error, "packed": int(w.w.nbytes)}))
+"""
+
+
+@pytest.mark.skipif(tuple(int(p) for p in ort.__version__.split(".")[:2]) < (1, 24), reason="needs onnxruntime >= 1.24")
+def test_low_memory_sessions_keep_one_copy_of_the_weights(tmp_path):
+    results = {}
+    for low in (False, True):  # each in its own process, so that its memory is its own
+        out = run_python(LOW_MEMORY_CHECK.replace("LOW", str(low)), cwd=tmp_path)
+        assert out.returncode == 0, out.stderr
+        results[low] = json.loads(out.stdout)
+        assert results[low]["error"] < 2e-5
+    extra = results[False]["grown"] - results[True]["grown"]
+    if slim_onnx.kernel_name() == "avx512":  # the re-arranged copy: as many bytes as the packed weights
+        assert extra > 0.8 * results[False]["packed"], results
+    else:  # no kernel here makes a copy
+        assert abs(extra) < 0.2 * results[False]["packed"], results
+
+
+def test_low_memory_on_old_onnxruntime_names_the_fix(monkeypatch):
+    monkeypatch.setattr(ort, "__version__", "1.22.0")
+    with pytest.raises(ValueError, match="SLIM_ONNX_KERNEL=avx2"):
+        slim_onnx.session_options(low_memory=True)

@@ -6,6 +6,17 @@
 namespace slim {
 
 const OrtApi* g_api = nullptr;
+const OrtApi* g_api24 = nullptr;
+
+std::string SessionConfigEntry(const OrtKernelInfo* info, const char* key, const std::string& fallback) {
+  if (g_api24 == nullptr) return fallback;
+  OrtKeyValuePairs* entries = nullptr;
+  ThrowOnError(g_api24->KernelInfo_GetConfigEntries(info, &entries));
+  const char* value = g_api24->GetKeyValue(entries, key);
+  std::string out = value != nullptr ? value : fallback;
+  g_api24->ReleaseKeyValuePairs(entries);
+  return out;
+}
 
 void ThrowOnError(OrtStatus* status) {
   if (status == nullptr) return;

@@ -19,6 +19,11 @@ namespace slim {
 constexpr uint32_t kOrtApiVersion = 20;
 
 extern const OrtApi* g_api;  // set by RegisterCustomOps
+// The same table where the runtime has version 24 (onnxruntime >= 1.24: kernels read the session's
+// config entries), else nullptr; set by RegisterCustomOps. Only its version-24 entries are used.
+extern const OrtApi* g_api24;
+// A session config entry seen from a kernel at creation; `fallback` on onnxruntime < 1.24.
+std::string SessionConfigEntry(const OrtKernelInfo* info, const char* key, const std::string& fallback);
 
 struct OpError : std::runtime_error {
   using std::runtime_error::runtime_error;

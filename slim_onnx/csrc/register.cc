@@ -20,6 +20,7 @@ extern "C" SLIM_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptio
                                        base->GetVersionString()).c_str());
   }
   g_api = api;
+  g_api24 = base->GetApi(24);
   // onnxruntime before 1.24 dereferences absent optional inputs (an empty name between present ones)
   // when it builds the shape-inference context of a custom op, and crashes: infer shapes only on 1.24+.
   int major = 0, minor = 0;

@@ -93,10 +93,11 @@ struct Operand {
   }
 };
 
-// Prepack for the chosen kernels: the int8 path's own weight arrangement, where the table has one.
-std::unique_ptr<Prepared> PrepareCpu(const Attributes& attr, const TensorView* in, const KernelTable& kt) {
+// Prepack for the chosen kernels: the int8 path's own weight arrangement, where the table has one and
+// the session allows its memory (`copy`).
+std::unique_ptr<Prepared> PrepareCpu(const Attributes& attr, const TensorView* in, const KernelTable& kt, bool copy) {
   std::unique_ptr<Prepared> p = Prepare(attr, in);
-  if (kt.relayout == nullptr || attr.accuracy_level != 4) return p;
+  if (!copy || kt.relayout == nullptr || attr.accuracy_level != 4) return p;
   for (PreparedMatrix* m : {&p->w, &p->l, &p->r}) {
     if (m->m.packed == nullptr) continue;  // no int4 adapters
     kt.relayout(m->m, m->layout);
@@ -113,6 +114,7 @@ struct SlimMatMulCpuKernel {
   std::string node;
   Attributes attr;
   const KernelTable* kernels = nullptr;
+  bool weight_copy = true;  // false: session config slim_onnx.low_memory = 1
   std::unique_ptr<Prepared> constant;  // set when every weight input is a constant initializer
 
   SlimMatMulCpuKernel(const OrtKernelInfo* info, const std::string& name);
@@ -129,7 +131,7 @@ struct SlimMatMulCpuKernel {
     std::unique_ptr<Prepared> local;
     const Prepared* p = constant.get();
     if (p == nullptr) {
-      local = PrepareCpu(attr, in, *kernels);
+      local = PrepareCpu(attr, in, *kernels, weight_copy);
       p = local.get();
     }
 
@@ -219,9 +221,12 @@ struct SlimMatMulCpuKernel {
 };
 
 SlimMatMulCpuKernel::SlimMatMulCpuKernel(const OrtKernelInfo* info, const std::string& name)
-    : node(name), attr(ReadAttributes(info)), kernels(&SelectKernels()) {
+    : node(name),
+      attr(ReadAttributes(info)),
+      kernels(&SelectKernels()),
+      weight_copy(SessionConfigEntry(info, "slim_onnx.low_memory", "0") != "1") {
   TensorView in[kNumInputs];
-  if (ConstantWeights(info, in)) constant = PrepareCpu(attr, in, *kernels);
+  if (ConstantWeights(info, in)) constant = PrepareCpu(attr, in, *kernels, weight_copy);
 }
 
 }  // namespace
