@@ -43,8 +43,9 @@ def expected_text(slim: Path) -> str:
 
 def test_cached_decoder_generates_what_the_whole_prefix_gives(slim):
     """Greedy tokens with the cache kept in OrtValues against running the model over the whole
-    prefix with an empty past at every step: equal wherever the prefix's top-2 margin is wider
-    than the two runs' logit difference allows."""
+    prefix with an empty past at every step: equal wherever the prefix's top-2 margin exceeds 1% of
+    its logit range (the two runs differ only in the attention's summation order, which moves the
+    logits far less: measured bit-identical on AVX2)."""
     session = ort.InferenceSession(str(slim / "model.onnx"), slim_onnx.session_options())
     inputs = {i.name: i for i in session.get_inputs()}
     ids = prompt_ids(slim)
@@ -59,7 +60,7 @@ def test_cached_decoder_generates_what_the_whole_prefix_gives(slim):
                       if n.startswith("past_key_values")})
         logits = session.run(["logits"], feeds)[0][0, -1]
         top2 = np.sort(logits)[-2:]
-        if top2[1] - top2[0] > 0.05 * (logits.max() - logits.min()):
+        if top2[1] - top2[0] > 0.01 * (logits.max() - logits.min()):
             assert token == int(logits.argmax()), step
             checked += 1
     assert checked >= STEPS // 2

@@ -2,6 +2,7 @@
 
     python tools/gpu_check.py [--out DIR] [--bench-args "--m 1 16"] [--budget 540]
     python tools/gpu_check.py --dry-run --out /tmp/dry     # the same phases on the CPU, tiny shapes
+    python tools/gpu_check.py --prepare                    # on the CPU machine: fill .gpu/ from PyPI
 
 Phases, in this order:
   install      if onnxruntime has no CUDA provider: the wheels in --stage (default .gpu/) (whole `*.whl`, `py/*.whl`,
@@ -23,6 +24,11 @@ earlier build there (a rerun on the same machine saves the build).
 --dry-run runs every phase on CPUExecutionProvider at tiny sizes (tiny models, a few tokens, one
 small bench_op shape on the CPU), with no GPU, to prove the script before a GPU machine's minutes
 are spent on it (tests/test_gpu_check.py).
+
+--prepare (on the development machine, before a GPU session) fills the stage folder from PyPI: the
+onnxruntime-gpu wheel for the image's Python 3.12, split into parts that fit one transfer, and the
+wheels the image lacks in py/, at the versions installed here (so the GPU run tests what was tested
+here); it prints the device calls that carry them over.
 
 Needs the slim_onnx library (built with nvcc for the CUDA phases), torch (with CUDA on the GPU
 machine), onnx and numpy; onnx-ir, pytest and onnxruntime-gpu may come from --stage.
@@ -46,6 +52,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 ORT_GPU_WHEEL = "onnxruntime_gpu-1.31.1-cp312-cp312-manylinux_2_28_x86_64.whl"  # the name ortgpu.part* join to
 RESERVE_S = 5  # kept back from the budget to write the results
+# What the GPU image lacks (docs/environment: it has torch, numpy, onnx, triton, cupy), staged by --prepare
+# at the versions installed here; wheels for its CPython 3.12 on x86-64 Linux.
+STAGED_PACKAGES = ("onnx-ir", "onnxscript", "pytest", "iniconfig", "pluggy", "transformers", "optimum", "optimum-onnx",
+                   "accelerate", "huggingface_hub", "hf-xet", "tokenizers", "safetensors", "regex", "PyYAML", "tqdm",
+                   "requests", "urllib3", "idna", "certifi", "charset-normalizer", "typing-inspection")
+STAGE_PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
+PART_BYTES = 60 << 20  # under the device's 64 MiB per transfer
 
 # (GPU, dry run) arguments that differ
 BENCH_OP = (["--device", "cuda"], ["--device", "cpu", "--k", "256", "--n", "256", "--m", "1", "4", "--seconds", "0.02"])
@@ -189,6 +202,33 @@ def install_wheels(stage: Path, target: Path, timeout: float) -> list[str]:
     return [w.name for w in wheels]
 
 
+def prepare_stage(stage: Path) -> list[Path]:
+    """Download what the GPU run installs into `stage` (replacing an earlier stage); the files to carry."""
+    import importlib.metadata
+
+    try:
+        pins = [f"{name}=={importlib.metadata.version(name)}" for name in STAGED_PACKAGES]
+    except importlib.metadata.PackageNotFoundError as missing:
+        raise SystemExit(f"--prepare stages the versions installed here, and {missing} is not installed: "
+                         "`pip install '.[test]'` first") from None
+    version = ORT_GPU_WHEEL.split("-")[1]
+    download = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "--python-version",
+                "3.12", "--implementation", "cp", *(f"--platform={p}" for p in STAGE_PLATFORMS)]
+    scratch = stage.with_name(stage.name + ".partial")
+    shutil.rmtree(scratch, ignore_errors=True)
+    (scratch / "py").mkdir(parents=True)
+    subprocess.run([*download, "-d", str(scratch / "py"), *pins], check=True)
+    subprocess.run([*download, "-d", str(scratch), f"onnxruntime-gpu=={version}"], check=True)
+    wheel = scratch / ORT_GPU_WHEEL
+    with open(wheel, "rb") as whole:
+        for index, chunk in enumerate(iter(lambda: whole.read(PART_BYTES), b"")):
+            (scratch / f"ortgpu.part{index:02d}").write_bytes(chunk)
+    wheel.unlink()
+    shutil.rmtree(stage, ignore_errors=True)
+    scratch.rename(stage)
+    return sorted(stage.glob("ortgpu.part*")) + [stage / "py"]
+
+
 def install(runner: Runner, args) -> None:
     """The install phase, in this process: nothing to do when onnxruntime already has CUDA."""
     start = time.monotonic()
@@ -281,7 +321,19 @@ def main() -> int:
     parser.add_argument("--target", default="/tmp/slim_onnx_gpu_site")
     parser.add_argument("--work", default="/tmp/slim_onnx_gpu_work", help="folder for the models")
     parser.add_argument("--reuse-models", action="store_true", help="keep a complete earlier build in --work")
+    parser.add_argument("--prepare", action="store_true", help="fill --stage from PyPI (development machine)")
     args = parser.parse_args()
+    if args.prepare:
+        stage = Path(args.stage or REPO / ".gpu")
+        carried = [str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
+                   for path in prepare_stage(stage)]
+        *parts, last_part, py = carried
+        print(f"staged in {stage}. On the device, one call per part, back to back (the machine keeps /tmp while warm):")
+        for part in parts:
+            print(f"  carry [{part}]: mkdir -p /tmp/ortparts && cp {part} /tmp/ortparts/")
+        print(f"  carry [{last_part}, {py}, slim_onnx/libslim_onnx_ops.so]: "
+              f"cp -n /tmp/ortparts/* {stage.name}/; python tools/gpu_check.py --out $OUT")
+        return 0
     if not args.out:
         parser.error("give --out or set $OUT")
     if args.stage is None and not args.dry_run:
