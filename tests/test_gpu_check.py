@@ -15,16 +15,20 @@ ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("bench_model", ROOT / "tools" / "bench_model.py")
 bench_model = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench_model)
+_spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "tools" / "gpu_check.py")
+gpu_check = sys.modules["gpu_check"] = importlib.util.module_from_spec(_spec)  # its dataclasses look it up
+_spec.loader.exec_module(gpu_check)
 
 
-def _wheel(folder: Path) -> Path:
-    """A minimal pure-Python wheel: module slim_dry_probe."""
-    folder.mkdir(parents=True)
-    path = folder / "slim_dry_probe-0.1-py3-none-any.whl"
-    info = "slim_dry_probe-0.1.dist-info"
+def _wheel(folder: Path, file_name: str = "slim_dry_probe-0.1-py3-none-any.whl", module: str = "slim_dry_probe") -> Path:
+    """A minimal pure-Python wheel holding one module."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / file_name
+    name, version = file_name.split("-")[:2]
+    info = f"{name}-{version}.dist-info"
     with zipfile.ZipFile(path, "w") as wheel:
-        wheel.writestr("slim_dry_probe.py", "VALUE = 7\n")
-        wheel.writestr(f"{info}/METADATA", "Metadata-Version: 2.1\nName: slim_dry_probe\nVersion: 0.1\n")
+        wheel.writestr(f"{module}.py", "VALUE = 7\n" + "# padding\n" * 2000)  # several parts below
+        wheel.writestr(f"{info}/METADATA", f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
         wheel.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
         wheel.writestr(f"{info}/RECORD", "")
     return path
@@ -32,16 +36,21 @@ def _wheel(folder: Path) -> Path:
 
 @pytest.mark.slow
 def test_dry_run(tmp_path):
-    out, target = tmp_path / "out", tmp_path / "site"
-    _wheel(tmp_path / "stage" / "py")
+    out, target, stage = tmp_path / "out", tmp_path / "site", tmp_path / "stage"
+    _wheel(stage / "py")
+    # onnxruntime-gpu's stand-in, split as --prepare splits the real one (a module of its own: it must
+    # not shadow the onnxruntime the dry run imports)
+    parted = "slim_parts_probe-0.2-py3-none-any.whl"
+    parts = gpu_check.split_parts(_wheel(stage, parted, "slim_parts_probe"), stage, 1000)
+    assert len(parts) > 1 and not (stage / parted).exists()
     done = subprocess.run([sys.executable, str(ROOT / "tools" / "gpu_check.py"), "--dry-run", "--out", str(out),
-                           "--stage", str(tmp_path / "stage"), "--target", str(target), "--work", str(tmp_path / "work")],
+                           "--stage", str(stage), "--target", str(target), "--work", str(tmp_path / "work")],
                           capture_output=True, text=True, timeout=300, check=False)
     report = json.loads((out / "gpu_check.json").read_text())
     assert done.returncode == 0 and report["passed"], done.stdout[-5000:] + done.stderr[-3000:]
     assert report["dry_run"] and report["seconds"] < report["budget_s"]
-    assert report["install"]["installed"] == ["slim_dry_probe-0.1-py3-none-any.whl"]
-    assert (target / "slim_dry_probe.py").exists()
+    assert report["install"]["installed"] == ["slim_dry_probe-0.1-py3-none-any.whl", parted]
+    assert (target / "slim_dry_probe.py").exists() and (target / "slim_parts_probe.py").exists()
     assert report["pytest"]["results"]["failures"] == 0
 
     assert "Slim acc4" in report["bench_op"]["results"]["ms"]["1"]

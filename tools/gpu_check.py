@@ -47,10 +47,11 @@ import subprocess
 import sys
 import time
 import xml.etree.ElementTree as ET
+import zipfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-ORT_GPU_WHEEL = "onnxruntime_gpu-1.31.1-cp312-cp312-manylinux_2_28_x86_64.whl"  # the name ortgpu.part* join to
+ORT_GPU = "onnxruntime-gpu==1.31.1"  # what --prepare stages, split into ortgpu.part*
 RESERVE_S = 5  # kept back from the budget to write the results
 # What the GPU image lacks (docs/environment: it has torch, numpy, onnx, triton, cupy), staged by --prepare
 # at the versions installed here; wheels for its CPython 3.12 on x86-64 Linux.
@@ -189,17 +190,37 @@ def install_wheels(stage: Path, target: Path, timeout: float) -> list[str]:
     parts = sorted(stage.glob("ortgpu.part*"))
     target.mkdir(parents=True, exist_ok=True)
     if parts:
-        joined = target.parent / ORT_GPU_WHEEL
+        joined = target.parent / "ortgpu.whl"
         with open(joined, "wb") as out:
             for part in parts:
                 with open(part, "rb") as chunk:
                     shutil.copyfileobj(chunk, out)
-        wheels.append(joined)
+        wheels.append(joined.replace(joined.with_name(wheel_file_name(joined))))
     if wheels:
         cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "--upgrade", "-q", "--target",
                str(target), *map(str, wheels)]
         subprocess.run(cmd, check=True, timeout=timeout, capture_output=True, text=True)
     return [w.name for w in wheels]
+
+
+def wheel_file_name(wheel: Path) -> str:
+    """The file name pip needs for a wheel, read from its own dist-info (the parts carry no name)."""
+    with zipfile.ZipFile(wheel) as archive:
+        info = next(n for n in archive.namelist() if n.count("/") == 1 and n.endswith(".dist-info/WHEEL"))
+        tag = next(line.split(":", 1)[1].strip() for line in archive.read(info).decode().splitlines()
+                   if line.startswith("Tag:"))
+    return f"{info.split('.dist-info/')[0]}-{tag}.whl"
+
+
+def split_parts(wheel: Path, folder: Path, part_bytes: int = PART_BYTES) -> list[Path]:
+    """Cut `wheel` into folder/ortgpu.partNN (install_wheels joins them) and delete it; the parts."""
+    parts = []
+    with open(wheel, "rb") as whole:
+        for index, chunk in enumerate(iter(lambda: whole.read(part_bytes), b"")):
+            parts.append(folder / f"ortgpu.part{index:02d}")
+            parts[-1].write_bytes(chunk)
+    wheel.unlink()
+    return parts
 
 
 def prepare_stage(stage: Path) -> list[Path]:
@@ -211,19 +232,14 @@ def prepare_stage(stage: Path) -> list[Path]:
     except importlib.metadata.PackageNotFoundError as missing:
         raise SystemExit(f"--prepare stages the versions installed here, and {missing} is not installed: "
                          "`pip install '.[test]'` first") from None
-    version = ORT_GPU_WHEEL.split("-")[1]
     download = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "--python-version",
                 "3.12", "--implementation", "cp", *(f"--platform={p}" for p in STAGE_PLATFORMS)]
     scratch = stage.with_name(stage.name + ".partial")
     shutil.rmtree(scratch, ignore_errors=True)
     (scratch / "py").mkdir(parents=True)
     subprocess.run([*download, "-d", str(scratch / "py"), *pins], check=True)
-    subprocess.run([*download, "-d", str(scratch), f"onnxruntime-gpu=={version}"], check=True)
-    wheel = scratch / ORT_GPU_WHEEL
-    with open(wheel, "rb") as whole:
-        for index, chunk in enumerate(iter(lambda: whole.read(PART_BYTES), b"")):
-            (scratch / f"ortgpu.part{index:02d}").write_bytes(chunk)
-    wheel.unlink()
+    subprocess.run([*download, "-d", str(scratch), ORT_GPU], check=True)
+    split_parts(next(scratch.glob("*.whl")), scratch)
     shutil.rmtree(stage, ignore_errors=True)
     scratch.rename(stage)
     return sorted(stage.glob("ortgpu.part*")) + [stage / "py"]
