@@ -232,6 +232,10 @@ def prepare_stage(stage: Path) -> list[Path]:
     except importlib.metadata.PackageNotFoundError as missing:
         raise SystemExit(f"--prepare stages the versions installed here, and {missing} is not installed: "
                          "`pip install '.[test]'` first") from None
+    foreign = [p.name for p in stage.glob("*") if not (p.name.startswith("ortgpu.part") or p.name == "py")]
+    if foreign:
+        raise SystemExit(f"--prepare replaces the stage folder {stage}, which holds other files too ({', '.join(foreign[:5])}): "
+                         "give --stage an empty or earlier stage folder")
     download = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "--python-version",
                 "3.12", "--implementation", "cp", *(f"--platform={p}" for p in STAGE_PLATFORMS)]
     scratch = stage.with_name(stage.name + ".partial")
@@ -340,15 +344,16 @@ def main() -> int:
     parser.add_argument("--prepare", action="store_true", help="fill --stage from PyPI (development machine)")
     args = parser.parse_args()
     if args.prepare:
-        stage = Path(args.stage or REPO / ".gpu")
-        carried = [str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
-                   for path in prepare_stage(stage)]
-        *parts, last_part, py = carried
+        stage = Path(args.stage or REPO / ".gpu").resolve()
+        if not stage.is_relative_to(REPO) or stage == REPO:
+            parser.error(f"--stage {stage}: the device carries only folders inside the repository {REPO}")
+        *parts, last_part, py = (str(path.relative_to(REPO)) for path in prepare_stage(stage))
+        folder = stage.relative_to(REPO)
         print(f"staged in {stage}. On the device, one call per part, back to back (the machine keeps /tmp while warm):")
         for part in parts:
             print(f"  carry [{part}]: mkdir -p /tmp/ortparts && cp {part} /tmp/ortparts/")
         print(f"  carry [{last_part}, {py}, slim_onnx/libslim_onnx_ops.so]: "
-              f"cp -n /tmp/ortparts/* {stage.name}/; python tools/gpu_check.py --out $OUT")
+              f"cp -n /tmp/ortparts/* {folder}/; python tools/gpu_check.py --stage {folder} --out $OUT")
         return 0
     if not args.out:
         parser.error("give --out or set $OUT")
